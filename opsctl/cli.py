@@ -1,0 +1,57 @@
+"""The typer root: global options and command groups, nothing else."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+
+from opsctl import __version__
+from opsctl.commands import config as config_cmd, platform as platform_cmd
+
+HELP = """Stand up and operate the AI-assisted order-management platform.
+
+Exit codes: 0 ok, 1 failed, 2 usage or bad input, 3 unhealthy, 130 interrupted.
+"""
+
+app = typer.Typer(
+    name="opsctl",
+    help=HELP,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"opsctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    config: Optional[str] = typer.Option(
+        None, "--config", "-c", envvar="OPSCTL_CONFIG", metavar="FILE",
+        help="Override file merged over platform.yaml [default: ./opsctl.yaml if present]."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    from opsctl.commands import common
+
+    common.CONFIG_FILE = config
+
+
+PLATFORM = "Platform"
+app.command(rich_help_panel=PLATFORM)(platform_cmd.install)
+app.command(rich_help_panel=PLATFORM)(platform_cmd.status)
+app.command(rich_help_panel=PLATFORM)(platform_cmd.down)
+app.add_typer(config_cmd.app, name="config", rich_help_panel="Configuration")
+
+
+def main() -> None:
+    from opsctl.commands.common import run_cli
+
+    sys.exit(run_cli(app))

@@ -1,0 +1,71 @@
+"""What every command shares: the output option, loading the spec, the error boundary."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from opsctl import ui
+from opsctl.errors import OpsError
+
+CONFIG_FILE: str | None = None  # set by the root callback (--config)
+
+OutputOption = Annotated[
+    ui.Output, typer.Option("--output", "-o", help="text for people, json for scripts.")
+]
+
+
+def set_output(output: ui.Output) -> None:
+    global _OUTPUT
+    _OUTPUT = output
+
+
+_OUTPUT = ui.Output.text
+
+
+def load_spec():
+    from opsctl import spec
+
+    return spec.load(CONFIG_FILE)
+
+
+def override_file() -> Path | None:
+    from opsctl import spec
+
+    return spec.override_path(CONFIG_FILE)
+
+
+def context(target: str | None = None, dry_run: bool = False):
+    """The run context: the spec, the target and the state folder of this working directory."""
+    from opsctl.components.base import Context
+    from opsctl.errors import UsageError
+
+    spec = load_spec()
+    target = target or spec.platform.target
+    if target == "kubernetes":
+        raise UsageError(
+            "the kubernetes target is not available yet in this version of opsctl",
+            "use --target local (the default) for now",
+        )
+    return Context(spec, target, (Path.cwd() / spec.platform.state_dir).resolve(), dry_run)
+
+
+def _terminate_as_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run_cli(app: typer.Typer) -> int:
+    """Run the app; a user-facing error becomes a message and an exit code, never a traceback.
+
+    Typer itself reports usage errors (exit 2) and turns Ctrl-C into exit 130.
+    """
+    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    try:
+        app()
+    except OpsError as e:
+        ui.error(e.message, e.hint, e.code, _OUTPUT)
+        return e.code
+    return 0

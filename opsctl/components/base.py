@@ -1,0 +1,252 @@
+"""What every component module implements, and the shared machinery of local servers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets as pysecrets
+import shutil
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from opsctl.errors import OpsError
+from opsctl.files import read_json, write_atomic, write_json_atomic
+from opsctl.spec import Component as ComponentSpec, Spec
+from opsctl.targets.local.process import Process, chown_tree, port_free, require_binary, system_user
+
+
+@dataclass
+class Context:
+    """Everything a step needs to know about this run."""
+
+    spec: Spec
+    target: str
+    state_dir: Path
+    dry_run: bool = False
+    cancel: threading.Event = field(default_factory=threading.Event)
+    _secrets_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def host(self) -> str:
+        return self.spec.platform.bind_address
+
+    @property
+    def cache_dir(self) -> Path:
+        """Downloaded artifacts (Maven); shared between working directories via $OPSCTL_CACHE_DIR."""
+        env = os.environ.get("OPSCTL_CACHE_DIR")
+        return Path(env).resolve() if env else self.state_dir / "cache"
+
+    def local_dir(self, component: str) -> Path:
+        return self.state_dir / "local" / component
+
+    @property
+    def secrets_file(self) -> Path:
+        return self.state_dir / "secrets.json"
+
+    def secret(self, component: str, key: str, generate=lambda: pysecrets.token_urlsafe(24)) -> str:
+        """A generated credential, kept in a 0600 file until Vault holds the services' ones."""
+        with self._secrets_lock:
+            data = read_json(self.secrets_file, default={}) or {}
+            value = data.get(component, {}).get(key)
+            if value is None:
+                value = generate()
+                data.setdefault(component, {})[key] = value
+                write_json_atomic(self.secrets_file, data, mode=0o600)
+            return value
+
+
+@dataclass
+class Outcome:
+    state: str  # planned | unchanged | changed | skipped | failed | interrupted
+    detail: str = ""
+
+
+@dataclass
+class Health:
+    component: str
+    step: int
+    target: str
+    health: str  # healthy | unhealthy | stopped | n/a
+    endpoint: str = ""
+    version: str = ""
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.health in ("healthy", "n/a")
+
+
+class Component:
+    """A component reconciles itself from the spec and reports its health."""
+
+    after: tuple[str, ...] = ()  # components that must be reconciled first
+
+    def __init__(self, name: str, ctx: Context):
+        self.name = name
+        self.ctx = ctx
+        self.spec: ComponentSpec = ctx.spec.components[name]
+
+    def reconcile(self) -> Outcome:
+        raise NotImplementedError
+
+    def health(self) -> Health:
+        raise NotImplementedError
+
+    def stop(self) -> bool:
+        return False
+
+    def _health(self, health: str, **kw) -> Health:
+        return Health(self.name, self.spec.step, self.ctx.target, health, **kw)
+
+
+class Skipped(Component):
+    """A step with no meaning on this target, or one that has not landed yet."""
+
+    def __init__(self, name: str, ctx: Context, reason: str):
+        super().__init__(name, ctx)
+        self.reason = reason
+
+    def reconcile(self) -> Outcome:
+        return Outcome("skipped", self.reason)
+
+    def health(self) -> Health:
+        return self._health("n/a", detail=self.reason)
+
+
+def fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class LocalServer(Component):
+    """A real server started as a process on the bind address.
+
+    Subclasses describe the server (files, command, probe, version); this class makes it
+    so: writes the files, initialises data once, starts, waits until ready, and restarts
+    only when the configuration changed.
+    """
+
+    ready_timeout = 60.0
+    stop_signal = signal.SIGTERM
+    stop_timeout = 60.0
+    run_as: str | None = None  # system user for servers that refuse to run as root
+
+    def __init__(self, name: str, ctx: Context):
+        super().__init__(name, ctx)
+        self.home = ctx.local_dir(name)
+        self.process = Process(name, self.home)
+        self.user = system_user(self.run_as)
+
+    # --- what a subclass describes -------------------------------------------------
+    def check_installed(self) -> None:
+        """Raise OpsError naming the install command when a binary or artifact is missing."""
+
+    def config_files(self) -> dict[str, str]:
+        """Files (relative to the component folder) rendered from the spec."""
+        return {}
+
+    def initialise(self) -> None:
+        """One-time set-up of the data folder; must be idempotent and crash-safe."""
+
+    def before_start(self) -> None:
+        """Start helpers the server needs (RabbitMQ's epmd)."""
+
+    def argv(self) -> list[str]:
+        raise NotImplementedError
+
+    def env(self) -> dict[str, str]:
+        return {}
+
+    def probe(self) -> bool:
+        """Cheap readiness check against the running server."""
+        raise NotImplementedError
+
+    def converge(self) -> str | None:
+        """Bring a ready server to the desired state (unseal, users…); say what changed."""
+        return None
+
+    def endpoint(self) -> str:
+        port = next(iter(self.spec.ports.values()))
+        return f"{self.ctx.host}:{port}"
+
+    def version(self) -> str:
+        return ""
+
+    def health_detail(self) -> tuple[bool, str]:
+        """(healthy, detail) of a ready server; override for richer checks."""
+        return True, ""
+
+    # --- the machinery ---------------------------------------------------------------
+    def port(self, key: str) -> int:
+        return self.spec.ports[key]
+
+    def path(self, *parts: str) -> Path:
+        return self.home.joinpath(*parts)
+
+    def _fingerprint(self) -> str:
+        return fingerprint(self.argv(), self.env(), self.config_files())
+
+    def _check_ports(self) -> None:
+        for key, port in self.spec.ports.items():
+            if not port_free(self.ctx.host, port):
+                raise OpsError(
+                    f"port {port} ({self.name} {key}) on {self.ctx.host} is in use by another process",
+                    f"stop that process, or pick another port in opsctl.yaml:\n"
+                    f"  components:\n    {self.name}:\n      ports: {{{key}: <free port>}}",
+                )
+
+    def reconcile(self) -> Outcome:
+        self.check_installed()
+        running = self.process.running()
+        wanted = self._fingerprint()
+        if running and self.process.fingerprint != wanted:
+            action = "restart: configuration changed"
+        elif running:
+            action = None
+        else:
+            action = "start"
+        if self.ctx.dry_run:
+            return Outcome("planned", action) if action else Outcome("unchanged", self.endpoint())
+        changed = []
+        if action:
+            if running:
+                self.stop()
+            self._check_ports()
+            self.home.mkdir(parents=True, exist_ok=True)
+            for rel, content in self.config_files().items():
+                write_atomic(self.path(rel), content, mode=0o600)
+            self.initialise()
+            chown_tree(self.home, self.user)
+            self.before_start()
+            self.process.start(self.argv(), self.env(), wanted, user=self.user)
+            changed.append(action.split(":")[0] + "ed" if action == "start" else "restarted")
+        self.process.wait_ready(self.probe, self.ready_timeout, self.ctx.cancel)
+        converged = self.converge()
+        if converged:
+            changed.append(converged)
+        if not changed:
+            return Outcome("unchanged", self.endpoint())
+        return Outcome("changed", f"{', '.join(changed)}: {self.endpoint()}")
+
+    def health(self) -> Health:
+        if not self.process.running():
+            installed = self.home.exists()
+            return self._health("stopped" if installed else "unhealthy", endpoint=self.endpoint(),
+                                detail="stopped" if installed else "not installed")
+        try:
+            if not self.probe():
+                return self._health("unhealthy", endpoint=self.endpoint(), detail="not answering")
+            ok, detail = self.health_detail()
+            version = self.version()
+        except Exception as e:  # a health check reports, it never crashes status
+            return self._health("unhealthy", endpoint=self.endpoint(), detail=str(e)[:200])
+        return self._health("healthy" if ok else "unhealthy", endpoint=self.endpoint(),
+                            version=version, detail=detail)
+
+    def stop(self) -> bool:
+        return self.process.stop(self.stop_signal, self.stop_timeout)
+
+    def purge(self) -> None:
+        shutil.rmtree(self.home, ignore_errors=True)

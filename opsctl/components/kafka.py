@@ -1,0 +1,126 @@
+"""Apache Kafka in KRaft mode (one combined broker + controller), jars from Maven Central."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+from opsctl.components.base import LocalServer
+from opsctl.errors import OpsError
+from opsctl.targets.local import artifacts
+from opsctl.targets.local.process import port_open, require_binary
+
+# Kafka 4 logs through slf4j 1.x: this binding routes it to log4j2 (and a file).
+LOG_BINDING = "org.apache.logging.log4j:log4j-slf4j-impl:2.25.4"
+
+LOG4J2 = """<?xml version="1.0" encoding="UTF-8"?>
+<Configuration status="WARN" shutdownHook="disable">
+  <Appenders>
+    <RollingFile name="server" fileName="${sys:kafka.logs.dir}/server.log"
+                 filePattern="${sys:kafka.logs.dir}/server.log.%i">
+      <PatternLayout pattern="[%d] %p %m (%c)%n"/>
+      <Policies><SizeBasedTriggeringPolicy size="50 MB"/></Policies>
+      <DefaultRolloverStrategy max="3"/>
+    </RollingFile>
+  </Appenders>
+  <Loggers>
+    <Root level="INFO"><AppenderRef ref="server"/></Root>
+    <Logger name="kafka.request.logger" level="WARN"/>
+  </Loggers>
+</Configuration>
+"""
+
+
+class Kafka(LocalServer):
+    ready_timeout = 90.0
+
+    @property
+    def libs(self) -> Path:
+        return self.ctx.cache_dir / f"kafka-{self.spec.version}" / "libs"
+
+    def check_installed(self) -> None:
+        require_binary("java", "apt-get install -y openjdk-17-jre-headless")
+        if not self.libs.exists() and not self.ctx.dry_run:
+            artifacts.jars([f"{self.spec.artifact}:{self.spec.version}", LOG_BINDING], self.libs.parent)
+
+    def _properties(self, log_dir: str) -> str:
+        host, broker, controller = self.ctx.host, self.port("broker"), self.port("controller")
+        settings = {
+            "process.roles": "broker,controller",
+            "node.id": 1,
+            "controller.quorum.bootstrap.servers": f"{host}:{controller}",
+            "listeners": f"PLAINTEXT://{host}:{broker},CONTROLLER://{host}:{controller}",
+            "advertised.listeners": f"PLAINTEXT://{host}:{broker},CONTROLLER://{host}:{controller}",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "controller.listener.names": "CONTROLLER",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "log.dirs": str(self.path(log_dir)),
+            "num.partitions": 1,
+            "default.replication.factor": 1,
+            "min.insync.replicas": 1,
+            "offsets.topic.replication.factor": 1,
+            "offsets.topic.num.partitions": 1,
+            "transaction.state.log.replication.factor": 1,
+            "transaction.state.log.min.isr": 1,
+            "share.coordinator.state.topic.replication.factor": 1,
+            "share.coordinator.state.topic.min.isr": 1,
+            "group.initial.rebalance.delay.ms": 0,
+            "auto.create.topics.enable": "false",
+        }
+        return "".join(f"{k}={v}\n" for k, v in settings.items())
+
+    def config_files(self) -> dict[str, str]:
+        return {"config/server.properties": self._properties("data"), "config/log4j2.xml": LOG4J2}
+
+    def _java(self, main: str, *args: str) -> list[str]:
+        heap = self.spec.memory or "512m"
+        return ["java", f"-Xmx{heap}", "-Xms128m", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+                f"-Dlog4j2.configurationFile={self.path('config', 'log4j2.xml')}",
+                f"-Dkafka.logs.dir={self.path('logs')}",
+                "-cp", f"{self.libs}/*", main, *args]
+
+    def initialise(self) -> None:
+        """Format the KRaft storage once: into a scratch folder, renamed when complete."""
+        data = self.path("data")
+        if (data / "meta.properties").exists():
+            return
+        scratch = self.path("data.formatting")
+        shutil.rmtree(scratch, ignore_errors=True)
+        props = self.path("config", "format.properties")
+        props.write_text(self._properties("data.formatting"))
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        result = subprocess.run(
+            self._java("kafka.tools.StorageTool", "format", "--config", str(props),
+                       "--cluster-id", cluster_id, "--standalone"),
+            capture_output=True, text=True,
+        )
+        if result.returncode != 0:
+            raise OpsError(f"formatting Kafka storage failed:\n{result.stdout}{result.stderr}")
+        shutil.rmtree(data, ignore_errors=True)
+        scratch.rename(data)
+        props.unlink()
+
+    def argv(self) -> list[str]:
+        return self._java("kafka.Kafka", str(self.path("config", "server.properties")))
+
+    def endpoint(self) -> str:
+        return f"{self.ctx.host}:{self.port('broker')}"
+
+    def probe(self) -> bool:
+        if not port_open(self.ctx.host, self.port("broker")):
+            return False
+        from confluent_kafka.admin import AdminClient
+
+        admin = AdminClient({"bootstrap.servers": self.endpoint(), "log_level": 0})
+        try:
+            admin.list_topics(timeout=2)
+        except Exception:
+            return False
+        return True
+
+    def version(self) -> str:
+        jar = next(self.libs.glob("kafka_2.13-*.jar"), None)
+        return jar.stem.removeprefix("kafka_2.13-") if jar else ""

@@ -1,0 +1,111 @@
+"""PostgreSQL (Debian package): priority orders and the stock catalogue.
+
+initdb, postgres and pg_ctl refuse to run as root, so as root the server runs as the
+`postgres` system user; its data folder must be reachable by that user.
+"""
+
+from __future__ import annotations
+
+import pwd
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+from opsctl.components.base import LocalServer
+from opsctl.errors import OpsError
+from opsctl.files import write_atomic
+from opsctl.targets.local.process import chown_tree, port_open
+
+
+def _bin_dir() -> Path | None:
+    """The newest PostgreSQL server installed by Debian."""
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"),
+                      key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0)
+    return versions[-1].parent if versions else None
+
+
+def _unreachable_parent(path: Path, user: str) -> Path | None:
+    """The first folder above `path` that `user` cannot enter, if any."""
+    entry = pwd.getpwnam(user)
+    for folder in reversed(path.parents):
+        st = folder.stat()
+        bit = 0o100 if st.st_uid == entry.pw_uid else 0o010 if st.st_gid == entry.pw_gid else 0o001
+        if not st.st_mode & bit:
+            return folder
+    return None
+
+
+class Postgres(LocalServer):
+    run_as = "postgres"
+    stop_signal = signal.SIGINT  # fast shutdown: SIGTERM would wait for every client to leave
+
+    @property
+    def bin(self) -> Path:
+        found = _bin_dir()
+        if not found:
+            raise OpsError("PostgreSQL server is not installed",
+                           "install it with: apt-get install -y postgresql (or run scripts/setup)")
+        return found
+
+    def check_installed(self) -> None:
+        self.bin
+        if self.user:
+            blocked = _unreachable_parent(self.home, self.user)
+            if blocked:
+                raise OpsError(
+                    f"PostgreSQL runs as the '{self.user}' user, which cannot enter {blocked}",
+                    f"allow it with: chmod o+x {blocked}  (or set platform.state_dir in opsctl.yaml "
+                    "to a folder it can reach)")
+
+    def initialise(self) -> None:
+        """initdb once, into a scratch folder renamed when complete."""
+        data = self.path("data")
+        if (data / "PG_VERSION").exists():
+            return
+        scratch = self.path("data.initdb")
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(mode=0o700, parents=True)
+        pwfile = self.path("initdb.pw")
+        write_atomic(pwfile, self.ctx.secret("postgres", "password") + "\n", mode=0o600)
+        for path in (scratch, pwfile):
+            chown_tree(path, self.user)
+        try:
+            result = subprocess.run(
+                [str(self.bin / "initdb"), "-D", str(scratch), "-U", "postgres",
+                 f"--pwfile={pwfile}", "--auth-local=scram-sha-256", "--auth-host=scram-sha-256",
+                 "-E", "UTF8", "--locale=C.UTF-8"],
+                capture_output=True, text=True, cwd="/", user=self.user,
+                group=pwd.getpwnam(self.user).pw_gid if self.user else None,
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
+        if result.returncode != 0:
+            raise OpsError(f"initdb failed:\n{result.stderr.strip()}")
+        scratch.rename(data)
+
+    def argv(self) -> list[str]:
+        # No unix socket: TCP only, which also avoids the 107-byte socket path limit.
+        return [str(self.bin / "postgres"), "-D", str(self.path("data")),
+                "-c", f"listen_addresses={self.ctx.host}", "-c", f"port={self.port('postgres')}",
+                "-c", "unix_socket_directories=", "-c", "logging_collector=off"]
+
+    def connect(self, dbname: str = "postgres"):
+        import psycopg
+
+        return psycopg.connect(host=self.ctx.host, port=self.port("postgres"), user="postgres",
+                               password=self.ctx.secret("postgres", "password"), dbname=dbname,
+                               connect_timeout=2)
+
+    def probe(self) -> bool:
+        if not port_open(self.ctx.host, self.port("postgres")):
+            return False
+        try:
+            with self.connect():
+                return True
+        except Exception:
+            return False
+
+    def version(self) -> str:
+        with self.connect() as conn:
+            return conn.execute("SHOW server_version").fetchone()[0].split()[0]

@@ -1,0 +1,133 @@
+"""RabbitMQ (Debian package) with its management and Prometheus plugins.
+
+The Debian wrappers in /usr/sbin switch user and write under /var; opsctl calls the
+real scripts in /usr/lib/rabbitmq/bin with every path pointed into the component folder.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+from opsctl import httpclient
+from opsctl.components.base import LocalServer
+from opsctl.errors import OpsError
+from opsctl.files import write_atomic
+from opsctl.targets.local.process import Process, port_open, require_binary
+
+SCRIPTS = Path("/usr/lib/rabbitmq/bin")
+NODE = "opsctl@localhost"
+
+
+class RabbitMQ(LocalServer):
+    stop_timeout = 30.0  # the management plugin takes ~7 s to stop
+
+    def __init__(self, name, ctx):
+        super().__init__(name, ctx)
+        self.epmd = Process("epmd", self.home)
+
+    def check_installed(self) -> None:
+        require_binary("epmd", "apt-get install -y rabbitmq-server")
+        if not (SCRIPTS / "rabbitmq-server").exists():
+            raise OpsError("RabbitMQ is not installed",
+                           "install it with: apt-get install -y rabbitmq-server (or run scripts/setup)")
+
+    @property
+    def user_name(self) -> str:
+        return "opsctl-admin"
+
+    def credentials(self) -> tuple[str, str]:
+        return self.user_name, self.ctx.secret("rabbitmq", "admin_password")
+
+    def config_files(self) -> dict[str, str]:
+        host = self.ctx.host
+        user, password = self.credentials()
+        return {
+            "etc/rabbitmq.conf": "\n".join([
+                f"listeners.tcp.default = {host}:{self.port('amqp')}",
+                f"management.tcp.ip = {host}",
+                f"management.tcp.port = {self.port('management')}",
+                f"prometheus.tcp.ip = {host}",
+                f"prometheus.tcp.port = {self.port('prometheus')}",
+                # Created on first boot only; guest is never created, so no well-known login.
+                f"default_user = {user}",
+                f"default_pass = {password}",
+                "default_user_tags.administrator = true",
+                "default_permissions.configure = .*",
+                "default_permissions.read = .*",
+                "default_permissions.write = .*",
+                "log.console = true",
+                "log.console.level = info",
+                "log.file = false",
+                "",
+            ]),
+            "etc/enabled_plugins": "[rabbitmq_management,rabbitmq_prometheus].\n",
+            "etc/rabbitmq-env.conf": "",
+        }
+
+    def env(self) -> dict[str, str]:
+        etc, host = self.path("etc"), self.ctx.host
+        ip_tuple = "{" + ",".join(host.split(".")) + "}"
+        return {
+            "HOME": str(self.path("home")),
+            "RABBITMQ_CONF_ENV_FILE": f"{etc}/rabbitmq-env.conf",
+            "RABBITMQ_NODENAME": NODE,
+            "RABBITMQ_NODE_IP_ADDRESS": host,
+            "RABBITMQ_NODE_PORT": str(self.port("amqp")),
+            "RABBITMQ_DIST_PORT": str(self.port("dist")),
+            "ERL_EPMD_PORT": str(self.port("epmd")),
+            "ERL_EPMD_ADDRESS": host,
+            "RABBITMQ_CONFIG_FILE": f"{etc}/rabbitmq.conf",
+            "RABBITMQ_CONFIG_FILES": f"{etc}/conf.d/*.conf",
+            "RABBITMQ_ADVANCED_CONFIG_FILE": f"{etc}/advanced.config",
+            "RABBITMQ_ENABLED_PLUGINS_FILE": f"{etc}/enabled_plugins",
+            "RABBITMQ_MNESIA_BASE": str(self.path("data")),
+            "RABBITMQ_LOG_BASE": str(self.path("logs")),
+            "RABBITMQ_PID_FILE": str(self.path("data", "rabbit.pid")),
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": f"-kernel inet_dist_use_interface {ip_tuple}",
+        }
+
+    def initialise(self) -> None:
+        cookie = self.path("home", ".erlang.cookie")
+        if not cookie.exists():
+            write_atomic(cookie, secrets.token_hex(20), mode=0o400)
+
+    def before_start(self) -> None:
+        # Our own epmd, so it stops with RabbitMQ instead of lingering as a daemon.
+        if not self.epmd.running():
+            self.epmd.start(["epmd", "-port", str(self.port("epmd")), "-address", self.ctx.host],
+                            {}, "epmd")
+
+    def argv(self) -> list[str]:
+        return [str(SCRIPTS / "rabbitmq-server")]
+
+    def _api(self, path: str):
+        url = f"http://{self.ctx.host}:{self.port('management')}/api/{path}"
+        return httpclient.get(url, auth=self.credentials(), timeout=1)
+
+    def probe(self) -> bool:
+        if not port_open(self.ctx.host, self.port("management")):
+            return False
+        try:
+            self._api("overview")
+            return True
+        except (httpclient.HTTPError, OSError):
+            return False
+
+    def endpoint(self) -> str:
+        return f"amqp://{self.ctx.host}:{self.port('amqp')}"
+
+    def version(self) -> str:
+        return self._api("overview")["rabbitmq_version"]
+
+    def health_detail(self) -> tuple[bool, str]:
+        try:
+            self._api("health/checks/alarms")
+        except httpclient.HTTPError:
+            return False, "resource alarm in effect"
+        return True, f"management http://{self.ctx.host}:{self.port('management')}"
+
+    def stop(self) -> bool:
+        stopped = super().stop()
+        self.epmd.stop()
+        return stopped

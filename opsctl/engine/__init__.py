@@ -1,0 +1,1 @@
+"""Steps, ordering, the state file, dry-run plans and resume."""

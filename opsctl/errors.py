@@ -1,0 +1,25 @@
+"""Errors a user can act on, with the exit code scripts can trust."""
+
+# Exit codes, documented in README.md and `opsctl --help`.
+OK = 0
+FAILED = 1
+USAGE = 2
+UNHEALTHY = 3
+INTERRUPTED = 130
+
+
+class OpsError(Exception):
+    """A failure explained in words: what is wrong and what to do about it."""
+
+    def __init__(self, message: str, hint: str = "", code: int = FAILED):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.code = code
+
+
+class UsageError(OpsError):
+    """Bad input from the user: a flag, a file, a name."""
+
+    def __init__(self, message: str, hint: str = ""):
+        super().__init__(message, hint, USAGE)

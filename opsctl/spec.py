@@ -1,0 +1,222 @@
+"""Loads platform.yaml (shipped) with ./opsctl.yaml over it, and validates the result.
+
+Every mistake is reported with the file it came from, the field path and what is
+expected, as a UsageError (exit 2): no traceback for a bad file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from opsctl.errors import UsageError
+
+DEFAULT_SPEC = Path(__file__).with_name("platform.yaml")
+OVERRIDE_NAME = "opsctl.yaml"
+
+Target = Literal["local", "kubernetes"]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Name = Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.:/-]+$")]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Platform(Strict):
+    name: Name
+    target: Target = "local"
+    state_dir: str = ".opsctl"
+    bind_address: str = "127.0.0.1"
+
+
+class Component(Strict):
+    step: Annotated[int, Field(ge=1, le=99)]
+    description: str = ""
+    version: Annotated[str, Field(min_length=1)]
+    targets: list[Target] = ["local", "kubernetes"]
+    available: bool = True
+    artifact: str | None = None
+    memory: Annotated[str, Field(pattern=r"^[0-9]+[mg]$")] | None = None
+    ports: dict[Name, Port] = {}
+
+
+class KeycloakNames(Strict):
+    client: Name
+    client_role: Name
+    realm_role: Name
+    scope: Name
+    audiences: list[Name]
+
+
+class ExchangeNames(Strict):
+    orders: Name
+    digital: Name
+    dead_letter: Name
+
+
+class QueueNames(Strict):
+    priority: Name
+    regular: Name
+    digital: Name
+    validation: Name
+    dead_letter: Name
+
+
+class TopicNames(Strict):
+    orders: Name
+
+
+class MongoNames(Strict):
+    replica_set: Name
+    database: Name
+    orders: Name
+    digital_orders: Name
+
+
+class PostgresNames(Strict):
+    database: Name
+
+
+class VaultNames(Strict):
+    kv_mount: Name
+    reader_policy: Name
+    jwt_path: Name
+    services: dict[Name, Name]
+
+
+class Names(Strict):
+    realm: Name
+    keycloak: KeycloakNames
+    exchanges: ExchangeNames
+    queues: QueueNames
+    topics: TopicNames
+    mongodb: MongoNames
+    postgres: PostgresNames
+    vault: VaultNames
+
+
+# The components opsctl knows how to install; platform.yaml must declare each once.
+KNOWN_COMPONENTS = (
+    "kind", "metallb", "nginx", "prometheus-grafana", "rabbitmq", "cert-manager",
+    "consul", "mongodb", "postgres", "vault", "registry", "redis", "kafka", "spark",
+    "keycloak", "airflow",
+)
+
+
+class Spec(Strict):
+    apiVersion: Literal["opsctl/v1"]
+    platform: Platform
+    components: dict[str, Component]
+    names: Names
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Spec":
+        unknown = sorted(set(self.components) - set(KNOWN_COMPONENTS))
+        if unknown:
+            raise ValueError(
+                f"unknown component(s) {', '.join(unknown)}; known: {', '.join(KNOWN_COMPONENTS)}"
+            )
+        missing = [c for c in KNOWN_COMPONENTS if c not in self.components]
+        if missing:
+            raise ValueError(f"component(s) missing: {', '.join(missing)}")
+        steps: dict[int, str] = {}
+        ports: dict[int, str] = {}
+        for name, comp in self.components.items():
+            if comp.step in steps:
+                raise ValueError(f"{name} and {steps[comp.step]} both use step {comp.step}")
+            steps[comp.step] = name
+            if "local" not in comp.targets:
+                continue
+            for port_name, port in comp.ports.items():
+                if port in ports:
+                    raise ValueError(
+                        f"port {port} is used twice: {ports[port]} and {name}.{port_name}"
+                    )
+                ports[port] = f"{name}.{port_name}"
+        return self
+
+    def ordered(self) -> list[tuple[str, Component]]:
+        """Components in install order."""
+        return sorted(self.components.items(), key=lambda item: item[1].step)
+
+
+def deep_merge(base: Any, override: Any) -> Any:
+    """Override wins; mappings merge key by key, everything else is replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            merged[key] = deep_merge(base[key], value) if key in base else value
+        return merged
+    return override
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}", "check the path and its permissions")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise UsageError(f"{path}{where}: invalid YAML: {problem}", "fix the syntax and run again")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _has_path(data: Any, path: tuple) -> bool:
+    for key in path:
+        if isinstance(data, dict) and key in data:
+            data = data[key]
+        else:
+            return False
+    return True
+
+
+def _describe(err: dict) -> str:
+    value = err.get("input")
+    got = "" if isinstance(value, (dict, list)) or value is None else f", got {value!r}"
+    if err["type"] == "extra_forbidden":
+        return "unknown field (check the spelling against platform.yaml)"
+    if err["type"] == "missing":
+        return "required field is missing"
+    return f"{err['msg'].removeprefix('Value error, ')}{got}"
+
+
+def override_path(explicit: str | None = None) -> Path | None:
+    """The user's override file: --config, $OPSCTL_CONFIG, or ./opsctl.yaml if present."""
+    if explicit:
+        return Path(explicit)
+    if env := os.environ.get("OPSCTL_CONFIG"):
+        return Path(env)
+    local = Path.cwd() / OVERRIDE_NAME
+    return local if local.exists() else None
+
+
+def load(config: str | None = None) -> Spec:
+    base = _read_yaml(DEFAULT_SPEC)
+    path = override_path(config)
+    override = _read_yaml(path) if path else {}
+    try:
+        return Spec.model_validate(deep_merge(base, override))
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = tuple(err["loc"])
+            source = path if path and _has_path(override, loc) else DEFAULT_SPEC
+            field = ".".join(str(p) for p in loc) or "(top level)"
+            lines.append(f"{source}: {field}: {_describe(err)}")
+        raise UsageError(
+            "invalid platform spec:\n  " + "\n  ".join(lines),
+            f"fix {path or OVERRIDE_NAME} (fields and defaults are in {DEFAULT_SPEC})",
+        )

@@ -1,0 +1,87 @@
+"""Artifacts from Maven Central, fetched once into the cache folder with Maven.
+
+Each artifact lands in a temporary folder that is renamed into place when complete, so
+an interrupted download is never mistaken for a finished one.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import zipfile
+from pathlib import Path
+
+from opsctl.errors import OpsError
+from opsctl.targets.local.process import require_binary
+
+POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>opsctl.local</groupId><artifactId>runtime</artifactId><version>1</version>
+  <packaging>pom</packaging>
+  <dependencies>
+{deps}
+  </dependencies>
+</project>
+"""
+DEP = "    <dependency><groupId>{g}</groupId><artifactId>{a}</artifactId><version>{v}</version></dependency>"
+
+
+def _mvn(args: list[str], cwd: Path, what: str) -> None:
+    mvn = require_binary("mvn", "apt-get install -y maven")
+    require_binary("java", "apt-get install -y openjdk-17-jre-headless")
+    result = subprocess.run([mvn, "-B", "-q", *args], cwd=cwd, capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-10:])
+        raise OpsError(f"Maven could not fetch {what}:\n{tail}",
+                       "check that Maven Central is reachable, then run again")
+
+
+def _install(dest: Path, fill) -> Path:
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    try:
+        fill(tmp)
+        tmp.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def jars(coordinates: list[str], dest: Path) -> Path:
+    """All runtime jars of `group:artifact:version` coordinates, in dest/."""
+
+    def fill(tmp: Path) -> None:
+        deps = "\n".join(DEP.format(g=g, a=a, v=v) for g, a, v in (c.split(":") for c in coordinates))
+        (tmp / "pom.xml").write_text(POM.format(deps=deps))
+        _mvn(["dependency:copy-dependencies", "-DincludeScope=runtime", "-DoutputDirectory=libs"],
+             tmp, ", ".join(coordinates))
+        (tmp / "pom.xml").unlink()
+
+    return _install(dest, fill)
+
+
+def unzipped(coordinate: str, dest: Path) -> Path:
+    """A zip distribution `group:artifact:version`, unpacked into dest/ (its top folder stripped)."""
+
+    def fill(tmp: Path) -> None:
+        _mvn(["dependency:copy", f"-Dartifact={coordinate}:zip", "-DoutputDirectory=."], tmp, coordinate)
+        archive = next(tmp.glob("*.zip"))
+        with zipfile.ZipFile(archive) as z:
+            for info in z.infolist():
+                parts = Path(info.filename).parts[1:]
+                if not parts:
+                    continue
+                target = tmp.joinpath(*parts)
+                if info.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with z.open(info) as src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out)
+                target.chmod((info.external_attr >> 16) & 0o777 or 0o644)
+        archive.unlink()
+
+    return _install(dest, fill)

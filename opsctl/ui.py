@@ -1,0 +1,149 @@
+"""The one place that prints: rich tables and progress for people, JSON for scripts."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from enum import Enum
+from typing import Any, Callable, Iterable
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+
+class Output(str, Enum):
+    text = "text"
+    json = "json"
+
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+STATE_STYLE = {
+    "pending": "dim",
+    "running": "cyan",
+    "planned": "blue",
+    "unchanged": "green",
+    "changed": "yellow",
+    "skipped": "dim",
+    "failed": "bold red",
+    "interrupted": "magenta",
+    "healthy": "green",
+    "unhealthy": "bold red",
+    "stopped": "yellow",
+    "n/a": "dim",
+}
+
+
+def styled(state: str) -> Text:
+    return Text(state, style=STATE_STYLE.get(state, ""))
+
+
+def print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
+
+
+def info(message: str) -> None:
+    err_console.print(message)
+
+
+def error(message: str, hint: str = "", code: int = 1, output: Output = Output.text) -> None:
+    if output == Output.json:
+        print_json({"error": {"message": message, "hint": hint, "exit_code": code}})
+        return
+    err_console.print(Text("error: ", style="bold red") + Text(message))
+    if hint:
+        err_console.print(Text("hint: ", style="bold") + Text(hint))
+
+
+def table(title: str | None, columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> None:
+    t = Table(title=title, title_justify="left", header_style="bold")
+    for col in columns:
+        t.add_column(col)
+    for row in rows:
+        t.add_row(*(cell if isinstance(cell, Text) else Text(str(cell)) for cell in row))
+    console.print(t)
+
+
+def _seconds(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f}s"
+
+
+class StepBoard:
+    """Live view of install steps: number, name, state, detail, duration.
+
+    On a terminal it redraws one table; elsewhere (CI, pipes) it prints one line per
+    finished step, so logs stay readable.
+    """
+
+    COLUMNS = ("#", "step", "state", "detail", "time")
+
+    def __init__(self, steps: list[tuple[int, str]], title: str, enabled: bool = True):
+        self.rows: dict[str, dict] = {
+            name: {"number": n, "name": name, "state": "pending", "detail": "", "duration": None}
+            for n, name in steps
+        }
+        self.started: dict[str, float] = {}
+        self.title = title
+        self.enabled = enabled
+        self.live = None
+        self.lock = threading.Lock()
+
+    def __enter__(self) -> "StepBoard":
+        if self.enabled and console.is_terminal:
+            from rich.live import Live
+
+            self.live = Live(self._render(), console=console, refresh_per_second=8)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.live:
+            self.live.update(self._render())
+            self.live.__exit__(*exc)
+
+    def _render(self) -> Table:
+        t = Table(title=self.title, title_justify="left", header_style="bold")
+        for col in self.COLUMNS:
+            t.add_column(col)
+        now = time.monotonic()
+        for row in self.rows.values():
+            duration = row["duration"]
+            if duration is None and row["name"] in self.started:
+                duration = now - self.started[row["name"]]
+            t.add_row(str(row["number"]), row["name"], styled(row["state"]), row["detail"],
+                      _seconds(duration))
+        return t
+
+    def update(self, name: str, state: str, detail: str = "", duration: float | None = None):
+        with self.lock:
+            row = self.rows[name]
+            row.update(state=state, detail=detail, duration=duration)
+            if state == "running":
+                self.started[name] = time.monotonic()
+            if self.live:
+                self.live.update(self._render())
+            elif self.enabled and state not in ("pending", "running"):
+                line = Text(f"{row['number']:>2} {name:<20} ") + styled(state)
+                if detail:
+                    line += Text(f"  {detail}")
+                if duration is not None:
+                    line += Text(f"  ({_seconds(duration)})", style="dim")
+                console.print(line)
+
+
+def confirm(question: str) -> bool:
+    """Ask yes/no on a terminal; never blocks a script (no terminal: no)."""
+    if not sys.stdin.isatty():
+        return False
+    return console.input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+
+
+def render_or_json(output: Output, data: Any, render: Callable[[], None]) -> None:
+    if output == Output.json:
+        print_json(data)
+    else:
+        render()
