@@ -48,6 +48,7 @@ PLATFORM = "Platform"
 app.command(rich_help_panel=PLATFORM)(platform_cmd.install)
 app.command(rich_help_panel=PLATFORM)(platform_cmd.status)
 app.command(rich_help_panel=PLATFORM)(platform_cmd.down)
+app.command(rich_help_panel=PLATFORM)(platform_cmd.fetch)
 app.add_typer(config_cmd.app, name="config", rich_help_panel="Configuration")
 
 

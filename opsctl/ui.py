@@ -19,7 +19,8 @@ class Output(str, Enum):
     json = "json"
 
 
-console = Console(highlight=False)
+# Off a terminal (CI logs, pipes) rich would wrap at 80 columns; logs read better wide.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, highlight=False)
 
 STATE_STYLE = {
@@ -32,6 +33,7 @@ STATE_STYLE = {
     "failed": "bold red",
     "interrupted": "magenta",
     "healthy": "green",
+    "ready": "green",
     "unhealthy": "bold red",
     "stopped": "yellow",
     "n/a": "dim",
@@ -59,10 +61,14 @@ def error(message: str, hint: str = "", code: int = 1, output: Output = Output.t
         err_console.print(Text("hint: ", style="bold") + Text(hint))
 
 
+# Columns whose values must stay whole (an endpoint cut in half is useless).
+NO_WRAP = {"#", "component", "step", "endpoint", "health", "state", "version", "time"}
+
+
 def table(title: str | None, columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> None:
     t = Table(title=title, title_justify="left", header_style="bold")
     for col in columns:
-        t.add_column(col)
+        t.add_column(col, no_wrap=col in NO_WRAP)
     for row in rows:
         t.add_row(*(cell if isinstance(cell, Text) else Text(str(cell)) for cell in row))
     console.print(t)
@@ -108,7 +114,7 @@ class StepBoard:
     def _render(self) -> Table:
         t = Table(title=self.title, title_justify="left", header_style="bold")
         for col in self.COLUMNS:
-            t.add_column(col)
+            t.add_column(col, no_wrap=col in NO_WRAP)
         now = time.monotonic()
         for row in self.rows.values():
             duration = row["duration"]

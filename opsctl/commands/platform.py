@@ -111,12 +111,12 @@ def status(
     components = all_components(ctx)
     with ThreadPoolExecutor(max_workers=len(components)) as pool:
         healths = list(pool.map(lambda c: c.health(), components))
-    rows = [[str(h.step), h.component, h.target, h.endpoint, ui.styled(h.health), h.version, h.detail]
+    rows = [[str(h.step), h.component, h.endpoint, ui.styled(h.health), h.version, h.detail]
             for h in healths]
     ui.render_or_json(
-        output, {"components": [asdict(h) for h in healths]},
-        lambda: ui.table(None, ["#", "component", "target", "endpoint", "health", "version", "detail"],
-                         rows),
+        output, {"target": ctx.target, "components": [asdict(h) for h in healths]},
+        lambda: ui.table(f"target {ctx.target}",
+                         ["#", "component", "endpoint", "health", "version", "detail"], rows),
     )
     if not all(h.ok for h in healths):
         raise typer.Exit(UNHEALTHY)
@@ -151,3 +151,28 @@ def down(
                       lambda: ui.table(None, ["component", "result"], rows))
     if purge and output == ui.Output.text:
         ui.info(f"purged {ctx.state_dir} (downloaded artifacts kept)")
+
+
+def fetch(output: OutputOption = ui.Output.text) -> None:
+    """Download and prepare what the local servers need (Keycloak, Kafka) into the cache,
+    and check that every other server is installed."""
+    set_output(output)
+    from opsctl.components import all_components
+    from opsctl.errors import OpsError
+
+    ctx = context()
+    rows, problems = [], []
+    for component in all_components(ctx):
+        if not hasattr(component, "check_installed"):
+            continue
+        try:
+            component.check_installed()
+            rows.append({"component": component.name, "ready": True, "detail": ""})
+        except OpsError as e:
+            rows.append({"component": component.name, "ready": False, "detail": e.hint or e.message})
+            problems.append(component.name)
+    ui.render_or_json(output, {"components": rows, "cache": str(ctx.cache_dir)}, lambda: ui.table(
+        f"artifacts in {ctx.cache_dir}", ["component", "state", "detail"],
+        [[r["component"], ui.styled("ready" if r["ready"] else "failed"), r["detail"]] for r in rows]))
+    if problems:
+        raise typer.Exit(FAILED)

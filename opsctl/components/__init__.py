@@ -27,7 +27,7 @@ def build(name: str, ctx: Context) -> Component:
     if ctx.target not in spec.targets:
         return Skipped(name, ctx, f"{'/'.join(spec.targets)} only")
     if not spec.available:
-        return Skipped(name, ctx, "not yet: lands with the AI screening issue")
+        return Skipped(name, ctx, "not yet (lands with the AI screening issue)")
     module, _, cls = LOCAL_SERVERS[name].partition(":")
     return getattr(importlib.import_module(module), cls)(name, ctx)
 

@@ -51,6 +51,8 @@ class Context:
         with self._secrets_lock:
             data = read_json(self.secrets_file, default={}) or {}
             value = data.get(component, {}).get(key)
+            if value is None and self.dry_run:
+                return "(to be generated)"  # a plan writes nothing
             if value is None:
                 value = generate()
                 data.setdefault(component, {})[key] = value
@@ -192,7 +194,8 @@ class LocalServer(Component):
         for key, port in self.spec.ports.items():
             if not port_free(self.ctx.host, port):
                 raise OpsError(
-                    f"port {port} ({self.name} {key}) on {self.ctx.host} is in use by another process",
+                    f"{self.name} cannot listen on {self.ctx.host}:{port} ({key} port): "
+                    "another process is using it",
                     f"stop that process, or pick another port in opsctl.yaml:\n"
                     f"  components:\n    {self.name}:\n      ports: {{{key}: <free port>}}",
                 )
@@ -221,7 +224,7 @@ class LocalServer(Component):
             chown_tree(self.home, self.user)
             self.before_start()
             self.process.start(self.argv(), self.env(), wanted, user=self.user)
-            changed.append(action.split(":")[0] + "ed" if action == "start" else "restarted")
+            changed.append("started" if action == "start" else "restarted")
         self.process.wait_ready(self.probe, self.ready_timeout, self.ctx.cancel)
         converged = self.converge()
         if converged:

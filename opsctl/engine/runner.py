@@ -52,7 +52,7 @@ def run_steps(ctx: Context, components: list[Component], state: StateFile | None
         results[component.name] = result
         board.update(component.name, outcome.state, outcome.detail.split("\n")[0], duration)
         if state and not ctx.dry_run:
-            state.record(component.name, **asdict(result))
+            state.record(component.name, asdict(result))
 
     def blocker(component: Component) -> str | None:
         for dep in component.after:

@@ -44,9 +44,9 @@ class StateFile:
             }
             self._save()
 
-    def record(self, name: str, **fields) -> None:
+    def record(self, step: str, result: dict) -> None:
         with self.lock:
-            self.data.setdefault("steps", {})[name] = {**fields, "at": time.time()}
+            self.data.setdefault("steps", {})[step] = {**result, "at": time.time()}
             self._save()
 
     def finish(self, result: str) -> None:

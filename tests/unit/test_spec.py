@@ -1,0 +1,100 @@
+"""The spec loader: defaults, overrides, and errors a user can act on."""
+
+import pytest
+
+from opsctl import spec
+from opsctl.errors import USAGE, UsageError
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("OPSCTL_CONFIG", raising=False)
+    return tmp_path
+
+
+def error_of(workdir, text: str) -> UsageError:
+    (workdir / "opsctl.yaml").write_text(text)
+    with pytest.raises(UsageError) as info:
+        spec.load()
+    assert info.value.code == USAGE
+    return info.value
+
+
+def test_default_spec_declares_the_sixteen_steps_in_design_order(workdir):
+    s = spec.load()
+    assert [name for name, _ in s.ordered()] == list(spec.KNOWN_COMPONENTS)
+    assert [c.step for _, c in s.ordered()] == list(range(1, 17))
+    assert s.names.realm == "order-management-realm"
+    assert s.names.exchanges.orders == "order-exchange"
+    assert s.names.topics.orders == "orders-topic"
+    assert s.platform.target == "local"
+
+
+def test_override_is_deep_merged(workdir):
+    (workdir / "opsctl.yaml").write_text("components:\n  rabbitmq:\n    ports: {amqp: 5999}\n")
+    s = spec.load()
+    assert s.components["rabbitmq"].ports["amqp"] == 5999
+    assert s.components["rabbitmq"].ports["management"] == 15672  # untouched sibling
+    assert s.components["kafka"].version == "4.3.1"
+
+
+def test_explicit_config_file_wins(workdir):
+    other = workdir / "elsewhere.yaml"
+    other.write_text("names:\n  realm: other-realm\n")
+    assert spec.load(str(other)).names.realm == "other-realm"
+
+
+def test_bad_field_names_file_path_and_expectation(workdir):
+    err = error_of(workdir, "components:\n  rabbitmq:\n    ports: {amqp: lots}\n")
+    assert "opsctl.yaml: components.rabbitmq.ports.amqp" in err.message
+    assert "integer" in err.message and "'lots'" in err.message
+
+
+def test_out_of_range_port(workdir):
+    err = error_of(workdir, "components:\n  redis:\n    ports: {redis: 70000}\n")
+    assert "components.redis.ports.redis" in err.message and "65535" in err.message
+
+
+def test_unknown_field_is_reported_not_ignored(workdir):
+    err = error_of(workdir, "components:\n  kafka:\n    heap: 1g\n")
+    assert "components.kafka.heap: unknown field" in err.message
+
+
+def test_unknown_component(workdir):
+    err = error_of(workdir, "components:\n  zookeeper: {step: 17, version: '3'}\n")
+    assert "unknown component(s) zookeeper" in err.message
+
+
+def test_port_used_twice(workdir):
+    err = error_of(workdir, "components:\n  kafka:\n    ports: {broker: 6379}\n")
+    assert "port 6379 is used twice" in err.message
+
+
+def test_bad_target(workdir):
+    err = error_of(workdir, "platform:\n  target: docker\n")
+    assert "platform.target" in err.message and "'docker'" in err.message
+
+
+def test_yaml_syntax_error_gives_line(workdir):
+    err = error_of(workdir, "components:\n  rabbitmq: [unclosed\n")
+    assert "opsctl.yaml line" in err.message and "invalid YAML" in err.message
+
+
+def test_top_level_must_be_mapping(workdir):
+    err = error_of(workdir, "- just\n- a list\n")
+    assert "expected a mapping" in err.message
+
+
+def test_missing_explicit_file(workdir):
+    with pytest.raises(UsageError, match="cannot read"):
+        spec.load(str(workdir / "nope.yaml"))
+
+
+def test_error_from_default_file_names_default_file(workdir, monkeypatch, tmp_path):
+    broken = tmp_path / "platform.yaml"
+    broken.write_text(spec.DEFAULT_SPEC.read_text().replace("step: 9", "step: nine"))
+    monkeypatch.setattr(spec, "DEFAULT_SPEC", broken)
+    with pytest.raises(UsageError) as info:
+        spec.load()
+    assert f"{broken}: components.postgres.step" in info.value.message
