@@ -21,7 +21,7 @@ class Output(str, Enum):
 
 # Off a terminal (CI logs, pipes) rich would wrap at 80 columns; logs read better wide.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-err_console = Console(stderr=True, highlight=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)  # messages stay greppable
 
 STATE_STYLE = {
     "pending": "dim",

@@ -130,7 +130,7 @@ def down(
 ) -> None:
     """Stop the local platform (and with --purge, delete its data)."""
     set_output(output)
-    from opsctl.components import all_components
+    from opsctl.components import local_servers
     from opsctl.engine.state import exclusive
 
     ctx = context()
@@ -138,11 +138,13 @@ def down(
             f"Delete every server's data, logs and secrets under {ctx.state_dir}?"):
         raise UsageError("--purge deletes all data of the local platform; nothing was deleted",
                          "confirm at the prompt, or pass --yes")
-    components = [c for c in all_components(ctx) if hasattr(c, "process")]
+    components = local_servers(ctx)
     with exclusive(ctx.state_dir / "opsctl.lock", "down"):
         with ThreadPoolExecutor(max_workers=max(1, len(components))) as pool:
             stopped = dict(zip([c.name for c in components], pool.map(lambda c: c.stop(), components)))
         if purge:
+            for component in components:
+                component.purge()
             for entry in ctx.state_dir.iterdir() if ctx.state_dir.exists() else []:
                 if entry.name not in ("cache", "opsctl.lock"):
                     shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
@@ -157,14 +159,12 @@ def fetch(output: OutputOption = ui.Output.text) -> None:
     """Download and prepare what the local servers need (Keycloak, Kafka) into the cache,
     and check that every other server is installed."""
     set_output(output)
-    from opsctl.components import all_components
+    from opsctl.components import local_servers
     from opsctl.errors import OpsError
 
     ctx = context()
     rows, problems = [], []
-    for component in all_components(ctx):
-        if not hasattr(component, "check_installed"):
-            continue
+    for component in local_servers(ctx):
         try:
             component.check_installed()
             rows.append({"component": component.name, "ready": True, "detail": ""})

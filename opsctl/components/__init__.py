@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-from opsctl.components.base import Component, Context, Skipped
+from opsctl.components.base import Component, Context, LocalServer, Skipped
 
 LOCAL_SERVERS = {
     "nginx": "opsctl.components.nginx:Nginx",
@@ -34,3 +34,8 @@ def build(name: str, ctx: Context) -> Component:
 
 def all_components(ctx: Context) -> list[Component]:
     return [build(name, ctx) for name, _ in ctx.spec.ordered()]
+
+
+def local_servers(ctx: Context) -> list[LocalServer]:
+    """The components that run as local processes on this target."""
+    return [c for c in all_components(ctx) if isinstance(c, LocalServer)]

@@ -1,11 +1,14 @@
 """PostgreSQL (Debian package): priority orders and the stock catalogue.
 
 initdb, postgres and pg_ctl refuse to run as root, so as root the server runs as the
-`postgres` system user; its data folder must be reachable by that user.
+`postgres` system user. Its data folder must be reachable by that user: when the
+working directory is not (a checkout under /root, say), the data lives in
+/var/lib/opsctl/postgres-<id> instead, and `down --purge` deletes it there too.
 """
 
 from __future__ import annotations
 
+import hashlib
 import pwd
 import shutil
 import signal
@@ -16,6 +19,9 @@ from opsctl.components.base import LocalServer
 from opsctl.errors import OpsError
 from opsctl.files import write_atomic
 from opsctl.targets.local.process import chown_tree, port_open
+
+
+EXTERNAL_DATA = Path("/var/lib/opsctl")
 
 
 def _bin_dir() -> Path | None:
@@ -29,6 +35,8 @@ def _unreachable_parent(path: Path, user: str) -> Path | None:
     """The first folder above `path` that `user` cannot enter, if any."""
     entry = pwd.getpwnam(user)
     for folder in reversed(path.parents):
+        if not folder.exists():
+            return None  # created by us later, with permissions that let it in
         st = folder.stat()
         bit = 0o100 if st.st_uid == entry.pw_uid else 0o010 if st.st_gid == entry.pw_gid else 0o001
         if not st.st_mode & bit:
@@ -50,20 +58,21 @@ class Postgres(LocalServer):
 
     def check_installed(self) -> None:
         self.bin
-        if self.user:
-            blocked = _unreachable_parent(self.home, self.user)
-            if blocked:
-                raise OpsError(
-                    f"PostgreSQL runs as the '{self.user}' user, which cannot enter {blocked}",
-                    f"allow it with: chmod o+x {blocked}  (or set platform.state_dir in opsctl.yaml "
-                    "to a folder it can reach)")
+
+    @property
+    def data(self) -> Path:
+        if self.user and _unreachable_parent(self.home, self.user):
+            digest = hashlib.sha256(str(self.home).encode()).hexdigest()[:12]
+            return EXTERNAL_DATA / f"postgres-{digest}"
+        return self.path("data")
 
     def initialise(self) -> None:
         """initdb once, into a scratch folder renamed when complete."""
-        data = self.path("data")
+        data = self.data
         if (data / "PG_VERSION").exists():
             return
-        scratch = self.path("data.initdb")
+        data.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        scratch = data.with_name(data.name + ".initdb")
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(mode=0o700, parents=True)
         pwfile = self.path("initdb.pw")
@@ -86,7 +95,7 @@ class Postgres(LocalServer):
 
     def argv(self) -> list[str]:
         # No unix socket: TCP only, which also avoids the 107-byte socket path limit.
-        return [str(self.bin / "postgres"), "-D", str(self.path("data")),
+        return [str(self.bin / "postgres"), "-D", str(self.data),
                 "-c", f"listen_addresses={self.ctx.host}", "-c", f"port={self.port('postgres')}",
                 "-c", "unix_socket_directories=", "-c", "logging_collector=off"]
 
@@ -105,6 +114,11 @@ class Postgres(LocalServer):
                 return True
         except Exception:
             return False
+
+    def purge(self) -> None:
+        if self.data != self.path("data"):
+            shutil.rmtree(self.data, ignore_errors=True)
+        super().purge()
 
     def version(self) -> str:
         with self.connect() as conn:

@@ -2,6 +2,7 @@
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -148,3 +149,25 @@ def test_only_one_run_at_a_time(tmp_path):
                 pass
     with exclusive(lock, "install"):  # released afterwards
         pass
+
+
+def test_postgres_data_moves_out_of_a_folder_its_user_cannot_enter(ctx):
+    import os
+    import shutil
+    import tempfile
+
+    from opsctl.components.postgres import EXTERNAL_DATA, Postgres
+
+    if os.geteuid() != 0:
+        pytest.skip("the postgres system user is only used when opsctl runs as root")
+    top = Path(tempfile.mkdtemp())
+    try:
+        top.chmod(0o755)
+        private = top / "private"
+        private.mkdir(mode=0o700)
+        ctx.state_dir = private / ".opsctl"
+        assert Postgres("postgres", ctx).data.parent == EXTERNAL_DATA
+        private.chmod(0o755)
+        assert Postgres("postgres", ctx).data == private / ".opsctl" / "local" / "postgres" / "data"
+    finally:
+        shutil.rmtree(top)

@@ -1,0 +1,115 @@
+"""Real local servers, started once per test session through the real CLI.
+
+The platform runs in a temporary working directory with every port picked free at
+start, so the tests never collide with a platform a developer has running. Downloaded
+artifacts are shared through $OPSCTL_CACHE_DIR (the repository's cache by default).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+OPSCTL = [sys.executable, "-m", "opsctl"]
+LOCAL_SERVERS = ["nginx", "prometheus-grafana", "rabbitmq", "mongodb", "postgres", "vault",
+                 "redis", "kafka", "keycloak"]
+
+
+def free_ports(count: int) -> list[int]:
+    sockets, ports = [], []
+    for _ in range(count):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        sockets.append(s)
+        ports.append(s.getsockname()[1])
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def port_override(components: list[str] | None = None) -> dict:
+    """An opsctl.yaml body that moves every port of these components to a free one."""
+    from opsctl import spec
+
+    base = yaml.safe_load(spec.DEFAULT_SPEC.read_text())["components"]
+    names = components or [n for n, c in base.items() if c.get("ports")]
+    wanted = [(n, key) for n in names for key in base[n].get("ports", {})]
+    ports = iter(free_ports(len(wanted)))
+    override: dict = {"components": {}}
+    for name, key in wanted:
+        override["components"].setdefault(name, {"ports": {}})["ports"][key] = next(ports)
+    return override
+
+
+class Workdir:
+    """A working directory with its own opsctl.yaml, and a way to run the real CLI in it."""
+
+    def __init__(self, path: Path, override: dict):
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        self.write_config(override)
+
+    def write_config(self, override: dict) -> None:
+        self.config = override
+        (self.path / "opsctl.yaml").write_text(yaml.safe_dump(override))
+
+    def port(self, component: str, key: str) -> int:
+        return self.config["components"][component]["ports"][key]
+
+    def run(self, *args: str, timeout: float = 600, check_json: bool = False):
+        env = {**os.environ, "OPSCTL_CACHE_DIR": cache_dir(), "PYTHONUNBUFFERED": "1"}
+        env.pop("OPSCTL_CONFIG", None)
+        result = subprocess.run([*OPSCTL, *args], cwd=self.path, env=env, capture_output=True,
+                                text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        result.json = json.loads(result.stdout) if check_json else None
+        return result
+
+    def steps(self, *args: str) -> tuple[int, dict]:
+        """Run `install -o json ARGS`; returns (exit code, {step name: result})."""
+        result = self.run("install", "-o", "json", *args, check_json=True)
+        return result.returncode, {s["name"]: s for s in result.json["steps"]}
+
+    def status(self) -> tuple[int, dict]:
+        result = self.run("status", "-o", "json", check_json=True)
+        return result.returncode, {c["component"]: c for c in result.json["components"]}
+
+
+def cache_dir() -> str:
+    return os.environ.get("OPSCTL_CACHE_DIR", str(REPO / ".opsctl" / "cache"))
+
+
+def reachable_dir(prefix: str) -> Path:
+    """A fresh folder that the servers' system users can enter (pytest's tmp_path is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture(scope="session")
+def platform():
+    """The whole local platform, installed once; torn down (purged) at the end."""
+    work = Workdir(reachable_dir("opsctl-platform-"), port_override())
+    code, steps = work.steps()
+    work.first_install = (code, steps)
+    yield work
+    work.run("down", "--purge", "--yes", timeout=300)
+    shutil.rmtree(work.path, ignore_errors=True)
+
+
+@pytest.fixture
+def workdir():
+    """A second, empty working directory (ports free) for tests that need their own servers."""
+    work = Workdir(reachable_dir("opsctl-work-"), port_override())
+    yield work
+    work.run("down", "--purge", "--yes", timeout=300)
+    shutil.rmtree(work.path, ignore_errors=True)

@@ -1,0 +1,107 @@
+"""The CLI as a user meets it, without servers: help, errors, exit codes, dry-run."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+
+def opsctl(cwd, *args, env=None):
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("OPSCTL_CONFIG", None)
+    return subprocess.run([sys.executable, "-m", "opsctl", *args], cwd=cwd, capture_output=True,
+                          text=True, env=full_env, stdin=subprocess.DEVNULL, timeout=120)
+
+
+@pytest.fixture
+def cwd():
+    """A fresh folder the postgres system user can enter (pytest's tmp_path is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="opsctl-cli-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_help_lists_command_groups_and_exit_codes(cwd):
+    result = opsctl(cwd, "--help")
+    assert result.returncode == 0
+    for word in ("install", "status", "down", "config", "Exit codes", "3 unhealthy"):
+        assert word in result.stdout
+
+
+def test_every_command_offers_json_output(cwd):
+    for command in (["install"], ["status"], ["down"], ["fetch"], ["config", "view"],
+                    ["config", "validate"]):
+        assert "--output" in opsctl(cwd, *command, "--help").stdout, command
+
+
+def test_bad_override_file_is_exit_2_with_field_path_and_no_traceback(cwd):
+    (cwd / "opsctl.yaml").write_text("components:\n  redis:\n    ports: {redis: -1}\n")
+    result = opsctl(cwd, "install", "--dry-run")
+    assert result.returncode == 2
+    assert "opsctl.yaml: components.redis.ports.redis" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_file_error_as_json(cwd):
+    (cwd / "opsctl.yaml").write_text("platform: [oops\n")
+    result = opsctl(cwd, "status", "-o", "json")
+    assert result.returncode == 2
+    assert "invalid YAML" in json.loads(result.stdout)["error"]["message"]
+
+
+def test_unknown_step_lists_the_valid_ones(cwd):
+    result = opsctl(cwd, "install", "--only", "zookeeper", "--dry-run")
+    assert result.returncode == 2
+    assert "unknown step 'zookeeper'" in result.stderr and "13 kafka" in result.stderr
+
+
+def test_unknown_option_value_is_a_usage_error(cwd):
+    assert opsctl(cwd, "status", "--output", "xml").returncode == 2
+    assert opsctl(cwd, "install", "--target", "docker", "--dry-run").returncode == 2
+
+
+def test_kubernetes_target_is_refused_clearly(cwd):
+    result = opsctl(cwd, "install", "--target", "kubernetes", "--dry-run")
+    assert result.returncode == 2 and "kubernetes target is not available yet" in result.stderr
+
+
+def test_dry_run_on_fresh_directory_plans_every_server_and_writes_nothing(cwd):
+    result = opsctl(cwd, "install", "--dry-run", "-o", "json")
+    assert result.returncode == 0, result.stderr
+    steps = {s["name"]: s for s in json.loads(result.stdout)["steps"]}
+    assert steps["rabbitmq"]["state"] == "planned" and steps["rabbitmq"]["detail"] == "start"
+    assert steps["kind"]["state"] == "skipped"
+    assert list(cwd.iterdir()) == []
+
+
+def test_only_and_from_select_steps(cwd):
+    result = opsctl(cwd, "install", "--dry-run", "-o", "json", "--from", "12", "--only", "redis,kafka,5")
+    names = [s["name"] for s in json.loads(result.stdout)["steps"]]
+    assert names == ["redis", "kafka"]
+
+
+def test_status_of_nothing_installed_is_unhealthy(cwd):
+    result = opsctl(cwd, "status", "-o", "json")
+    assert result.returncode == 3
+    comps = {c["component"]: c for c in json.loads(result.stdout)["components"]}
+    assert comps["redis"]["detail"] == "not installed"
+
+
+def test_config_view_merges_override(cwd):
+    (cwd / "opsctl.yaml").write_text("names:\n  realm: my-realm\n")
+    result = opsctl(cwd, "config", "view", "-o", "json")
+    assert json.loads(result.stdout)["names"]["realm"] == "my-realm"
+    assert "with" in opsctl(cwd, "config", "validate").stderr
+
+
+def test_down_purge_without_confirmation_deletes_nothing(cwd):
+    (cwd / ".opsctl" / "local" / "redis").mkdir(parents=True)
+    result = opsctl(cwd, "down", "--purge")
+    assert result.returncode == 2
+    assert (cwd / ".opsctl" / "local" / "redis").exists()
