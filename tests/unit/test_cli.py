@@ -105,3 +105,23 @@ def test_down_purge_without_confirmation_deletes_nothing(cwd):
     result = opsctl(cwd, "down", "--purge")
     assert result.returncode == 2
     assert (cwd / ".opsctl" / "local" / "redis").exists()
+
+
+def test_missing_java_is_reported_with_the_install_command(cwd):
+    result = opsctl(cwd, "install", "--only", "kafka", env={"PATH": str(cwd / "empty-bin")})
+    assert result.returncode == 1
+    assert "java is not installed" in result.stderr
+    assert "apt-get install -y openjdk-17-jre-headless" in result.stderr
+
+
+def test_missing_maven_is_reported_when_an_artifact_must_be_fetched(cwd):
+    import shutil as sh
+
+    bin_dir = cwd / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "java").symlink_to(sh.which("java"))
+    result = opsctl(cwd, "install", "--only", "keycloak",
+                    env={"PATH": str(bin_dir), "OPSCTL_CACHE_DIR": str(cwd / "empty-cache")})
+    assert result.returncode == 1
+    assert "mvn is not installed" in result.stderr and "apt-get install -y maven" in result.stderr
+    assert not list((cwd / "empty-cache").glob("keycloak-*"))  # nothing half-made
