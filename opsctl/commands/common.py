@@ -62,7 +62,9 @@ def run_cli(app: typer.Typer) -> int:
 
     Typer itself reports usage errors (exit 2) and turns Ctrl-C into exit 130.
     """
+    # Closing the terminal or `kill` stops a run as Ctrl-C does: the state file is kept right.
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    signal.signal(signal.SIGHUP, _terminate_as_interrupt)
     try:
         app()
     except OpsError as e:

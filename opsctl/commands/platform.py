@@ -67,7 +67,8 @@ def install(
             state = StateFile(ctx.state_dir / "state.json")
             previous = state.unfinished_run()
             if previous and output == ui.Output.text:
-                ui.info(f"resuming after the {previous['result']} run {previous['id']}: "
+                how = "unfinished" if previous["result"] == "running" else previous["result"]
+                ui.info(f"resuming after the {how} run {previous['id']}: "
                         "steps already done report unchanged")
             state.begin("install", ctx.target, [name for _, name in steps])
             results = []
@@ -172,7 +173,9 @@ def fetch(output: OutputOption = ui.Output.text) -> None:
             rows.append({"component": component.name, "ready": False, "detail": e.hint or e.message})
             problems.append(component.name)
     ui.render_or_json(output, {"components": rows, "cache": str(ctx.cache_dir)}, lambda: ui.table(
-        f"artifacts in {ctx.cache_dir}", ["component", "state", "detail"],
+        None, ["component", "state", "detail"],
         [[r["component"], ui.styled("ready" if r["ready"] else "failed"), r["detail"]] for r in rows]))
+    if output == ui.Output.text:
+        ui.info(f"download cache: {ctx.cache_dir}")
     if problems:
         raise typer.Exit(FAILED)

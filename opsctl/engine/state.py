@@ -67,14 +67,14 @@ def exclusive(lock_path: Path, what: str):
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            holder = f.read().strip() or "unknown"
+            holder = f.read().strip() or "another opsctl command"
             raise OpsError(
-                f"another opsctl {what} is running in this directory (pid {holder})",
+                f"cannot run {what}: {holder} is running in this directory",
                 "wait for it to finish, or stop it, and run again",
             )
         f.seek(0)
         f.truncate()
-        f.write(str(os.getpid()))
+        f.write(f"opsctl {what} (pid {os.getpid()})")
         f.flush()
         try:
             yield

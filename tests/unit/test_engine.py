@@ -144,7 +144,7 @@ def test_cancel_interrupts_waiting_steps_and_starts_no_more(ctx):
 def test_only_one_run_at_a_time(tmp_path):
     lock = tmp_path / "opsctl.lock"
     with exclusive(lock, "install"):
-        with pytest.raises(OpsError, match="another opsctl install is running"):
+        with pytest.raises(OpsError, match="cannot run install: opsctl install .pid [0-9]+. is running"):
             with exclusive(lock, "install"):
                 pass
     with exclusive(lock, "install"):  # released afterwards
