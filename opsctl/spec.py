@@ -50,7 +50,11 @@ class KeycloakNames(Strict):
     client_role: Name
     realm_role: Name
     scope: Name
-    audiences: list[Name]
+    order_api_audience: Name
+    vault_audience: Name
+    service_role: Name
+    service_scope: Name
+    signing_key: Name
 
 
 class ExchangeNames(Strict):
@@ -86,7 +90,8 @@ class VaultNames(Strict):
     kv_mount: Name
     reader_policy: Name
     jwt_path: Name
-    services: dict[Name, Name]
+    clients_path: Name
+    signing_key_path: Name
 
 
 class Names(Strict):
@@ -98,6 +103,29 @@ class Names(Strict):
     mongodb: MongoNames
     postgres: PostgresNames
     vault: VaultNames
+
+
+Duration = Annotated[str, Field(pattern=r"^[0-9]+[smh]$")]
+Credential = Literal["rabbitmq", "postgres", "redis", "mongodb"]
+
+
+class VaultSettings(Strict):
+    key_shares: Annotated[int, Field(ge=1, le=10)]
+    key_threshold: Annotated[int, Field(ge=1, le=10)]
+    auto_init: bool = True
+    token_ttl: Duration
+    token_max_ttl: Duration
+
+    @model_validator(mode="after")
+    def _threshold(self) -> "VaultSettings":
+        if self.key_threshold > self.key_shares:
+            raise ValueError(f"key_threshold ({self.key_threshold}) is more than key_shares "
+                             f"({self.key_shares})")
+        return self
+
+
+class Service(Strict):
+    credentials: list[Credential] = []
 
 
 # The components opsctl knows how to install; platform.yaml must declare each once.
@@ -113,6 +141,8 @@ class Spec(Strict):
     platform: Platform
     components: dict[str, Component]
     names: Names
+    vault: VaultSettings
+    services: dict[Name, Service]
 
     @model_validator(mode="after")
     def _consistent(self) -> "Spec":

@@ -19,20 +19,20 @@ def _select(components, only: list[str], start: str | None):
     by_key = {}
     for c in components:
         by_key[c.name] = c
-        by_key[str(c.spec.step)] = c
+        by_key[str(c.number)] = c
 
     def lookup(key: str):
         if key not in by_key:
-            valid = ", ".join(f"{c.spec.step} {c.name}" for c in components)
+            valid = ", ".join(f"{c.number} {c.name}" for c in components)
             raise UsageError(f"unknown step '{key}'", f"steps are: {valid}")
         return by_key[key]
 
     keys = [k.strip() for item in only for k in item.split(",") if k.strip()]
     chosen = [lookup(k) for k in keys] if keys else list(components)
     if start is not None:
-        first = lookup(start.strip()).spec.step
-        chosen = [c for c in chosen if c.spec.step >= first]
-    return sorted(set(chosen), key=lambda c: c.spec.step)
+        first = lookup(start.strip()).number
+        chosen = [c for c in chosen if c.number >= first]
+    return sorted(set(chosen), key=lambda c: c.number)
 
 
 def install(
@@ -50,13 +50,13 @@ def install(
     set_output(output)
     if target not in (None, "local", "kubernetes"):
         raise UsageError(f"unknown target '{target}'", "use --target local or --target kubernetes")
-    from opsctl.components import all_components
+    from opsctl.components import all_steps
     from opsctl.engine.runner import run_steps
     from opsctl.engine.state import StateFile, exclusive
 
     ctx = context(target, dry_run)
-    components = _select(all_components(ctx), only or [], start)
-    steps = [(c.spec.step, c.name) for c in components]
+    components = _select(all_steps(ctx), only or [], start)
+    steps = [(c.number, c.name) for c in components]
     title = f"{'plan' if dry_run else 'install'} — target {ctx.target}"
     board = ui.StepBoard(steps, title, enabled=output == ui.Output.text)
     if dry_run:
@@ -106,10 +106,10 @@ def status(
 ) -> None:
     """Show every component: target, endpoint, health, version. Exits 3 if any is unhealthy."""
     set_output(output)
-    from opsctl.components import all_components
+    from opsctl.components import infrastructure
 
     ctx = context()
-    components = all_components(ctx)
+    components = infrastructure(ctx)
     with ThreadPoolExecutor(max_workers=len(components)) as pool:
         healths = list(pool.map(lambda c: c.health(), components))
     rows = [[str(h.step), h.component, h.endpoint, ui.styled(h.health), h.version, h.detail]

@@ -22,20 +22,38 @@ LOCAL_SERVERS = {
 }
 
 
+# Steps that configure the running servers, after the sixteen infrastructure steps.
+CONFIG_STEPS = {
+    "keycloak-realm": "opsctl.components.keycloak_realm:KeycloakRealm",
+}
+
+
+def _load(path: str):
+    module, _, cls = path.partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
 def build(name: str, ctx: Context) -> Component:
+    if name in CONFIG_STEPS:
+        return _load(CONFIG_STEPS[name])(name, ctx)
     spec = ctx.spec.components[name]
     if ctx.target not in spec.targets:
         return Skipped(name, ctx, f"{'/'.join(spec.targets)} only")
     if not spec.available:
         return Skipped(name, ctx, "not yet (lands with the AI screening issue)")
-    module, _, cls = LOCAL_SERVERS[name].partition(":")
-    return getattr(importlib.import_module(module), cls)(name, ctx)
+    return _load(LOCAL_SERVERS[name])(name, ctx)
 
 
-def all_components(ctx: Context) -> list[Component]:
+def infrastructure(ctx: Context) -> list[Component]:
+    """The sixteen numbered components, in order."""
     return [build(name, ctx) for name, _ in ctx.spec.ordered()]
+
+
+def all_steps(ctx: Context) -> list[Component]:
+    """Everything install runs: the components, then the configuration steps."""
+    return infrastructure(ctx) + [build(name, ctx) for name in CONFIG_STEPS]
 
 
 def local_servers(ctx: Context) -> list[LocalServer]:
     """The components that run as local processes on this target."""
-    return [c for c in all_components(ctx) if isinstance(c, LocalServer)]
+    return [c for c in infrastructure(ctx) if isinstance(c, LocalServer)]

@@ -11,6 +11,7 @@ import signal
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 from opsctl.errors import OpsError
 from opsctl.files import read_json, write_atomic, write_json_atomic
@@ -91,6 +92,10 @@ class Component:
         self.ctx = ctx
         self.spec: ComponentSpec = ctx.spec.components[name]
 
+    @property
+    def number(self) -> int:
+        return self.spec.step
+
     def reconcile(self) -> Outcome:
         raise NotImplementedError
 
@@ -100,8 +105,11 @@ class Component:
     def stop(self) -> bool:
         return False
 
+    def purge(self) -> None:
+        """Delete what this component keeps outside the state folder (most keep nothing)."""
+
     def _health(self, health: str, **kw) -> Health:
-        return Health(self.name, self.spec.step, self.ctx.target, health, **kw)
+        return Health(self.name, self.number, self.ctx.target, health, **kw)
 
 
 class Skipped(Component):
@@ -116,6 +124,53 @@ class Skipped(Component):
 
     def health(self) -> Health:
         return self._health("n/a", detail=self.reason)
+
+
+@dataclass
+class Change:
+    """One difference between the spec and a running system, and how to remove it."""
+
+    action: str  # create | update
+    target: str  # what, e.g. "client create-orders-client"
+    detail: str = ""
+    apply: Callable[[], None] = field(default=lambda: None, repr=False)
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.target}" + (f" ({self.detail})" if self.detail else "")
+
+
+class ConfigStep(Component):
+    """A step that configures running systems (a realm, Vault's auth, users).
+
+    `plan()` yields the changes one by one; apply runs each as it is yielded, so a later
+    check sees what an earlier change created. In a dry run nothing is applied, and the
+    checks must treat what does not exist yet as to be created.
+    """
+
+    number: int = 0
+
+    def __init__(self, name: str, ctx: Context):
+        self.name = name
+        self.ctx = ctx
+        self.spec = None
+
+    def plan(self) -> Iterator[Change]:
+        raise NotImplementedError
+
+    def changes(self, apply: bool) -> list[Change]:
+        done = []
+        for change in self.plan():
+            if apply:
+                change.apply()
+            done.append(change)
+        return done
+
+    def reconcile(self) -> Outcome:
+        changes = self.changes(apply=not self.ctx.dry_run)
+        if not changes:
+            return Outcome("unchanged", "in sync")
+        shown = "; ".join(str(c) for c in changes[:3]) + (" …" if len(changes) > 3 else "")
+        return Outcome("planned" if self.ctx.dry_run else "changed", f"{len(changes)} change(s): {shown}")
 
 
 def fingerprint(*parts) -> str:

@@ -70,7 +70,8 @@ class Keycloak(LocalServer):
     def argv(self) -> list[str]:
         return [
             str(self.dist / "bin" / "kc.sh"), "start", "--optimized",
-            "--http-enabled=true", "--hostname-strict=false", "--cache=local",
+            # A fixed hostname keeps the tokens' issuer the same however Keycloak is reached.
+            "--http-enabled=true", f"--hostname={self.endpoint()}", "--cache=local",
             f"--http-host={self.ctx.host}", f"--http-port={self.port('http')}",
             f"--http-management-port={self.port('management')}", "--shutdown-delay=0s",
             f"-Dquarkus.transaction-manager.object-store.directory={self.path('data', 'transaction-logs')}",

@@ -8,6 +8,8 @@ file under the state folder; they are never printed.
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 from opsctl import httpclient
@@ -15,8 +17,64 @@ from opsctl.components.base import LocalServer
 from opsctl.errors import OpsError
 from opsctl.files import read_json, write_json_atomic
 
-KEY_SHARES = 5
-KEY_THRESHOLD = 3
+
+
+def address(ctx) -> str:
+    return f"http://{ctx.host}:{ctx.spec.components['vault'].ports['http']}"
+
+
+def init_file(ctx) -> Path:
+    return ctx.state_dir / "vault-init.json"
+
+
+def admin_token(ctx) -> str:
+    """$VAULT_TOKEN, else the root token kept by init; never printed."""
+    token = os.environ.get("VAULT_TOKEN") or (read_json(init_file(ctx), default={}) or {}).get("root_token")
+    if not token:
+        raise OpsError("no Vault token to configure Vault with",
+                       f"set VAULT_TOKEN, or keep the root token in {init_file(ctx)} (opsctl vault init)")
+    return token
+
+
+def admin(ctx):
+    """An hvac client with the admin token; fails clearly when Vault is down or sealed."""
+    import hvac
+
+    client = hvac.Client(url=address(ctx), token=admin_token(ctx), timeout=10)
+    try:
+        sealed = client.sys.is_sealed()
+    except Exception:
+        raise OpsError(f"Vault is not reachable at {address(ctx)}", "run: opsctl install --only vault")
+    if sealed:
+        raise OpsError("Vault is sealed", "run: opsctl vault unseal")
+    return client
+
+
+def kv_read(ctx, client, path: str) -> dict | None:
+    """The data at <kv_mount>/<path>, or None when there is none (or no KV mount yet)."""
+    import hvac
+
+    try:
+        return client.secrets.kv.v2.read_secret_version(
+            path=path, mount_point=ctx.spec.names.vault.kv_mount, raise_on_deleted_version=True,
+        )["data"]["data"]
+    except (hvac.exceptions.InvalidPath, hvac.exceptions.Forbidden):
+        return None
+
+
+def kv_write(ctx, client, path: str, data: dict) -> None:
+    ensure_kv_mount(ctx, client)
+    client.secrets.kv.v2.create_or_update_secret(path=path, secret=data,
+                                                 mount_point=ctx.spec.names.vault.kv_mount)
+
+
+def ensure_kv_mount(ctx, client) -> bool:
+    """KV version 2 at the spec's mount; True if it had to be enabled."""
+    mount = ctx.spec.names.vault.kv_mount
+    if f"{mount}/" in client.sys.list_mounted_secrets_engines()["data"]:
+        return False
+    client.sys.enable_secrets_engine("kv", path=mount, options={"version": "2"})
+    return True
 
 
 class Vault(LocalServer):
@@ -34,11 +92,11 @@ class Vault(LocalServer):
 
     @property
     def addr(self) -> str:
-        return f"http://{self.ctx.host}:{self.port('http')}"
+        return address(self.ctx)
 
     @property
     def init_file(self) -> Path:
-        return self.ctx.state_dir / "vault-init.json"
+        return init_file(self.ctx)
 
     def config_files(self) -> dict[str, str]:
         host = self.ctx.host
@@ -86,26 +144,56 @@ listener "tcp" {{
         done = []
         status = self.seal_status()
         if not status["initialized"]:
-            # Saved before anything else: losing these would lose the Vault.
-            # A generous timeout: init waits for the raft leader election, and an init
-            # that completes after we gave up would leave keys nobody holds.
-            init = self._api("PUT", "sys/init", {"secret_shares": KEY_SHARES,
-                                                 "secret_threshold": KEY_THRESHOLD}, timeout=120)
-            write_json_atomic(self.init_file, init, mode=0o600)
-            done.append(f"initialised ({KEY_SHARES} shares, threshold {KEY_THRESHOLD})")
+            settings = self.ctx.spec.vault
+            if not settings.auto_init:
+                raise OpsError("Vault is running but not initialised (vault.auto_init is off)",
+                               "run: opsctl vault init")
+            self.initialise_vault(settings.key_shares, settings.key_threshold)
+            done.append(f"initialised ({settings.key_shares} shares, threshold {settings.key_threshold})")
             status = self.seal_status()
         if status["sealed"]:
-            self.unseal()
+            self.unseal_from_file()
             done.append("unsealed")
         return ", ".join(done) or None
 
-    def unseal(self) -> None:
-        keys = (read_json(self.init_file, default={}) or {}).get("keys_base64")
-        if not keys:
-            raise OpsError(f"Vault is sealed and {self.init_file} holds no unseal keys",
-                           f"unseal it with the key shares: bao operator unseal (VAULT_ADDR={self.addr})")
+    def initialise_vault(self, shares: int, threshold: int, pgp_keys: list[str] | None = None) -> dict:
+        """Initialise once; the shares and root token are saved (0600) before anything else."""
+        if self.seal_status()["initialized"]:
+            raise OpsError("Vault is already initialised; initialising again is refused "
+                           "(it would not make new keys, and nothing was changed)",
+                           "to unseal it: opsctl vault unseal")
+        body = {"secret_shares": shares, "secret_threshold": threshold}
+        if pgp_keys:
+            body["pgp_keys"] = pgp_keys
+        # A generous timeout: init waits for the raft leader election, and an init that
+        # completes after we gave up would leave keys nobody holds.
+        init = self._api("PUT", "sys/init", body, timeout=120)
+        record = {**init, "key_shares": shares, "key_threshold": threshold,
+                  "pgp_encrypted": bool(pgp_keys)}
+        write_json_atomic(self.init_file, record, mode=0o600)
+        return record
+
+    def submit_share(self, share: str) -> dict:
+        """Give one unseal key share; a rejected share is an OpsError and changes nothing."""
+        try:
+            return self._api("PUT", "sys/unseal", {"key": share.strip()})
+        except httpclient.HTTPError as e:
+            reason = e.body
+            try:
+                reason = "; ".join(json.loads(e.body).get("errors", [])) or e.body
+            except ValueError:
+                pass
+            raise OpsError(f"Vault rejected the key share: {reason}",
+                           "check the share (a wrong one does not lose anything; try again)")
+
+    def unseal_from_file(self) -> None:
+        record = read_json(self.init_file, default={}) or {}
+        keys = record.get("keys_base64")
+        if not keys or record.get("pgp_encrypted"):
+            raise OpsError(f"Vault is sealed and {self.init_file} holds no plain unseal keys",
+                           "unseal it with your key shares: opsctl vault unseal")
         for key in keys:
-            if not self._api("PUT", "sys/unseal", {"key": key})["sealed"]:
+            if not self.submit_share(key)["sealed"]:
                 return
         raise OpsError("Vault is still sealed after every key share in the init file was used",
                        f"check {self.init_file} against the shares you hold")

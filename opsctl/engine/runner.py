@@ -43,11 +43,11 @@ def run_steps(ctx: Context, components: list[Component], state: StateFile | None
               board, parallel: int = 4) -> list[StepResult]:
     results: dict[str, StepResult] = {}
     selected = {c.name for c in components}
-    pending = sorted(components, key=lambda c: c.spec.step)
+    pending = sorted(components, key=lambda c: c.number)
     running: dict[Future, tuple[Component, float]] = {}
 
     def finish(component: Component, outcome: Outcome, duration: float | None) -> None:
-        result = StepResult(component.spec.step, component.name, outcome.state, outcome.detail,
+        result = StepResult(component.number, component.name, outcome.state, outcome.detail,
                             duration)
         results[component.name] = result
         board.update(component.name, outcome.state, outcome.detail.split("\n")[0], duration)
@@ -93,6 +93,6 @@ def run_steps(ctx: Context, components: list[Component], state: StateFile | None
                 finish(component, future.result(), time.monotonic() - started)
             running.clear()
     for component in pending:
-        results[component.name] = StepResult(component.spec.step, component.name, "pending",
+        results[component.name] = StepResult(component.number, component.name, "pending",
                                              "not started")
     return sorted(results.values(), key=lambda r: r.number)
