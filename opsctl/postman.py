@@ -83,7 +83,11 @@ PRE_REQUEST_SCRIPT = r"""// Fetches {{access_token}} with the OAuth2 client-cred
         }
     }, function (err, res) {
         if (err) {
-            fail('token request to ' + tokenUrl + ' failed: ' + (err.message || err));
+            // a network error crosses the sandbox as a plain object: {syscall, code, address, port}
+            var what = err.message || [err.syscall, err.code || JSON.stringify(err),
+                                       err.address && (err.address + (err.port ? ':' + err.port : ''))]
+                .filter(Boolean).join(' ');
+            fail('token request to ' + tokenUrl + ' failed: ' + what);
         }
         var body = {};
         try { body = res.json(); } catch (e) { body = {}; }
@@ -266,11 +270,12 @@ def write_environment(path: str | os.PathLike, env: dict, merge: bool = True) ->
         except ValueError as e:
             raise ValueError(f"{e}; fix or remove the file") from None
         given = {v["key"]: v for v in env["values"]}
+        # The stored expiry belongs to the access token being replaced: stale now.
+        drop_expiry = "access_token" in given and "access_token_expires_at" not in given
         values = []
         for v in existing["values"]:
-            if (v["key"] == "access_token_expires_at" and "access_token" in given
-                    and v["key"] not in given):
-                continue  # the expiry of the token being replaced: stale now
+            if drop_expiry and v["key"] == "access_token_expires_at":
+                continue
             values.append(given.pop(v["key"]) if v["key"] in given else v)
         values.extend(given.values())  # new variables, in the order given
         result = dict(existing)

@@ -25,6 +25,8 @@ LOCAL_SERVERS = {
 # Steps that configure the running servers, after the sixteen infrastructure steps.
 CONFIG_STEPS = {
     "keycloak-realm": "opsctl.components.keycloak_realm:KeycloakRealm",
+    "vault-auth": "opsctl.components.vault_config:VaultAuth",
+    "service-credentials": "opsctl.components.credentials:ServiceCredentials",
 }
 
 

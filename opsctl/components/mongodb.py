@@ -34,11 +34,33 @@ class MongoDB(LocalServer):
     def endpoint(self) -> str:
         return f"mongodb://{self.ctx.host}:{self.port('mongo')}"
 
-    def _client(self):
+    def _client(self, user: str | None = None, password: str | None = None):
         from pymongo import MongoClient
 
-        return MongoClient(f"{self.endpoint()}/?replicaSet={self.ctx.spec.names.mongodb.replica_set}",
+        names = self.ctx.spec.names.mongodb
+        return MongoClient(f"{self.endpoint()}/?replicaSet={names.replica_set}", username=user,
+                           password=password, authSource=names.database,
                            serverSelectionTimeoutMS=1500, connectTimeoutMS=1000)
+
+    # --- service users (see components/credentials.py) ----------------------------
+    def service_user_ok(self, user: str, password: str) -> bool:
+        from pymongo.errors import OperationFailure
+
+        try:
+            with self._client(user, password) as client:
+                client[self.ctx.spec.names.mongodb.database].command("ping")
+            return True
+        except OperationFailure:
+            return False
+
+    def ensure_service_user(self, user: str, password: str) -> None:
+        database = self.ctx.spec.names.mongodb.database
+        roles = [{"role": "readWrite", "db": database}]
+        with self._client() as client:
+            db = client[database]
+            exists = db.command("usersInfo", user)["users"]
+            verb = "updateUser" if exists else "createUser"
+            db.command(verb, user, pwd=password, roles=roles)
 
     def probe(self) -> bool:
         if not port_open(self.ctx.host, self.port("mongo")):

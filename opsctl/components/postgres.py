@@ -99,12 +99,40 @@ class Postgres(LocalServer):
                 "-c", f"listen_addresses={self.ctx.host}", "-c", f"port={self.port('postgres')}",
                 "-c", "unix_socket_directories=", "-c", "logging_collector=off"]
 
-    def connect(self, dbname: str = "postgres"):
+    def connect(self, dbname: str = "postgres", user: str = "postgres", password: str | None = None,
+                autocommit: bool = False):
         import psycopg
 
-        return psycopg.connect(host=self.ctx.host, port=self.port("postgres"), user="postgres",
-                               password=self.ctx.secret("postgres", "password"), dbname=dbname,
-                               connect_timeout=2)
+        return psycopg.connect(host=self.ctx.host, port=self.port("postgres"), user=user,
+                               password=password or self.ctx.secret("postgres", "password"),
+                               dbname=dbname, connect_timeout=2, autocommit=autocommit)
+
+    # --- service users (see components/credentials.py) ----------------------------
+    def service_user_ok(self, user: str, password: str) -> bool:
+        import psycopg
+
+        try:
+            with self.connect(self.ctx.spec.names.postgres.database, user, password):
+                return True
+        except psycopg.OperationalError:
+            return False
+
+    def ensure_service_user(self, user: str, password: str) -> None:
+        """A login role that may use (and create tables in) the platform's database."""
+        from psycopg import sql
+
+        database = self.ctx.spec.names.postgres.database
+        role, db = sql.Identifier(user), sql.Identifier(database)
+        with self.connect(autocommit=True) as conn:
+            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [database]).fetchone():
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(db))
+            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [user]).fetchone()
+            verb = "ALTER" if exists else "CREATE"
+            conn.execute(sql.SQL(verb + " ROLE {} WITH LOGIN PASSWORD {}").format(
+                role, sql.Literal(password)))
+            conn.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(db, role))
+        with self.connect(database, autocommit=True) as conn:
+            conn.execute(sql.SQL("GRANT USAGE, CREATE ON SCHEMA public TO {}").format(role))
 
     def probe(self) -> bool:
         if not port_open(self.ctx.host, self.port("postgres")):

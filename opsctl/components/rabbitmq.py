@@ -6,6 +6,8 @@ real scripts in /usr/lib/rabbitmq/bin with every path pointed into the component
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import secrets
 from pathlib import Path
 
@@ -126,6 +128,29 @@ class RabbitMQ(LocalServer):
         except httpclient.HTTPError:
             return False, "resource alarm in effect"
         return True, f"management http://{self.ctx.host}:{self.port('management')}"
+
+    # --- service users (see components/credentials.py) ----------------------------
+    def service_user_ok(self, user: str, password: str) -> bool:
+        """The user exists with this password (checked against its salted SHA-256 hash:
+        service users have no management tag, so they cannot log in to the API)."""
+        try:
+            info = self._api(f"users/{user}")
+        except httpclient.HTTPError as e:
+            if e.status == 404:
+                return False
+            raise
+        raw = base64.b64decode(info.get("password_hash", ""))
+        salt, digest = raw[:4], raw[4:]
+        return info.get("hashing_algorithm") == "rabbit_password_hashing_sha256" and \
+            hashlib.sha256(salt + password.encode()).digest() == digest
+
+    def ensure_service_user(self, user: str, password: str) -> None:
+        base = f"http://{self.ctx.host}:{self.port('management')}/api"
+        admin = self.credentials()
+        httpclient.request("PUT", f"{base}/users/{user}", {"password": password, "tags": ""},
+                           auth=admin)
+        httpclient.request("PUT", f"{base}/permissions/%2F/{user}",
+                           {"configure": ".*", "write": ".*", "read": ".*"}, auth=admin)
 
     def stop(self) -> bool:
         stopped = super().stop()
