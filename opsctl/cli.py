@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from opsctl import __version__
-from opsctl.commands import config as config_cmd, platform as platform_cmd
+from opsctl.commands import (config as config_cmd, keycloak as keycloak_cmd,
+                             platform as platform_cmd, token as token_cmd, vault as vault_cmd)
 
 HELP = """Stand up and operate the AI-assisted order-management platform.
 
@@ -49,6 +50,10 @@ app.command(rich_help_panel=PLATFORM)(platform_cmd.install)
 app.command(rich_help_panel=PLATFORM)(platform_cmd.status)
 app.command(rich_help_panel=PLATFORM)(platform_cmd.down)
 app.command(rich_help_panel=PLATFORM)(platform_cmd.fetch)
+IDENTITY = "Identity and secrets"
+app.command(rich_help_panel=IDENTITY)(token_cmd.token)
+app.add_typer(keycloak_cmd.app, name="keycloak", rich_help_panel=IDENTITY)
+app.add_typer(vault_cmd.app, name="vault", rich_help_panel=IDENTITY)
 app.add_typer(config_cmd.app, name="config", rich_help_panel="Configuration")
 
 

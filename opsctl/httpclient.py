@@ -16,10 +16,12 @@ class HTTPError(Exception):
 
 
 def request(method: str, url: str, body=None, auth: tuple[str, str] | None = None,
-            headers: dict | None = None, timeout: float = 2.0):
-    """Returns (status, headers, parsed JSON or text). Raises HTTPError for 4xx/5xx."""
+            headers: dict | None = None, timeout: float = 2.0, raw: bytes | None = None):
+    """Returns (status, headers, parsed JSON or text). Raises HTTPError for 4xx/5xx.
+
+    `body` is sent as JSON; `raw` as it is (with the caller's Content-Type)."""
     headers = dict(headers or {})
-    data = None
+    data = raw
     if body is not None:
         data = json.dumps(body).encode()
         headers.setdefault("Content-Type", "application/json")

@@ -126,6 +126,7 @@ class VaultSettings(Strict):
 
 class Service(Strict):
     credentials: list[Credential] = []
+    port: Port | None = None  # HTTP services only
 
 
 # The components opsctl knows how to install; platform.yaml must declare each once.

@@ -1,0 +1,46 @@
+"""opsctl keycloak: the platform's realm, reconciled from platform.yaml."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from opsctl import ui
+from opsctl.commands import reconcile
+from opsctl.commands.common import OutputOption, context, set_output
+from opsctl.errors import UsageError
+
+app = typer.Typer(help="The Keycloak realm: clients, roles, scopes, signing key.",
+                  no_args_is_help=True)
+
+
+def _realm(dry_run: bool, key: str | None = None, cert: str | None = None):
+    from opsctl.components.keycloak_realm import KeycloakRealm, load_signing_key
+
+    if bool(key) != bool(cert):
+        raise UsageError("--signing-key and --signing-cert go together",
+                         "give both files (PEM), or neither to let opsctl generate them")
+    ctx = context(dry_run=dry_run)
+    return KeycloakRealm("keycloak-realm", ctx, load_signing_key(key, cert) if key else None)
+
+
+@app.command()
+def apply(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the changes; make none.")] = False,
+    signing_key: Annotated[Optional[str], typer.Option(
+        metavar="FILE", help="Your RSA private key (PEM) for the realm's RS256 key provider.")] = None,
+    signing_cert: Annotated[Optional[str], typer.Option(
+        metavar="FILE", help="Its certificate (PEM).")] = None,
+    output: OutputOption = ui.Output.text,
+) -> None:
+    """Create or update the realm so it matches the spec; says what it changed."""
+    set_output(output)
+    reconcile.run([_realm(dry_run, signing_key, signing_cert)], dry_run, output, "keycloak")
+
+
+@app.command()
+def diff(output: OutputOption = ui.Output.text) -> None:
+    """Drift between the spec and the live realm, per object. Exits 1 if any."""
+    set_output(output)
+    reconcile.diff([_realm(True)], output, "keycloak")

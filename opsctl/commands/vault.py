@@ -1,0 +1,180 @@
+"""opsctl vault: initialise, unseal and configure the platform's Vault."""
+
+from __future__ import annotations
+
+import base64
+import sys
+from typing import Annotated, List, Optional
+
+import typer
+
+from opsctl import ui
+from opsctl.commands import reconcile
+from opsctl.commands.common import OutputOption, context, set_output
+from opsctl.errors import UNHEALTHY, OpsError, UsageError
+
+app = typer.Typer(help="Vault: init, unseal, status, and its JWT auth and service secrets.",
+                  no_args_is_help=True)
+
+
+def _server():
+    from opsctl.components import build
+
+    server = build("vault", context())
+    if not server.probe():
+        raise OpsError(f"Vault is not running at {server.addr}", "run: opsctl install --only vault")
+    return server
+
+
+def _pgp_key(path: str) -> str:
+    """A PGP public key file (binary or ASCII-armoured) as Vault wants it: base64 of the binary."""
+    try:
+        raw = open(path, "rb").read()
+    except OSError as e:
+        raise UsageError(f"cannot read PGP key {path}: {e.strerror}")
+    if raw.lstrip().startswith(b"-----BEGIN PGP PUBLIC KEY BLOCK-----"):
+        lines = raw.decode(errors="replace").strip().splitlines()
+        body = [line for line in lines[1:-1]
+                if line and ":" not in line and not line.startswith("=")]
+        try:
+            raw = base64.b64decode("".join(body), validate=True)
+        except ValueError:
+            raise UsageError(f"{path} is not a valid ASCII-armoured PGP public key")
+    if not raw or not raw[0] & 0x80:
+        raise UsageError(f"{path} is not a PGP public key",
+                         "export one with: gpg --export KEYID > key.gpg")
+    return base64.b64encode(raw).decode()
+
+
+@app.command()
+def init(
+    key_shares: Annotated[Optional[int], typer.Option(
+        min=1, max=10, help="Number of unseal key shares [default: vault.key_shares].")] = None,
+    key_threshold: Annotated[Optional[int], typer.Option(
+        min=1, max=10, help="Shares needed to unseal [default: vault.key_threshold].")] = None,
+    pgp_key: Annotated[Optional[List[str]], typer.Option(
+        metavar="FILE", help="Encrypt share i to the i-th PGP public key (one per share).")] = None,
+    show: Annotated[bool, typer.Option(
+        "--show", help="Also print the shares and the root token.")] = False,
+    output: OutputOption = ui.Output.text,
+) -> None:
+    """Initialise Vault, like `vault operator init`. Refused if already initialised."""
+    set_output(output)
+    server = _server()
+    settings = server.ctx.spec.vault
+    shares = key_shares or settings.key_shares
+    threshold = key_threshold or min(settings.key_threshold, shares)
+    if threshold > shares:
+        raise UsageError(f"--key-threshold {threshold} is more than --key-shares {shares}")
+    keys = [_pgp_key(p) for p in pgp_key or []]
+    if keys and len(keys) != shares:
+        raise UsageError(f"{len(keys)} PGP key(s) for {shares} shares",
+                         "give one --pgp-key per share, or set --key-shares to their number")
+    record = server.initialise_vault(shares, threshold, keys or None)
+    summary = {"initialized": True, "key_shares": shares, "key_threshold": threshold,
+               "pgp_encrypted": bool(keys), "init_file": str(server.init_file)}
+    if show:
+        summary.update(keys=record["keys_base64"], root_token=record["root_token"])
+    if output == ui.Output.json:
+        ui.print_json(summary)
+        return
+    how = "each encrypted to its PGP key" if keys else "in plain text"
+    ui.info(f"Vault initialised: {shares} key shares ({how}), threshold {threshold}.")
+    ui.info(f"Shares and root token saved to {server.init_file} (mode 0600); keep a copy offline.")
+    if show:
+        for i, key in enumerate(record["keys_base64"], 1):
+            ui.console.print(f"Unseal key {i}: {key}", markup=False)
+        ui.console.print(f"Root token: {record['root_token']}", markup=False)
+    ui.info("Next: opsctl vault unseal")
+
+
+def _shares_from(source: str, server) -> list[str]:
+    from opsctl.files import read_json
+
+    if source == "file":
+        record = read_json(server.init_file, default={}) or {}
+        if record.get("pgp_encrypted"):
+            raise UsageError(f"the shares in {server.init_file} are PGP-encrypted",
+                             "decrypt yours (gpg -d) and give them with --from stdin or --from prompt")
+        if not record.get("keys_base64"):
+            raise UsageError(f"{server.init_file} holds no key shares",
+                             "give them with --from stdin or --from prompt")
+        return record["keys_base64"]
+    if source == "stdin":
+        return [line.strip() for line in sys.stdin if line.strip()]
+    return []  # prompt: asked one at a time
+
+
+@app.command()
+def unseal(
+    source: Annotated[str, typer.Option(
+        "--from", help="file (the init file), stdin (one share a line) or prompt.")] = "file",
+    output: OutputOption = ui.Output.text,
+) -> None:
+    """Unseal Vault with key shares from the init file, stdin or a hidden prompt."""
+    set_output(output)
+    if source not in ("file", "stdin", "prompt"):
+        raise UsageError(f"unknown --from '{source}'", "use file, stdin or prompt")
+    if source == "prompt" and not sys.stdin.isatty():
+        raise UsageError("--from prompt needs a terminal", "use --from stdin in scripts")
+    server = _server()
+    status = server.seal_status()
+    if not status["initialized"]:
+        raise OpsError("Vault is not initialised", "run: opsctl vault init")
+    shares = iter(_shares_from(source, server))
+    while status["sealed"]:
+        if source == "prompt":
+            import getpass
+
+            share = getpass.getpass(f"Unseal key share ({status['progress']}/{status['t']} given): ")
+        else:
+            share = next(shares, None)
+            if share is None:
+                raise OpsError(f"Vault is still sealed: {status['progress']} of {status['t']} shares "
+                               "given and no more to give", "give the remaining shares")
+        status = server.submit_share(share)
+    ui.render_or_json(output, {"sealed": False},
+                      lambda: ui.info("Vault is unsealed."))
+
+
+@app.command()
+def status(output: OutputOption = ui.Output.text) -> None:
+    """Seal status: initialised, sealed, shares and threshold, version. Exits 3 if sealed."""
+    set_output(output)
+    status = _server().seal_status()
+    keys = ("initialized", "sealed", "t", "n", "progress", "version", "storage_type")
+    data = {k: status.get(k) for k in keys}
+    ui.render_or_json(output, data, lambda: ui.table(None, ["field", "value"], [
+        ["initialised", str(status["initialized"]).lower()],
+        ["sealed", str(status["sealed"]).lower()],
+        ["key shares / threshold", f"{status.get('n')} / {status.get('t')}"],
+        ["unseal progress", str(status.get("progress"))],
+        ["version", status.get("version", "")],
+        ["storage", status.get("storage_type", "")],
+    ]))
+    if not status["initialized"] or status["sealed"]:
+        raise typer.Exit(UNHEALTHY)
+
+
+def _config_steps(dry_run: bool):
+    from opsctl.components import build
+
+    ctx = context(dry_run=dry_run)
+    return [build("vault-auth", ctx), build("service-credentials", ctx)]
+
+
+@app.command()
+def apply(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the changes; make none.")] = False,
+    output: OutputOption = ui.Output.text,
+) -> None:
+    """Configure JWT auth, the reader policy, the service roles and the services' credentials."""
+    set_output(output)
+    reconcile.run(_config_steps(dry_run), dry_run, output, "vault")
+
+
+@app.command()
+def diff(output: OutputOption = ui.Output.text) -> None:
+    """Drift between the spec and Vault (and the service users it holds). Exits 1 if any."""
+    set_output(output)
+    reconcile.diff(_config_steps(True), output, "vault")
