@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import uuid
+
+from opsctl.files import write_atomic
 
 SCHEMA_V21 = "https://schema.getpostman.com/json/collection/v2.1.0/collection.json"
 COLLECTION_NAME = "order-management platform"
@@ -215,39 +216,6 @@ def _check_environment(env, where: str) -> None:
             raise ValueError(f"{where}: not a Postman environment: values[{i}] has no \"key\"")
 
 
-def _write_atomic(path: str | os.PathLike, text: str, mode: int) -> None:
-    """Write text to path via a temp file in the same folder (created with mode), fsync,
-    os.replace; the temp file never survives a failure."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    # mkstemp creates the file 0600, so a secret is never readable by others, not even briefly.
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
-
-
 def write_environment(path: str | os.PathLike, env: dict, merge: bool = True) -> dict:
     """Create or update a Postman environment file atomically, mode 0600.
 
@@ -283,10 +251,10 @@ def write_environment(path: str | os.PathLike, env: dict, merge: bool = True) ->
         result["name"] = existing.get("name") or env.get("name")
         result["values"] = values
         result["_postman_variable_scope"] = "environment"
-    _write_atomic(path, json.dumps(result, indent=2) + "\n", 0o600)
+    write_atomic(path, json.dumps(result, indent=2) + "\n", 0o600)
     return result
 
 
 def write_collection(path: str | os.PathLike, collection: dict) -> None:
     """Write a collection file atomically, mode 0644 (it holds no secret)."""
-    _write_atomic(path, json.dumps(collection, indent=2) + "\n", 0o644)
+    write_atomic(path, json.dumps(collection, indent=2) + "\n", 0o644)

@@ -77,7 +77,7 @@ def token(
                 f"{ctx.spec.platform.name} ({ctx.target})", base_url, token_url, client,
                 stored["client_secret"], access))
         except (ValueError, OSError) as e:
-            raise UsageError(str(e), "fix or remove that file, or pick another path")
+            raise UsageError(str(e), "or give another --postman-env path")
         ui.info(f"Postman environment written: {postman_env}")
     if output == ui.Output.json:
         ui.print_json({"access_token": access, "token_type": answer.get("token_type"),

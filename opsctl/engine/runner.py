@@ -74,6 +74,12 @@ def run_steps(ctx: Context, components: list[Component], state: StateFile | None
                     if blocked == "wait":
                         continue
                     pending.remove(component)
+                    waits_on = [d for d in component.after
+                                if d in results and results[d].state == "planned"]
+                    if ctx.dry_run and waits_on:
+                        # Nothing to inspect yet: it is configured once those are installed.
+                        finish(component, Outcome("planned", f"after {', '.join(waits_on)}"), None)
+                        continue
                     if blocked:
                         finish(component, Outcome("skipped", f"needs {blocked}, which did not succeed"),
                                None)

@@ -66,11 +66,13 @@ class Workdir:
     def port(self, component: str, key: str) -> int:
         return self.config["components"][component]["ports"][key]
 
-    def run(self, *args: str, timeout: float = 600, check_json: bool = False):
+    def run(self, *args: str, timeout: float = 600, check_json: bool = False, stdin: str | None = None):
         env = {**os.environ, "OPSCTL_CACHE_DIR": cache_dir(), "PYTHONUNBUFFERED": "1"}
-        env.pop("OPSCTL_CONFIG", None)
+        for name in ("OPSCTL_CONFIG", "VAULT_TOKEN"):
+            env.pop(name, None)
         result = subprocess.run([*OPSCTL, *args], cwd=self.path, env=env, capture_output=True,
-                                text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+                                text=True, timeout=timeout, input=stdin,
+                                stdin=None if stdin is not None else subprocess.DEVNULL)
         result.json = json.loads(result.stdout) if check_json else None
         return result
 

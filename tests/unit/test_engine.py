@@ -171,3 +171,12 @@ def test_postgres_data_moves_out_of_a_folder_its_user_cannot_enter(ctx):
         assert Postgres("postgres", ctx).data == private / ".opsctl" / "local" / "postgres" / "data"
     finally:
         shutil.rmtree(top)
+
+
+def test_dry_run_plans_dependents_of_planned_steps_without_running_them(ctx):
+    ctx.dry_run = True
+    log = []
+    comps = fakes(ctx, log, postgres={"after": ("rabbitmq",)})
+    by_name = {r.name: r for r in run_steps(ctx, comps, None, Board())}
+    assert by_name["postgres"].state == "planned" and by_name["postgres"].detail == "after rabbitmq"
+    assert ("start", "postgres") not in log
