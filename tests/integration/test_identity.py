@@ -297,3 +297,25 @@ def test_validate_jwt_accepts_real_keycloak_tokens_and_checks_the_role(platform)
     assert info.value.status_code == 403
     assert client.post("/orders").status_code == 401
     assert client.get("/health").status_code == 200
+
+
+def test_service_secrets_helper_logs_in_reads_and_logs_in_again(platform):
+    from order_services.secrets import KeycloakToken, VaultSecrets
+
+    stored = root(platform).secrets.kv.v2.read_secret_version(
+        path="keycloak/clients/stock-service", mount_point="secret",
+        raise_on_deleted_version=True)["data"]["data"]
+    now = [0.0]
+    helper = VaultSecrets(
+        f"http://127.0.0.1:{platform.port('vault', 'http')}", "stock-service",
+        KeycloakToken(f"{keycloak_url(platform)}/realms/order-management-realm/protocol/openid-connect/token",
+                      "stock-service", stored["client_secret"]),
+        "stock-service", clock=lambda: now[0])
+    assert "postgres_password" in helper.read() and helper.logins == 1
+    helper.read()
+    assert helper.logins == 1  # the Vault token is reused while valid
+    now[0] += 300  # past the token's lifetime (less the renewal margin)
+    helper.read()
+    assert helper.logins == 2
+    helper.client.auth.token.revoke_self()  # refused early: one fresh login
+    assert "postgres_username" in helper.read() and helper.logins == 3
