@@ -124,6 +124,11 @@ class VaultSettings(Strict):
         return self
 
 
+class RabbitMQSettings(Strict):
+    max_priority: Annotated[int, Field(ge=1, le=255)]
+    delivery_attempts: Annotated[int, Field(ge=1, le=100)]
+
+
 class Service(Strict):
     credentials: list[Credential] = []
     port: Port | None = None  # HTTP services only
@@ -143,6 +148,7 @@ class Spec(Strict):
     components: dict[str, Component]
     names: Names
     vault: VaultSettings
+    rabbitmq: RabbitMQSettings
     services: dict[Name, Service]
 
     @model_validator(mode="after")

@@ -27,6 +27,7 @@ CONFIG_STEPS = {
     "keycloak-realm": "opsctl.components.keycloak_realm:KeycloakRealm",
     "vault-auth": "opsctl.components.vault_config:VaultAuth",
     "service-credentials": "opsctl.components.credentials:ServiceCredentials",
+    "rabbitmq-topology": "opsctl.components.rabbitmq_topology:RabbitMQTopology",
 }
 
 
