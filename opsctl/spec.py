@@ -129,9 +129,24 @@ class RabbitMQSettings(Strict):
     delivery_attempts: Annotated[int, Field(ge=1, le=100)]
 
 
+Price = Annotated[float, Field(gt=0, le=100000)]
+
+
+class Catalogue(Strict):
+    initial_stock: Annotated[int, Field(ge=0)]
+    products: dict[Name, dict[Annotated[str, Field(min_length=1, max_length=100)], Price]]
+
+
 class Service(Strict):
     credentials: list[Credential] = []
-    port: Port | None = None  # HTTP services only
+    port: Port | None = None  # HTTP services: where the API listens
+    metrics_port: Port | None = None  # workers: where /metrics is served
+
+    @model_validator(mode="after")
+    def _one_port(self) -> "Service":
+        if (self.port is None) == (self.metrics_port is None):
+            raise ValueError("give a service either port (HTTP) or metrics_port (worker)")
+        return self
 
 
 # The components opsctl knows how to install; platform.yaml must declare each once.
@@ -150,6 +165,7 @@ class Spec(Strict):
     vault: VaultSettings
     rabbitmq: RabbitMQSettings
     services: dict[Name, Service]
+    catalogue: Catalogue
 
     @model_validator(mode="after")
     def _consistent(self) -> "Spec":
@@ -175,6 +191,11 @@ class Spec(Strict):
                         f"port {port} is used twice: {ports[port]} and {name}.{port_name}"
                     )
                 ports[port] = f"{name}.{port_name}"
+        for name, service in self.services.items():
+            port = service.port or service.metrics_port
+            if port in ports:
+                raise ValueError(f"port {port} is used twice: {ports[port]} and services.{name}")
+            ports[port] = f"services.{name}"
         return self
 
     def ordered(self) -> list[tuple[str, Component]]:

@@ -28,6 +28,7 @@ CONFIG_STEPS = {
     "vault-auth": "opsctl.components.vault_config:VaultAuth",
     "service-credentials": "opsctl.components.credentials:ServiceCredentials",
     "rabbitmq-topology": "opsctl.components.rabbitmq_topology:RabbitMQTopology",
+    "stock-catalogue": "opsctl.components.stock_catalogue:StockCatalogue",
 }
 
 

@@ -90,7 +90,10 @@ class Component:
     def __init__(self, name: str, ctx: Context):
         self.name = name
         self.ctx = ctx
-        self.spec: ComponentSpec = ctx.spec.components[name]
+        self.spec: ComponentSpec | None = self._component_spec()
+
+    def _component_spec(self) -> ComponentSpec | None:
+        return self.ctx.spec.components[self.name]
 
     @property
     def number(self) -> int:
@@ -149,10 +152,8 @@ class ConfigStep(Component):
 
     number: int = 0
 
-    def __init__(self, name: str, ctx: Context):
-        self.name = name
-        self.ctx = ctx
-        self.spec = None
+    def _component_spec(self) -> None:
+        return None  # configuration steps are numbered in code, after the components
 
     def plan(self) -> Iterator[Change]:
         raise NotImplementedError

@@ -115,3 +115,22 @@ def workdir():
     yield work
     work.run("down", "--purge", "--yes", timeout=300)
     shutil.rmtree(work.path, ignore_errors=True)
+
+
+def workdir_context(work: Workdir):
+    """opsctl's run context for a working directory, as the CLI would build it there."""
+    from opsctl import spec
+    from opsctl.components.base import Context
+
+    loaded = spec.load(str(work.path / "opsctl.yaml"))
+    return Context(loaded, "local", work.path / ".opsctl")
+
+
+def service_env(work: Workdir, name: str) -> dict[str, str]:
+    """The environment `opsctl services start` gives service `name` (docs/ORDER_FLOW.md)."""
+    from opsctl.components import services, vault
+
+    ctx = workdir_context(work)
+    os.environ.pop("VAULT_TOKEN", None)
+    secret = services.client_secret(ctx, vault.admin(ctx), name)
+    return services.environment(ctx, name, secret)

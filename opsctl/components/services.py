@@ -1,0 +1,168 @@
+"""The bundled order services as local processes (package order_services, see
+docs/ORDER_FLOW.md): their environment, built from the spec, and their supervision.
+
+Each service gets its settings as environment variables and logs in to Vault by itself
+for its credentials; the one secret it is handed is its own Keycloak client secret
+(read from Vault here), as a Kubernetes Secret would hand it in a pod.
+"""
+
+from __future__ import annotations
+
+import sys
+from opsctl import httpclient
+from opsctl.components import vault
+from opsctl.components.base import Component, Context, LocalServer, Outcome
+from opsctl.errors import OpsError
+from opsctl.spec import Component as ComponentSpec
+from opsctl.targets.local.process import port_open
+
+# service name -> (python module run with -m, extra environment built from the spec)
+MODULES = {
+    "order-creator": "order_services.order_creator",
+    "stock-service": "order_services.stock_service",
+    "premium-consumer": "order_services.consumer",
+    "regular-consumer": "order_services.consumer",
+    "digital-consumer": "order_services.consumer",
+    "cdc-bridge": "order_services.cdc_bridge",
+}
+STEP = 22
+
+
+def _ports(ctx: Context, name: str) -> dict[str, int]:
+    spec = ctx.spec.services[name]
+    return {"http": spec.port} if spec.port else {"metrics": spec.metrics_port}
+
+
+def environment(ctx: Context, name: str, client_secret: str) -> dict[str, str]:
+    """Everything service `name` needs to run, as environment variables."""
+    spec, names, comps, host = ctx.spec, ctx.spec.names, ctx.spec.components, ctx.host
+    keycloak = f"http://{host}:{comps['keycloak'].ports['http']}"
+    issuer = f"{keycloak}/realms/{names.realm}"
+    env = {
+        "SERVICE_NAME": name,
+        "OIDC_TOKEN_URL": f"{issuer}/protocol/openid-connect/token",
+        "OIDC_CLIENT_ID": name,
+        "OIDC_CLIENT_SECRET": client_secret,
+        "OIDC_ISSUER": issuer,
+        "OIDC_AUDIENCE": names.keycloak.order_api_audience,
+        "OIDC_CLIENT": names.keycloak.client,
+        "OIDC_REQUIRED_ROLE": names.keycloak.client_role,
+        "VAULT_ADDR": vault.address(ctx),
+        "VAULT_ROLE": name,
+        "VAULT_SECRET_PATH": name,
+        "VAULT_JWT_PATH": names.vault.jwt_path,
+        "VAULT_KV_MOUNT": names.vault.kv_mount,
+        "RABBITMQ_HOST": host,
+        "RABBITMQ_PORT": str(comps["rabbitmq"].ports["amqp"]),
+        "ORDER_EXCHANGE": names.exchanges.orders,
+        "DELIVERY_ATTEMPTS": str(spec.rabbitmq.delivery_attempts),
+        "POSTGRES_HOST": host,
+        "POSTGRES_PORT": str(comps["postgres"].ports["postgres"]),
+        "POSTGRES_DB": names.postgres.database,
+        "MONGODB_URL": f"mongodb://{host}:{comps['mongodb'].ports['mongo']}/"
+                       f"?replicaSet={names.mongodb.replica_set}",
+        "MONGODB_DB": names.mongodb.database,
+        "REDIS_HOST": host,
+        "REDIS_PORT": str(comps["redis"].ports["redis"]),
+        "KAFKA_BOOTSTRAP": f"{host}:{comps['kafka'].ports['broker']}",
+        "KAFKA_TOPIC": names.topics.orders,
+        "STATE_DIR": str(ctx.local_dir(name) / "state"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    stock = spec.services.get("stock-service")
+    if stock and stock.port:
+        env["STOCK_URL"] = f"http://{host}:{stock.port}"
+    ports = _ports(ctx, name)
+    if "http" in ports:
+        env.update(HTTP_HOST=host, HTTP_PORT=str(ports["http"]))
+    else:
+        env["METRICS_PORT"] = str(ports["metrics"])
+    queue = {"premium-consumer": names.queues.priority, "regular-consumer": names.queues.regular,
+             "digital-consumer": names.queues.digital}.get(name)
+    if queue:
+        env["QUEUE"] = queue
+        env["MONGODB_COLLECTION"] = (names.mongodb.digital_orders if name == "digital-consumer"
+                                     else names.mongodb.orders)
+    if name == "cdc-bridge":
+        env["MONGODB_COLLECTION"] = names.mongodb.orders
+    return env
+
+
+def client_secret(ctx: Context, client, name: str) -> str:
+    stored = vault.kv_read(ctx, client, f"{ctx.spec.names.vault.clients_path}/{name}")
+    if not stored:
+        raise OpsError(f"service {name} has no Keycloak client secret in Vault",
+                       "run: opsctl keycloak apply")
+    return stored["client_secret"]
+
+
+class BundledService(LocalServer):
+    """One service of the order flow, run as `python -m <module>`."""
+
+    ready_timeout = 60.0
+
+    def __init__(self, name: str, ctx: Context, client_secret: str | None = None):
+        self._client_secret = client_secret
+        super().__init__(name, ctx)
+
+    def _component_spec(self) -> ComponentSpec:
+        return ComponentSpec(step=STEP, version="bundled", ports=_ports(self.ctx, self.name))
+
+    def check_installed(self) -> None:
+        import importlib.util
+
+        if importlib.util.find_spec(MODULES[self.name]) is None:
+            raise OpsError(f"the {self.name} service is not installed",
+                           "install the services: .venv/bin/pip install -e services")
+
+    def env(self) -> dict[str, str]:
+        secret = self._client_secret or "(read from Vault at start)"
+        return environment(self.ctx, self.name, secret)
+
+    def initialise(self) -> None:
+        self.path("state").mkdir(exist_ok=True)
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", MODULES[self.name]]
+
+    def endpoint(self) -> str:
+        port = next(iter(self.spec.ports.values()))
+        return f"http://{self.ctx.host}:{port}"
+
+    def probe(self) -> bool:
+        port = next(iter(self.spec.ports.values()))
+        if not port_open(self.ctx.host, port):
+            return False
+        path = "/health" if "http" in self.spec.ports else "/metrics"
+        return httpclient.answers(f"{self.endpoint()}{path}", timeout=1)
+
+
+class Services(Component):
+    """Install step: every bundled service running with the spec's settings."""
+
+    number = STEP
+    after = ("rabbitmq-topology", "service-credentials", "keycloak-realm", "vault-auth",
+             "stock-catalogue", "kafka", "mongodb")
+
+    def _component_spec(self) -> None:
+        return None
+
+    def servers(self) -> list[BundledService]:
+        if self.ctx.dry_run:
+            return [BundledService(name, self.ctx) for name in self.ctx.spec.services]
+        client = vault.admin(self.ctx)
+        return [BundledService(name, self.ctx, client_secret(self.ctx, client, name))
+                for name in self.ctx.spec.services]
+
+    def reconcile(self) -> Outcome:
+        outcomes = [(server.name, server.reconcile()) for server in self.servers()]
+        changed = [f"{name} {o.detail}" for name, o in outcomes if o.state in ("changed", "planned")]
+        if not changed:
+            return Outcome("unchanged", f"{len(outcomes)} services running")
+        return Outcome("planned" if self.ctx.dry_run else "changed", "; ".join(changed))
+
+    def stop(self) -> bool:
+        return any([server.stop() for server in self.servers_without_secrets()])
+
+    def servers_without_secrets(self) -> list[BundledService]:
+        return [BundledService(name, self.ctx) for name in self.ctx.spec.services]
