@@ -10,7 +10,7 @@ import typer
 from opsctl import __version__
 from opsctl.commands import (config as config_cmd, keycloak as keycloak_cmd,
                              platform as platform_cmd, postman as postman_cmd, queues as queues_cmd,
-                             token as token_cmd, vault as vault_cmd)
+                             services as services_cmd, token as token_cmd, vault as vault_cmd)
 
 HELP = """Stand up and operate the AI-assisted order-management platform.
 
@@ -58,6 +58,7 @@ app.add_typer(vault_cmd.app, name="vault", rich_help_panel=IDENTITY)
 app.add_typer(postman_cmd.app, name="postman", rich_help_panel=IDENTITY)
 ORDER_FLOW = "Order flow"
 app.add_typer(queues_cmd.app, name="queues", rich_help_panel=ORDER_FLOW)
+app.add_typer(services_cmd.app, name="services", rich_help_panel=ORDER_FLOW)
 app.add_typer(config_cmd.app, name="config", rich_help_panel="Configuration")
 
 

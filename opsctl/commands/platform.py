@@ -132,6 +132,7 @@ def down(
     """Stop the local platform (and with --purge, delete its data)."""
     set_output(output)
     from opsctl.components import local_servers
+    from opsctl.components.services import BundledService
     from opsctl.engine.state import exclusive
 
     ctx = context()
@@ -139,12 +140,16 @@ def down(
             f"Delete every server's data, logs and secrets under {ctx.state_dir}?"):
         raise UsageError("--purge deletes all data of the local platform; nothing was deleted",
                          "confirm at the prompt, or pass --yes")
+    # The services first: they hold connections to the servers.
+    services = [BundledService(name, ctx) for name in ctx.spec.services]
     components = local_servers(ctx)
     with exclusive(ctx.state_dir / "opsctl.lock", "down"):
+        with ThreadPoolExecutor(max_workers=len(services)) as pool:
+            stopped = dict(zip([s.name for s in services], pool.map(lambda s: s.stop(), services)))
         with ThreadPoolExecutor(max_workers=max(1, len(components))) as pool:
-            stopped = dict(zip([c.name for c in components], pool.map(lambda c: c.stop(), components)))
+            stopped.update(zip([c.name for c in components], pool.map(lambda c: c.stop(), components)))
         if purge:
-            for component in components:
+            for component in [*services, *components]:
                 component.purge()
             for entry in ctx.state_dir.iterdir() if ctx.state_dir.exists() else []:
                 if entry.name not in ("cache", "opsctl.lock"):

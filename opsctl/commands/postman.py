@@ -21,15 +21,12 @@ def export(
     """
     set_output(output)
     from opsctl import postman
+    from opsctl.components import keycloak_realm
 
     ctx = context()
-    names = ctx.spec.names
     api = ctx.spec.services["order-creator"]
-    keycloak = ctx.spec.components["keycloak"]
-    token_url = (f"http://{ctx.host}:{keycloak.ports['http']}/realms/{names.realm}"
-                 "/protocol/openid-connect/token")
-    postman.write_collection(file, postman.collection(f"http://{ctx.host}:{api.port}", token_url,
-                                                      names.keycloak.client))
+    postman.write_collection(file, postman.collection(
+        f"http://{ctx.host}:{api.port}", keycloak_realm.token_url(ctx), ctx.spec.names.keycloak.client))
     ui.render_or_json(output, {"collection": file},
                       lambda: ui.info(f"collection written: {file}\n"
                                       f"environment: opsctl token --postman-env ENV_FILE"))

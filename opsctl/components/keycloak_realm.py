@@ -25,6 +25,56 @@ from opsctl.errors import OpsError
 ACCESS_TOKEN_LIFESPAN = 300  # seconds
 
 
+def server_url(ctx) -> str:
+    return f"http://{ctx.host}:{ctx.spec.components['keycloak'].ports['http']}"
+
+
+def issuer(ctx) -> str:
+    return f"{server_url(ctx)}/realms/{ctx.spec.names.realm}"
+
+
+def token_url(ctx) -> str:
+    return f"{issuer(ctx)}/protocol/openid-connect/token"
+
+
+def client_secret(ctx, client_id: str, vault_client=None) -> str:
+    """A client's secret, from Vault (where keycloak apply keeps it)."""
+    names = ctx.spec.names
+    stored = vault.kv_read(ctx, vault_client or vault.admin(ctx),
+                           f"{names.vault.clients_path}/{client_id}")
+    if not stored:
+        raise OpsError(f"no client '{client_id}' in Vault",
+                       f"known clients: {', '.join([names.keycloak.client, *ctx.spec.services])}; "
+                       "run opsctl keycloak apply if the realm is not configured yet", code=2)
+    return stored["client_secret"]
+
+
+def client_credentials(ctx, client_id: str, secret: str) -> dict:
+    """The token endpoint's answer for the client-credentials grant."""
+    import json
+    import urllib.parse
+
+    from opsctl import httpclient
+
+    url = token_url(ctx)
+    form = urllib.parse.urlencode({"grant_type": "client_credentials", "client_id": client_id,
+                                   "client_secret": secret})
+    try:
+        return httpclient.request("POST", url, raw=form.encode(), timeout=5,
+                                  headers={"Content-Type": "application/x-www-form-urlencoded"})[2]
+    except httpclient.HTTPError as e:
+        reason = e.body
+        try:
+            reason = json.loads(e.body).get("error_description") or reason
+        except ValueError:
+            pass
+        raise OpsError(f"Keycloak refused the token for {client_id}: {reason}",
+                       "run opsctl keycloak diff to see whether the realm drifted")
+    except OSError as e:
+        raise OpsError(f"Keycloak is not reachable at {url}: {e}",
+                       "run: opsctl install --only keycloak")
+
+
 @dataclass
 class ClientSpec:
     client_id: str
@@ -96,11 +146,6 @@ class KeycloakRealm(ConfigStep):
 
     # --- connections ---------------------------------------------------------------
     @property
-    def server_url(self) -> str:
-        kc = self.ctx.spec.components["keycloak"]
-        return f"http://{self.ctx.host}:{kc.ports['http']}"
-
-    @property
     def admin(self):
         if self._admin is None:
             from keycloak import KeycloakAdmin
@@ -108,12 +153,12 @@ class KeycloakRealm(ConfigStep):
 
             password = self.ctx.secret("keycloak", "admin_password")
             try:
-                self._admin = KeycloakAdmin(server_url=self.server_url, username="opsctl-admin",
+                self._admin = KeycloakAdmin(server_url=server_url(self.ctx), username="opsctl-admin",
                                             password=password, realm_name="master",
                                             user_realm_name="master", timeout=10)
                 self._admin.get_realms()
             except (KeycloakError, OSError) as e:
-                raise OpsError(f"cannot log in to Keycloak at {self.server_url}: {e}",
+                raise OpsError(f"cannot log in to Keycloak at {server_url(self.ctx)}: {e}",
                                "run: opsctl install --only keycloak")
         return self._admin
 
@@ -140,7 +185,7 @@ class KeycloakRealm(ConfigStep):
     def secret_path(self, client_id: str) -> str:
         return f"{self.names.vault.clients_path}/{client_id}"
 
-    def client_secret(self, client_id: str) -> str | None:
+    def stored_secret(self, client_id: str) -> str | None:
         data = vault.kv_read(self.ctx, self.vault, self.secret_path(client_id))
         return data.get("client_secret") if data else None
 
@@ -234,7 +279,7 @@ class KeycloakRealm(ConfigStep):
     def _client(self, spec: ClientSpec, live: bool) -> Iterator[Change]:
         admin = self.admin
         uuid = admin.get_client_id(spec.client_id) if live else None
-        secret = self.client_secret(spec.client_id)
+        secret = self.stored_secret(spec.client_id)
         if secret is None:
             new_secret = secrets.token_urlsafe(32)
             yield Change("create", f"client secret of {spec.client_id} in Vault",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 from opsctl import httpclient
-from opsctl.components import vault
+from opsctl.components import keycloak_realm, vault
 from opsctl.components.base import Component, Context, LocalServer, Outcome
 from opsctl.errors import OpsError
 from opsctl.spec import Component as ComponentSpec
@@ -36,14 +36,12 @@ def _ports(ctx: Context, name: str) -> dict[str, int]:
 def environment(ctx: Context, name: str, client_secret: str) -> dict[str, str]:
     """Everything service `name` needs to run, as environment variables."""
     spec, names, comps, host = ctx.spec, ctx.spec.names, ctx.spec.components, ctx.host
-    keycloak = f"http://{host}:{comps['keycloak'].ports['http']}"
-    issuer = f"{keycloak}/realms/{names.realm}"
     env = {
         "SERVICE_NAME": name,
-        "OIDC_TOKEN_URL": f"{issuer}/protocol/openid-connect/token",
+        "OIDC_TOKEN_URL": keycloak_realm.token_url(ctx),
         "OIDC_CLIENT_ID": name,
         "OIDC_CLIENT_SECRET": client_secret,
-        "OIDC_ISSUER": issuer,
+        "OIDC_ISSUER": keycloak_realm.issuer(ctx),
         "OIDC_AUDIENCE": names.keycloak.order_api_audience,
         "OIDC_CLIENT": names.keycloak.client,
         "OIDC_REQUIRED_ROLE": names.keycloak.client_role,
@@ -86,14 +84,6 @@ def environment(ctx: Context, name: str, client_secret: str) -> dict[str, str]:
     if name == "cdc-bridge":
         env["MONGODB_COLLECTION"] = names.mongodb.orders
     return env
-
-
-def client_secret(ctx: Context, client, name: str) -> str:
-    stored = vault.kv_read(ctx, client, f"{ctx.spec.names.vault.clients_path}/{name}")
-    if not stored:
-        raise OpsError(f"service {name} has no Keycloak client secret in Vault",
-                       "run: opsctl keycloak apply")
-    return stored["client_secret"]
 
 
 class BundledService(LocalServer):
@@ -151,7 +141,7 @@ class Services(Component):
         if self.ctx.dry_run:
             return [BundledService(name, self.ctx) for name in self.ctx.spec.services]
         client = vault.admin(self.ctx)
-        return [BundledService(name, self.ctx, client_secret(self.ctx, client, name))
+        return [BundledService(name, self.ctx, keycloak_realm.client_secret(self.ctx, name, client))
                 for name in self.ctx.spec.services]
 
     def reconcile(self) -> Outcome:

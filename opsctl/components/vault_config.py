@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from opsctl.components import vault
+from opsctl.components import keycloak_realm, vault
 from opsctl.components.base import Change, ConfigStep
 
 
@@ -27,8 +27,7 @@ class VaultAuth(ConfigStep):
 
     @property
     def issuer(self) -> str:
-        kc = self.ctx.spec.components["keycloak"]
-        return f"http://{self.ctx.host}:{kc.ports['http']}/realms/{self.ctx.spec.names.realm}"
+        return keycloak_realm.issuer(self.ctx)
 
     def policy(self, accessor: str) -> str:
         mount = self.ctx.spec.names.vault.kv_mount

@@ -128,9 +128,8 @@ def workdir_context(work: Workdir):
 
 def service_env(work: Workdir, name: str) -> dict[str, str]:
     """The environment `opsctl services start` gives service `name` (docs/ORDER_FLOW.md)."""
-    from opsctl.components import services, vault
+    from opsctl.components import keycloak_realm, services
 
     ctx = workdir_context(work)
     os.environ.pop("VAULT_TOKEN", None)
-    secret = services.client_secret(ctx, vault.admin(ctx), name)
-    return services.environment(ctx, name, secret)
+    return services.environment(ctx, name, keycloak_realm.client_secret(ctx, name))
