@@ -1,0 +1,98 @@
+"""opsctl orders: traffic for the order API."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Optional
+
+import typer
+
+from opsctl import ui
+from opsctl.commands.common import OutputOption, context, set_output
+from opsctl.errors import FAILED, OpsError
+
+app = typer.Typer(help="Orders: simulated, authenticated traffic for the order API.",
+                  no_args_is_help=True)
+
+
+class TokenSource:
+    """The people client's token, renewed 30 s before it expires."""
+
+    def __init__(self, ctx):
+        from opsctl.components import keycloak_realm
+
+        self.ctx, self.realm = ctx, keycloak_realm
+        self.client = ctx.spec.names.keycloak.client
+        self.secret = keycloak_realm.client_secret(ctx, self.client)
+        self.token, self.expires = "", 0.0
+
+    def __call__(self) -> str:
+        if time.monotonic() >= self.expires:
+            answer = self.realm.client_credentials(self.ctx, self.client, self.secret)
+            self.token = answer["access_token"]
+            self.expires = time.monotonic() + answer.get("expires_in", 60) - 30
+        return self.token
+
+
+@app.command()
+def simulate(
+    rate: Annotated[float, typer.Option(min=0.1, max=10000, help="Orders per second.")] = 10,
+    duration: Annotated[float, typer.Option(min=0.1, max=3600, help="Seconds to run.")] = 10,
+    anomaly_rate: Annotated[float, typer.Option(
+        min=0, max=1, help="Share of orders that are anomalies (price, quantity, category, burst).")] = 0.0,
+    concurrency: Annotated[int, typer.Option(min=1, max=2000, help="Requests in flight at most.")] = 256,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the order generator.")] = None,
+    output: OutputOption = ui.Output.text,
+) -> None:
+    """Send authenticated orders at a steady rate; live progress, then a summary.
+    Exits 1 if any order was not accepted."""
+    set_output(output)
+    import asyncio
+
+    from opsctl.orders import OrderGenerator, run_load
+
+    ctx = context()
+    api = ctx.spec.services["order-creator"]
+    url = f"http://{ctx.host}:{api.port}/orders"
+    tokens = TokenSource(ctx)
+    tokens()  # fail early, clearly, if Keycloak or Vault is not there
+    generator = OrderGenerator(ctx.spec.catalogue.products, anomaly_rate, seed)
+
+    live = None
+    if output == ui.Output.text and ui.console.is_terminal:
+        from rich.live import Live
+
+        live = Live("", console=ui.console, refresh_per_second=4)
+
+    def tick(result) -> None:
+        if live:
+            p99 = result.percentile(0.99)
+            live.update(f"sent {result.sent}/{result.planned}  accepted {result.accepted}  "
+                        f"rejected {sum(result.rejected.values())}  errors {sum(result.errors.values())}"
+                        f"  p99 {p99 * 1000 if p99 else 0:.1f} ms")
+
+    try:
+        if live:
+            live.start()
+        result = asyncio.run(run_load(url, tokens, generator, rate, duration, concurrency, tick))
+    except OSError as e:
+        raise OpsError(f"the order API is not reachable at {url}: {e}",
+                       "start it: opsctl services start order-creator")
+    finally:
+        if live:
+            live.stop()
+    summary = result.summary()
+    if output == ui.Output.json:
+        ui.print_json(summary)
+    else:
+        lat = summary["latency_ms"]
+        ui.table(f"orders simulate: {rate:g}/s for {duration:g}s → {url}", ["", "value"], [
+            ["sent", summary["sent"]], ["accepted", summary["accepted"]],
+            ["rejected", ", ".join(f"{k}: {v}" for k, v in summary["rejected"].items()) or 0],
+            ["errors", ", ".join(f"{k}: {v}" for k, v in summary["errors"].items()) or 0],
+            ["anomalies sent", ", ".join(f"{k}: {v}" for k, v in summary["anomalies"].items()) or 0],
+            ["achieved rate", f"{summary['rate_per_s']}/s"],
+            ["latency p50 / p99 / max", f"{lat['p50']} / {lat['p99']} / {lat['max']} ms"],
+        ])
+    if result.accepted != result.sent:
+        raise typer.Exit(FAILED)
