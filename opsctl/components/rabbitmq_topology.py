@@ -167,7 +167,8 @@ class RabbitMQTopology(ConfigStep):
 
         def replace():
             self._require_recreate(f"queue {queue.name}", detail)
-            messages = (self.api(f"queues/%2F/{self.q(queue.name)}") or {}).get("messages", 0)
+            # From the broker itself: the management API's counts lag by seconds.
+            messages = self.channel.queue_declare(queue.name, passive=True).method.message_count
             if messages and not self.force:
                 raise OpsError(f"queue {queue.name} holds {messages} message(s); not recreated",
                                "drain it first, or add --force to drop them")
