@@ -26,7 +26,7 @@ ENV_KEYS = ("base_url", "token_url", "client_id", "client_secret", "access_token
 EXPIRY_MARGIN_S = 30
 
 SAMPLE_ORDER = {
-    "customer": {"name": "Ada Lovelace", "email": "ada.lovelace@example.com"},
+    "customer": {"id": "c-1042", "name": "Ada Lovelace", "email": "ada.lovelace@example.com"},
     "items": [
         {"product": "Wireless Mouse", "category": "electronics", "quantity": 2, "price": 24.99},
         {"product": "Notebook A5", "category": "stationery", "quantity": 5, "price": 3.5},

@@ -52,6 +52,7 @@ class KeycloakNames(Strict):
     scope: Name
     order_api_audience: Name
     vault_audience: Name
+    stock_api_audience: Name
     service_role: Name
     service_scope: Name
     signing_key: Name

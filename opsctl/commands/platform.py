@@ -14,8 +14,9 @@ from opsctl.commands.common import OutputOption, context, set_output
 from opsctl.errors import FAILED, INTERRUPTED, UNHEALTHY, UsageError
 
 
-def _select(components, only: list[str], start: str | None):
-    """Steps named by --only (names or numbers, repeatable or comma-separated) and --from."""
+def _select(components, only: list[str], start: str | None, skip: list[str] = ()):
+    """Steps named by --only (names or numbers, repeatable or comma-separated), --from
+    and --skip."""
     by_key = {}
     for c in components:
         by_key[c.name] = c
@@ -27,8 +28,12 @@ def _select(components, only: list[str], start: str | None):
             raise UsageError(f"unknown step '{key}'", f"steps are: {valid}")
         return by_key[key]
 
-    keys = [k.strip() for item in only for k in item.split(",") if k.strip()]
-    chosen = [lookup(k) for k in keys] if keys else list(components)
+    def keys(items: list[str]) -> list[str]:
+        return [k.strip() for item in items for k in item.split(",") if k.strip()]
+
+    chosen = [lookup(k) for k in keys(only)] if keys(only) else list(components)
+    skipped = {lookup(k).name for k in keys(list(skip))}
+    chosen = [c for c in chosen if c.name not in skipped]
     if start is not None:
         first = lookup(start.strip()).number
         chosen = [c for c in chosen if c.number >= first]
@@ -42,6 +47,8 @@ def install(
         "--only", metavar="STEP", help="Run only these steps (name or number; repeat or comma-separate).")] = None,
     start: Annotated[Optional[str], typer.Option(
         "--from", metavar="STEP", help="Start at this step (name or number).")] = None,
+    skip: Annotated[Optional[List[str]], typer.Option(
+        "--skip", metavar="STEP", help="Leave these steps out (name or number; repeat or comma-separate).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; change nothing.")] = False,
     parallel: Annotated[int, typer.Option(min=1, max=16, help="Steps run at once.")] = 4,
     output: OutputOption = ui.Output.text,
@@ -55,7 +62,7 @@ def install(
     from opsctl.engine.state import StateFile, exclusive
 
     ctx = context(target, dry_run)
-    components = _select(all_steps(ctx), only or [], start)
+    components = _select(all_steps(ctx), only or [], start, skip or [])
     steps = [(c.number, c.name) for c in components]
     title = f"{'plan' if dry_run else 'install'} — target {ctx.target}"
     board = ui.StepBoard(steps, title, enabled=output == ui.Output.text)

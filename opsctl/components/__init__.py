@@ -29,6 +29,7 @@ CONFIG_STEPS = {
     "service-credentials": "opsctl.components.credentials:ServiceCredentials",
     "rabbitmq-topology": "opsctl.components.rabbitmq_topology:RabbitMQTopology",
     "stock-catalogue": "opsctl.components.stock_catalogue:StockCatalogue",
+    "services": "opsctl.components.services:Services",
 }
 
 

@@ -246,14 +246,17 @@ class LocalServer(Component):
     def _fingerprint(self) -> str:
         return fingerprint(self.argv(), self.env(), self.config_files())
 
+    def port_setting(self, key: str) -> str:
+        """Where opsctl.yaml sets this port (shown when the port is taken)."""
+        return f"components:\n    {self.name}:\n      ports: {{{key}: <free port>}}"
+
     def _check_ports(self) -> None:
         for key, port in self.spec.ports.items():
             if not port_free(self.ctx.host, port):
                 raise OpsError(
                     f"{self.name} cannot listen on {self.ctx.host}:{port} ({key} port): "
                     "another process is using it",
-                    f"stop that process, or pick another port in opsctl.yaml:\n"
-                    f"  components:\n    {self.name}:\n      ports: {{{key}: <free port>}}",
+                    f"stop that process, or pick another port in opsctl.yaml:\n  {self.port_setting(key)}",
                 )
 
     def reconcile(self) -> Outcome:

@@ -4,7 +4,8 @@ What it holds:
 - the realm, with short-lived access tokens;
 - an RS256 key provider built from a certificate and private key that opsctl generates
   (or the user supplies), kept in Vault, so every token carries that key's `kid`;
-- client scopes that add audiences: `scope` (order API + Vault) and `service_scope` (Vault);
+- client scopes that add audiences: `scope` (order API + Vault) and `service_scope`
+  (Vault + the stock API, which order-creator calls);
 - the confidential client people use (`client`) with its client role, a realm role that is
   a composite of it held by the client's service account, and `scope` as default scope;
 - one confidential client per bundled service, whose service account holds `service_role`.
@@ -180,7 +181,7 @@ class KeycloakRealm(ConfigStep):
     def scopes(self) -> dict[str, list[str]]:
         kc = self.names.keycloak
         return {kc.scope: [kc.order_api_audience, kc.vault_audience],
-                kc.service_scope: [kc.vault_audience]}
+                kc.service_scope: [kc.vault_audience, kc.stock_api_audience]}
 
     def secret_path(self, client_id: str) -> str:
         return f"{self.names.vault.clients_path}/{client_id}"

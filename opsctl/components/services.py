@@ -70,6 +70,7 @@ def environment(ctx: Context, name: str, client_secret: str) -> dict[str, str]:
     stock = spec.services.get("stock-service")
     if stock and stock.port:
         env["STOCK_URL"] = f"http://{host}:{stock.port}"
+        env["STOCK_SERVICE_AUDIENCE"] = names.keycloak.stock_api_audience
     ports = _ports(ctx, name)
     if "http" in ports:
         env.update(HTTP_HOST=host, HTTP_PORT=str(ports["http"]))
@@ -97,6 +98,10 @@ class BundledService(LocalServer):
 
     def _component_spec(self) -> ComponentSpec:
         return ComponentSpec(step=STEP, version="bundled", ports=_ports(self.ctx, self.name))
+
+    def port_setting(self, key: str) -> str:
+        field = "port" if key == "http" else "metrics_port"
+        return f"services:\n    {self.name}: {{{field}: <free port>}}"
 
     def check_installed(self) -> None:
         import importlib.util

@@ -41,13 +41,18 @@ def port_override(components: list[str] | None = None) -> dict:
     """An opsctl.yaml body that moves every port of these components to a free one."""
     from opsctl import spec
 
-    base = yaml.safe_load(spec.DEFAULT_SPEC.read_text())["components"]
+    default = yaml.safe_load(spec.DEFAULT_SPEC.read_text())
+    base = default["components"]
     names = components or [n for n, c in base.items() if c.get("ports")]
     wanted = [(n, key) for n in names for key in base[n].get("ports", {})]
-    ports = iter(free_ports(len(wanted)))
+    services = [] if components else [(n, "port" if "port" in s else "metrics_port")
+                                      for n, s in default["services"].items()]
+    ports = iter(free_ports(len(wanted) + len(services)))
     override: dict = {"components": {}}
     for name, key in wanted:
         override["components"].setdefault(name, {"ports": {}})["ports"][key] = next(ports)
+    if services:
+        override["services"] = {name: {field: next(ports)} for name, field in services}
     return override
 
 
@@ -99,9 +104,13 @@ def reachable_dir(prefix: str) -> Path:
 
 @pytest.fixture(scope="session")
 def platform():
-    """The whole local platform, installed once; torn down (purged) at the end."""
+    """The whole local platform, installed once; torn down (purged) at the end.
+
+    Without the bundled services running: tests that need them start them (and stop them
+    after), so that the others can read the queues themselves. Tests that run install on
+    it pass --skip services for the same reason."""
     work = Workdir(reachable_dir("opsctl-platform-"), port_override())
-    code, steps = work.steps()
+    code, steps = work.steps("--skip", "services")
     work.first_install = (code, steps)
     yield work
     work.run("down", "--purge", "--yes", timeout=300)

@@ -80,10 +80,12 @@ def test_dry_run_on_fresh_directory_plans_every_server_and_writes_nothing(cwd):
     assert list(cwd.iterdir()) == []
 
 
-def test_only_and_from_select_steps(cwd):
+def test_only_from_and_skip_select_steps(cwd):
     result = opsctl(cwd, "install", "--dry-run", "-o", "json", "--from", "12", "--only", "redis,kafka,5")
     names = [s["name"] for s in json.loads(result.stdout)["steps"]]
     assert names == ["redis", "kafka"]
+    result = opsctl(cwd, "install", "--dry-run", "-o", "json", "--from", "20", "--skip", "services,21")
+    assert [s["name"] for s in json.loads(result.stdout)["steps"]] == ["rabbitmq-topology"]
 
 
 def test_status_of_nothing_installed_is_unhealthy(cwd):

@@ -1,0 +1,622 @@
+"""The order-creator and the stock service as real processes, on the real local platform:
+the environment opsctl gives them, real Keycloak tokens, orders read back from RabbitMQ,
+the cache read from Redis, reservations racing in PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.integration.conftest import service_env
+
+pytestmark = pytest.mark.integration
+
+QUEUES = {"priority": "priority-orders", "regular": "regular-orders", "digital": "digital-orders"}
+ORDER = {
+    "customer": {"id": "c-1042", "name": "Ada Lovelace", "email": "ada@example.org"},
+    "items": [{"product": "Laptop", "category": "electronics", "quantity": 1, "price": 420.0},
+              {"product": "Atlas", "category": "books", "quantity": 2, "price": 40.0}],
+    "type": "priority",
+}
+
+
+# --- the services as processes ------------------------------------------------------------
+
+
+class Service:
+    """`python -m order_services.<module>` with exactly the environment opsctl gives it."""
+
+    def __init__(self, platform, name: str, module: str, env: dict[str, str] | None = None):
+        self.name, self.module = name, module
+        self.env = env if env is not None else service_env(platform, name)
+        self.url = f"http://{self.env['HTTP_HOST']}:{self.env['HTTP_PORT']}"
+        self.log = Path(platform.path) / f"test-{name}.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60) -> Service:
+        port = int(self.env["HTTP_PORT"])
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                pytest.fail(f"port {port} of {self.name} is already taken: stop what listens there")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", self.module], env=self.env, stdin=subprocess.DEVNULL,
+            stdout=self.log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"{self.name} exited with {self.process.returncode}:\n{self.tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        pytest.fail(f"{self.name} was not healthy after {timeout:.0f}s:\n{self.tail()}")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(5)
+
+    def tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def run_to_exit(module: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module], env=env, capture_output=True, text=True,
+                          timeout=60, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+def topology(platform):
+    applied = platform.run("queues", "apply")
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    return platform
+
+
+@pytest.fixture(scope="module")
+def stock(topology):
+    service = Service(topology, "stock-service", "order_services.stock_service").start()
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="module")
+def orders(topology, stock):
+    service = Service(topology, "order-creator", "order_services.order_creator").start()
+    yield service
+    service.stop()
+    assert service.process.returncode == 0, service.tail()
+
+
+# --- clients --------------------------------------------------------------------------------
+
+
+def token(platform, *args: str) -> str:
+    result = platform.run("token", "-o", "json", *args, check_json=True)
+    assert result.returncode == 0, result.stderr
+    return result.json["access_token"]
+
+
+@pytest.fixture(scope="module")
+def people(topology) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token(topology)}"}
+
+
+@pytest.fixture(scope="module")
+def roleless(topology):
+    """A token for the order API (its audience) without the order role: from a client made
+    for this test in the realm (the realm has none such), removed afterwards."""
+    from keycloak import KeycloakAdmin
+
+    keycloak = f"http://127.0.0.1:{topology.port('keycloak', 'http')}"
+    admin = KeycloakAdmin(server_url=keycloak, username="opsctl-admin", realm_name="master",
+                          password=secrets(topology)["keycloak"]["admin_password"],
+                          user_realm_name="master")
+    admin.change_current_realm("order-management-realm")
+    client_id, secret = f"test-no-role-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    uid = admin.create_client({"clientId": client_id, "secret": secret, "publicClient": False,
+                               "serviceAccountsEnabled": True, "standardFlowEnabled": False,
+                               "directAccessGrantsEnabled": False, "protocol": "openid-connect"})
+    try:
+        scope = admin.get_client_scope_by_name("create_orders_scope")["id"]
+        admin.add_client_default_client_scope(uid, scope, {
+            "realm": "order-management-realm", "client": uid, "clientScopeId": scope})
+        answer = httpx.post(f"{keycloak}/realms/order-management-realm/protocol/openid-connect/token",
+                            data={"grant_type": "client_credentials", "client_id": client_id,
+                                  "client_secret": secret})
+        assert answer.status_code == 200, answer.text
+        yield answer.json()["access_token"]
+    finally:
+        admin.delete_client(uid)
+
+
+def secrets(platform) -> dict:
+    return json.loads((Path(platform.path) / ".opsctl" / "secrets.json").read_text())
+
+
+@pytest.fixture
+def rabbit(topology):
+    """A channel of the admin user, with the order queues purged (other tests use them too)."""
+    import pika
+
+    params = pika.ConnectionParameters(
+        host="127.0.0.1", port=topology.port("rabbitmq", "amqp"),
+        credentials=pika.PlainCredentials("opsctl-admin", secrets(topology)["rabbitmq"]["admin_password"]))
+    connection = pika.BlockingConnection(params)
+    channel = connection.channel()
+    for queue in QUEUES.values():
+        ok = channel.queue_declare(queue, passive=True)
+        assert ok.method.consumer_count == 0, f"something consumes {queue}: these tests read it"
+        channel.queue_purge(queue)
+    yield channel
+    connection.close()
+
+
+def drain(channel, queue: str) -> list[tuple]:
+    """Every message now in the queue, as (method, properties, body); acked."""
+    messages = []
+    while True:
+        method, properties, body = channel.basic_get(queue, auto_ack=True)
+        if method is None:
+            return messages
+        messages.append((method, properties, body))
+
+
+def queue_depths(channel) -> dict[str, int]:
+    return {t: channel.queue_declare(q, passive=True).method.message_count for t, q in QUEUES.items()}
+
+
+@pytest.fixture(scope="module")
+def redis_admin(topology):
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=topology.port("redis", "redis"),
+                         password=secrets(topology)["redis"]["password"], socket_timeout=5)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def pg_admin(topology):
+    import psycopg
+
+    conn = psycopg.connect(host="127.0.0.1", port=topology.port("postgres", "postgres"),
+                           dbname="orders", user="postgres",
+                           password=secrets(topology)["postgres"]["password"], autocommit=True)
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def test_product(pg_admin):
+    """A product of its own (7 in stock) in a category of its own; removed afterwards."""
+    tag = uuid.uuid4().hex[:8]
+    product, category = f"Test widget {tag}", f"test-{tag}"
+    pg_admin.execute("INSERT INTO stock (product, category, price, quantity) VALUES (%s, %s, 9.5, 7)",
+                     [product, category])
+    yield product, category
+    pg_admin.execute("DELETE FROM reservations WHERE order_id LIKE %s", [f"test-{tag}-%"])
+    pg_admin.execute("DELETE FROM stock WHERE category = %s", [category])
+
+
+def quantity(pg_admin, product: str) -> int:
+    return pg_admin.execute("SELECT quantity FROM stock WHERE product = %s", [product]).fetchone()[0]
+
+
+# --- open routes ----------------------------------------------------------------------------
+
+
+def test_health_and_metrics_are_open(stock, orders):
+    for service in (stock, orders):
+        assert httpx.get(f"{service.url}/health").json() == {"status": "ok"}
+        metrics = httpx.get(f"{service.url}/metrics")
+        assert metrics.status_code == 200
+        assert metrics.headers["content-type"].startswith("text/plain")
+    assert "orders_accepted_total" in httpx.get(f"{orders.url}/metrics").text
+    assert "stock_reservations_total" in httpx.get(f"{stock.url}/metrics").text
+
+
+def test_every_other_route_needs_a_token_with_the_role(topology, orders, rabbit):
+    for method, path in (("POST", "/orders"), ("POST", "/create"), ("GET", "/order/x"),
+                         ("GET", "/all-products-by-category")):
+        response = httpx.request(method, f"{orders.url}{path}", json=ORDER)
+        assert response.status_code == 401, (path, response.text)
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    # A service's own token is a valid token of the realm, but not for the order API: its
+    # only audience is Vault's, which the validator checks before the role.
+    service = {"Authorization": f"Bearer {token(topology, '--client', 'stock-service')}"}
+    response = httpx.post(f"{orders.url}/orders", json=ORDER, headers=service)
+    assert response.status_code == 401
+    assert response.json()["error_description"] == "wrong audience"
+    forged = {"Authorization": "Bearer " + token(topology)[:-4] + "AAAA"}
+    assert httpx.post(f"{orders.url}/orders", json=ORDER, headers=forged).status_code == 401
+    assert queue_depths(rabbit) == {"priority": 0, "regular": 0, "digital": 0}
+
+
+def test_a_token_for_the_order_api_without_the_role_is_a_403(orders, roleless, rabbit):
+    headers = {"Authorization": f"Bearer {roleless}"}
+    response = httpx.post(f"{orders.url}/orders", json=ORDER, headers=headers)
+    assert response.status_code == 403
+    assert response.json() == {"error": "insufficient_scope",
+                               "error_description": "role create-orders-client-role required"}
+    assert 'error="insufficient_scope"' in response.headers["WWW-Authenticate"]
+    assert httpx.get(f"{orders.url}/all-products-by-category", headers=headers).status_code == 403
+    assert queue_depths(rabbit) == {"priority": 0, "regular": 0, "digital": 0}
+
+
+# --- orders -----------------------------------------------------------------------------------
+
+
+def test_each_type_answers_201_and_lands_in_its_queue(orders, people, rabbit, redis_admin):
+    placed = {}
+    for kind in ("priority", "regular", "digital"):
+        response = httpx.post(f"{orders.url}/orders", json={**ORDER, "type": kind}, headers=people)
+        assert response.status_code == 201, response.text
+        placed[kind] = response.json()
+    for kind, document in placed.items():
+        assert uuid.UUID(document["order_id"]).version == 4
+        assert document["type"] == kind and document["total"] == 500.0
+        assert document["customer"] == ORDER["customer"] and document["items"] == ORDER["items"]
+        [(method, properties, body)] = drain(rabbit, QUEUES[kind])
+        assert json.loads(body) == document
+        assert method.exchange == "order-exchange" and method.routing_key == kind
+        assert properties.delivery_mode == 2  # persistent
+        assert properties.content_type == "application/json"
+        assert properties.message_id == document["order_id"]
+        if kind == "priority":
+            assert 1 <= properties.priority <= 10
+            assert properties.priority == 6  # a 500.00 order
+        else:
+            assert not properties.priority  # aio-pika's default 0: meaningless off the priority queue
+        # The cache has it, and GET /order reads it back.
+        cached = redis_admin.get(f"order:{document['order_id']}")
+        assert json.loads(cached) == document
+        assert redis_admin.ttl(f"order:{document['order_id']}") > 86400
+        again = httpx.get(f"{orders.url}/order/{document['order_id']}", headers=people)
+        assert again.status_code == 200 and again.json() == document
+    assert httpx.get(f"{orders.url}/order/{uuid.uuid4()}", headers=people).status_code == 404
+
+
+def test_a_retry_with_the_same_idempotency_key_publishes_nothing_more(orders, people, rabbit,
+                                                                      redis_admin):
+    key = f"retry-{uuid.uuid4()}"
+    headers = {**people, "Idempotency-Key": key}
+    first = httpx.post(f"{orders.url}/orders", json=ORDER, headers=headers)
+    assert first.status_code == 201, first.text
+    for _ in range(3):
+        again = httpx.post(f"{orders.url}/orders", json=ORDER, headers=headers)
+        assert again.status_code == 201
+        assert again.headers["Idempotent-Replayed"] == "true"
+        assert again.json() == first.json()
+    assert len(drain(rabbit, QUEUES["priority"])) == 1
+    assert redis_admin.get(f"idempotency:{key}").decode() == first.json()["order_id"]
+    assert 0 < redis_admin.ttl(f"idempotency:{key}") <= 86400
+    # The same key for another order: refused, nothing published.
+    other = httpx.post(f"{orders.url}/orders", json={**ORDER, "type": "regular"}, headers=headers)
+    assert other.status_code == 422
+    assert queue_depths(rabbit) == {"priority": 0, "regular": 0, "digital": 0}
+
+
+def test_concurrent_requests_with_one_key_make_one_order(orders, people, rabbit):
+    headers = {**people, "Idempotency-Key": f"burst-{uuid.uuid4()}"}
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: httpx.post(f"{orders.url}/orders", json=ORDER,
+                                                     headers=headers, timeout=10), range(8)))
+    codes = sorted(a.status_code for a in answers)
+    assert set(codes) <= {201, 409} and codes.count(201) >= 1, codes
+    assert len({a.json()["order_id"] for a in answers if a.status_code == 201}) == 1
+    assert len(drain(rabbit, QUEUES["priority"])) == 1
+
+
+def _with(path: str, value) -> dict:
+    order = json.loads(json.dumps(ORDER))
+    *parents, last = path.split(".")
+    target = order
+    for part in parents:
+        target = target[int(part)] if part.isdigit() else target[part]
+    target[int(last) if last.isdigit() else last] = value
+    return order
+
+
+BAD = [
+    ("malformed JSON", b'{"customer": {"id": "c-1", ', 422, "malformed JSON"),
+    ("not JSON at all", b"<order/>", 422, "malformed JSON"),
+    ("wrong type: quantity as text", _with("items.0.quantity", "2"), 422, "quantity"),
+    ("wrong type: customer as a list", _with("customer", ["c-1"]), 422, "customer"),
+    ("negative quantity", _with("items.0.quantity", -1), 422, "quantity"),
+    ("zero price", _with("items.1.price", 0), 422, "price"),
+    ("unknown type", _with("type", "express"), 422, "type"),
+    ("no items", _with("items", []), 422, "items"),
+    ("unknown field", {**ORDER, "discount": 10}, 422, "discount"),
+    ("oversized body", _with("customer.name", "n" * 70_000), 413, "64 KiB"),
+]
+
+
+@pytest.mark.parametrize("what, body, status, named", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_a_clear_4xx_and_publishes_nothing(orders, people, rabbit, what, body, status,
+                                                        named):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(f"{orders.url}/orders", content=content,
+                          headers={**people, "Content-Type": "application/json"})
+    assert response.status_code == status, response.text
+    assert named in response.text
+    assert queue_depths(rabbit) == {"priority": 0, "regular": 0, "digital": 0}
+
+
+def test_create_publishes_random_orders_from_the_catalogue(orders, stock, people, rabbit):
+    catalogue = httpx.get(f"{stock.url}/stock/all-products-by-category", headers=people).json()
+    prices = {p["product"]: (c, p["price"]) for c, ps in catalogue.items() for p in ps}
+    served = httpx.get(f"{orders.url}/all-products-by-category", headers=people)
+    assert served.status_code == 200
+    assert {p["product"] for ps in served.json().values() for p in ps} == set(prices)
+
+    response = httpx.post(f"{orders.url}/create", json={"number_of_orders": 12}, headers=people,
+                          timeout=30)
+    assert response.status_code == 201, response.text
+    created = response.json()["orders"]
+    assert len(created) == 12
+    for order in created:
+        assert 1 <= len(order["items"]) <= 3
+        for item in order["items"]:
+            assert (item["category"], item["price"]) == prices[item["product"]]
+            assert 10 <= item["price"] <= 500
+    landed = {kind: {json.loads(body)["order_id"] for _, _, body in drain(rabbit, queue)}
+              for kind, queue in QUEUES.items()}
+    for kind in QUEUES:
+        assert landed[kind] == {o["order_id"] for o in created if o["type"] == kind}
+    assert httpx.post(f"{orders.url}/create", json={"number_of_orders": 0},
+                      headers=people).status_code == 422
+
+
+def test_accepted_orders_are_counted_by_type(orders, people, rabbit):
+    def accepted(kind: str) -> float:
+        for line in httpx.get(f"{orders.url}/metrics").text.splitlines():
+            if line.startswith(f'orders_accepted_total{{type="{kind}"}}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    before = accepted("digital")
+    for _ in range(3):
+        assert httpx.post(f"{orders.url}/orders", json={**ORDER, "type": "digital"},
+                          headers=people).status_code == 201
+    assert accepted("digital") == before + 3  # added up over every serving process
+    assert "order_request_seconds_bucket" in httpx.get(f"{orders.url}/metrics").text
+
+
+# --- a store down ------------------------------------------------------------------------------
+
+
+def stop_component(platform, name: str) -> None:
+    from opsctl.components import build
+    from tests.integration.conftest import workdir_context
+
+    assert build(name, workdir_context(platform)).stop(), f"{name} was not running"
+
+
+def restart_component(platform, name: str) -> None:
+    code, steps = platform.steps("--only", name)
+    assert code == 0, steps
+
+
+def wait_for(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.5)
+    pytest.fail(f"not within {timeout:.0f}s: {what}")
+
+
+def healthy(service: Service) -> bool:
+    return httpx.get(f"{service.url}/health", timeout=5).status_code == 200
+
+
+def test_broker_down_is_a_503_to_retry_and_orders_flow_again_when_it_is_back(
+        topology, orders, people, redis_admin):
+    key = f"outage-{uuid.uuid4()}"
+    stop_component(topology, "rabbitmq")
+    try:
+        wait_for(lambda: not healthy(orders), 10, "/health reports the broker down")
+        health = httpx.get(f"{orders.url}/health")
+        assert health.status_code == 503 and health.json()["rabbitmq"] == "unreachable"
+        started = time.monotonic()
+        refused = httpx.post(f"{orders.url}/orders", json=ORDER, timeout=30,
+                             headers={**people, "Idempotency-Key": key})
+        assert refused.status_code == 503, refused.text
+        assert "retry" in refused.json()["detail"] and refused.headers["Retry-After"]
+        assert time.monotonic() - started < 12  # the publish timeout at most, never a hang
+        assert redis_admin.get(f"idempotency:{key}") is None  # released: the retry may go on
+    finally:
+        restart_component(topology, "rabbitmq")
+    wait_for(lambda: healthy(orders), 60, "the order-creator reconnected to the broker")
+    import pika
+
+    params = pika.ConnectionParameters(
+        host="127.0.0.1", port=topology.port("rabbitmq", "amqp"),
+        credentials=pika.PlainCredentials("opsctl-admin", secrets(topology)["rabbitmq"]["admin_password"]))
+    connection = pika.BlockingConnection(params)
+    try:
+        channel = connection.channel()
+        channel.queue_purge(QUEUES["priority"])
+        # Every serving process must have reconnected: a burst reaches all of them.
+        for _ in range(10):
+            response = httpx.post(f"{orders.url}/orders", json=ORDER, timeout=30,
+                                  headers={**people, "Idempotency-Key": key})
+            assert response.status_code == 201, response.text
+        burst = [httpx.post(f"{orders.url}/orders", json=ORDER, headers=people, timeout=30)
+                 for _ in range(10)]
+        assert [r.status_code for r in burst] == [201] * 10
+        assert len(drain(channel, QUEUES["priority"])) == 11  # the retried key counted once
+    finally:
+        connection.close()
+
+
+def test_cache_down_an_order_is_still_accepted_but_a_keyed_one_waits(topology, orders, people,
+                                                                     rabbit):
+    stop_component(topology, "redis")
+    try:
+        wait_for(lambda: not healthy(orders), 10, "/health reports Redis down")
+        assert httpx.get(f"{orders.url}/health").json()["redis"] == "unreachable"
+        accepted = httpx.post(f"{orders.url}/orders", json=ORDER, headers=people, timeout=30)
+        assert accepted.status_code == 201, accepted.text  # the cache is only a cache
+        keyed = httpx.post(f"{orders.url}/orders", json=ORDER, timeout=30,
+                           headers={**people, "Idempotency-Key": f"k-{uuid.uuid4()}"})
+        assert keyed.status_code == 503 and "Redis" in keyed.json()["detail"]
+        [(_, _, body)] = drain(rabbit, QUEUES["priority"])
+        assert json.loads(body)["order_id"] == accepted.json()["order_id"]
+    finally:
+        restart_component(topology, "redis")
+    wait_for(lambda: healthy(orders), 30, "the order-creator sees Redis again")
+    assert httpx.post(f"{orders.url}/orders", json=ORDER, timeout=30,
+                      headers={**people, "Idempotency-Key": f"k-{uuid.uuid4()}"}).status_code == 201
+    assert "not cached in Redis" in orders.tail(200)
+
+
+# --- stock ------------------------------------------------------------------------------------
+
+
+def test_catalogue_routes(topology, stock, people):
+    categories = httpx.get(f"{stock.url}/stock/all-categories", headers=people).json()["categories"]
+    assert {"electronics", "books", "clothing", "home", "sports", "toys", "beauty",
+            "grocery"} <= set(categories)
+    books = httpx.get(f"{stock.url}/stock/books", headers=people).json()
+    assert books["category"] == "books"
+    assert {p["product"]: p["price"] for p in books["products"]} == {
+        "Novel": 15.0, "Cookbook": 25.0, "Biography": 20.0, "Atlas": 40.0, "Dictionary": 30.0}
+    assert all(isinstance(p["quantity"], int) and p["quantity"] >= 0 for p in books["products"])
+    unknown = httpx.get(f"{stock.url}/stock/no-such-category", headers=people)
+    assert unknown.status_code == 404 and "no-such-category" in unknown.json()["detail"]
+    everything = httpx.get(f"{stock.url}/stock/all-products-by-category", headers=people).json()
+    assert sum(len(p) for c, p in everything.items() if not c.startswith("test-")) == 40
+    assert set(everything["toys"][0]) == {"product", "price", "quantity"}
+
+
+def test_who_may_call_the_stock_service(topology, stock):
+    url = f"{stock.url}/stock/all-categories"
+    assert httpx.get(url).status_code == 401
+    creator = {"Authorization": f"Bearer {token(topology, '--client', 'order-creator')}"}
+    assert httpx.get(url, headers=creator).status_code == 200  # the catalogue's one caller
+    consumer = {"Authorization": f"Bearer {token(topology, '--client', 'premium-consumer')}"}
+    refused = httpx.get(url, headers=consumer)
+    assert refused.status_code == 403 and "premium-consumer" in refused.json()["error_description"]
+
+
+def test_concurrent_reservations_never_oversell(stock, people, pg_admin, test_product):
+    product, _ = test_product
+    tag = product.split()[-1]
+
+    def reserve(i: int) -> httpx.Response:
+        return httpx.post(f"{stock.url}/stock/reservations", headers=people, timeout=30,
+                          json={"order_id": f"test-{tag}-{i}", "items": [{"product": product,
+                                                                           "quantity": 1}]})
+
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(reserve, range(20)))
+    codes = [a.status_code for a in answers]
+    assert codes.count(201) == 7 and codes.count(409) == 13, codes
+    assert quantity(pg_admin, product) == 0
+    short = next(a for a in answers if a.status_code == 409).json()
+    assert short["short"] == [{"product": product, "requested": 1, "available": 0}]
+    reserved = pg_admin.execute("SELECT count(*) FROM reservations WHERE order_id LIKE %s",
+                                [f"test-{tag}-%"]).fetchone()[0]
+    assert reserved == 7
+
+
+def test_a_reservation_is_all_or_nothing(stock, people, pg_admin, test_product):
+    product, _ = test_product
+    tag = product.split()[-1]
+    before = quantity(pg_admin, "Novel")
+    response = httpx.post(f"{stock.url}/stock/reservations", headers=people, json={
+        "order_id": f"test-{tag}-mixed", "items": [{"product": "Novel", "quantity": 1},
+                                                   {"product": product, "quantity": 8}]})
+    assert response.status_code == 409
+    assert response.json()["short"] == [{"product": product, "requested": 8, "available": 7}]
+    assert quantity(pg_admin, "Novel") == before and quantity(pg_admin, product) == 7
+    unknown = httpx.post(f"{stock.url}/stock/reservations", headers=people, json={
+        "order_id": f"test-{tag}-unknown", "items": [{"product": "Novel", "quantity": 1},
+                                                     {"product": "No such thing", "quantity": 1}]})
+    assert unknown.status_code == 404 and "No such thing" in unknown.text
+    assert quantity(pg_admin, "Novel") == before
+    bad = httpx.post(f"{stock.url}/stock/reservations", headers=people, json={
+        "order_id": f"test-{tag}-bad", "items": [{"product": product, "quantity": 0}]})
+    assert bad.status_code == 422 and "quantity" in bad.text
+
+
+def test_a_repeated_order_id_reserves_once(stock, people, pg_admin, test_product):
+    product, _ = test_product
+    tag = product.split()[-1]
+    body = {"order_id": f"test-{tag}-once", "items": [{"product": product, "quantity": 2}]}
+    with ThreadPoolExecutor(5) as pool:
+        answers = list(pool.map(lambda _: httpx.post(f"{stock.url}/stock/reservations",
+                                                     headers=people, json=body, timeout=30),
+                                range(5)))
+    codes = sorted(a.status_code for a in answers)
+    assert codes == [200, 200, 200, 200, 201], codes
+    assert len({a.json()["reservation_id"] for a in answers}) == 1
+    assert quantity(pg_admin, product) == 5
+    again = httpx.post(f"{stock.url}/stock/reservations", headers=people, json=body)
+    assert again.status_code == 200 and again.json() == answers[0].json()
+    assert quantity(pg_admin, product) == 5
+
+
+def test_crossed_multi_item_reservations_do_not_deadlock(stock, people, pg_admin, test_product):
+    product, _ = test_product
+    tag = product.split()[-1]
+    pg_admin.execute("UPDATE stock SET quantity = 100 WHERE product = %s", [product])
+    before = quantity(pg_admin, "Dictionary")
+
+    def reserve(i: int) -> httpx.Response:
+        items = [{"product": product, "quantity": 1}, {"product": "Dictionary", "quantity": 1}]
+        return httpx.post(f"{stock.url}/stock/reservations", headers=people, timeout=30,
+                          json={"order_id": f"test-{tag}-x{i}", "items": items[::1 - 2 * (i % 2)]})
+
+    with ThreadPoolExecutor(16) as pool:
+        codes = [a.status_code for a in pool.map(reserve, range(32))]
+    assert codes == [201] * 32
+    assert quantity(pg_admin, product) == 68
+    assert quantity(pg_admin, "Dictionary") == before - 32
+    pg_admin.execute("UPDATE stock SET quantity = quantity + 32 WHERE product = 'Dictionary'")
+
+
+# --- start-up ------------------------------------------------------------------------------
+
+
+def test_a_missing_setting_or_an_unreachable_store_stops_the_start(topology):
+    env = service_env(topology, "order-creator")
+    result = run_to_exit("order_services.order_creator",
+                         {k: v for k, v in env.items() if k != "ORDER_EXCHANGE"})
+    assert result.returncode != 0 and "ORDER_EXCHANGE" in result.stdout + result.stderr
+    result = run_to_exit("order_services.order_creator",
+                         {**env, "ORDER_EXCHANGE": "no-such-exchange"})
+    assert result.returncode != 0
+    assert "no-such-exchange" in result.stdout and "opsctl queues apply" in result.stdout
+
+    env = service_env(topology, "stock-service")
+    result = run_to_exit("order_services.stock_service",
+                         {k: v for k, v in env.items() if k != "POSTGRES_HOST"})
+    assert result.returncode != 0 and "POSTGRES_HOST" in result.stdout + result.stderr
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    result = run_to_exit("order_services.stock_service",
+                         {**env, "POSTGRES_PORT": str(port)})
+    assert result.returncode != 0
+    assert f"PostgreSQL at 127.0.0.1:{port}" in result.stdout

@@ -1,0 +1,778 @@
+"""The order workers on the real local platform: the three consumers and the CDC bridge.
+
+Each worker runs as `python -m order_services.<module>` with exactly the environment opsctl
+gives it (service_env); orders are published with pika to order-exchange as order-creator
+does, and the stores (PostgreSQL, MongoDB, Kafka) are read back.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pika
+import pytest
+
+from tests.integration.conftest import service_env
+
+pytestmark = pytest.mark.integration
+
+EXCHANGE, DEAD_LETTER = "order-exchange", "orders-dead-letter"
+QUEUES = {"priority": "priority-orders", "regular": "regular-orders", "digital": "digital-orders"}
+MODULES = {"premium-consumer": "order_services.consumer",
+           "regular-consumer": "order_services.consumer",
+           "digital-consumer": "order_services.consumer",
+           "cdc-bridge": "order_services.cdc_bridge"}
+
+
+# --- helpers ----------------------------------------------------------------------------
+def wait_for(predicate, timeout: float = 60, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Worker:
+    """One worker process with the environment opsctl would give it."""
+
+    def __init__(self, platform, service: str, logs: Path, env: dict | None = None):
+        self.service = service
+        self.env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8",
+                    **(env if env is not None else service_env(platform, service))}
+        self.cwd = platform.path
+        self.logs = logs
+        self.process: subprocess.Popen | None = None
+        self.runs = 0
+
+    @property
+    def port(self) -> int:
+        return int(self.env["METRICS_PORT"])
+
+    @property
+    def log_path(self) -> Path:
+        return self.logs / f"{self.service}-{self.runs}.log"
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text()
+        except FileNotFoundError:
+            return ""
+
+    def start(self, timeout: float = 60) -> "Worker":
+        import socket
+
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                pytest.fail(f"metrics port {self.port} of {self.service} is already taken: "
+                            "stop what listens there (opsctl services stop?)")
+        self.runs += 1
+        with open(self.log_path, "w") as out:
+            self.process = subprocess.Popen([sys.executable, "-m", MODULES[self.service]],
+                                            env=self.env, cwd=self.cwd, stdout=out,
+                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"{self.service} exited {self.process.returncode}:\n"
+                                     f"{self.log()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.kill()
+        raise AssertionError(f"{self.service} not ready after {timeout}s:\n{self.log()[-3000:]}")
+
+    def metrics(self) -> dict[str, float]:
+        """'name{label="v"}' (or 'name') → value."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        values = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+        return values
+
+    def metric(self, name: str) -> float:
+        return self.metrics().get(name, 0.0)
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM, as opsctl stops it; returns the exit code."""
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"{self.service} ignored SIGTERM for {timeout}s:\n{self.log()[-3000:]}")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(30)
+
+
+@pytest.fixture(scope="module")
+def topology(platform):
+    code, steps = platform.first_install
+    failed = {n: s.get("detail") for n, s in steps.items() if s["state"] == "failed"}
+    assert not failed, f"the platform's install failed: {failed}"
+    applied = platform.run("queues", "apply")
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    # These tests run their own workers and read the queues and stores themselves.
+    stopped = platform.run("services", "stop", *MODULES)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    return platform
+
+
+@pytest.fixture
+def workers(topology, tmp_path):
+    """start(service) → a ready Worker; every worker is stopped at the end of the test."""
+    started: list[Worker] = []
+
+    def start(service: str, env: dict | None = None) -> Worker:
+        worker = Worker(topology, service, tmp_path, env).start()
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.kill()
+
+
+def admin_connection(platform) -> pika.BlockingConnection:
+    secrets = json.loads((platform.path / ".opsctl" / "secrets.json").read_text())
+    params = pika.ConnectionParameters(
+        host="127.0.0.1", port=platform.port("rabbitmq", "amqp"),
+        credentials=pika.PlainCredentials("opsctl-admin", secrets["rabbitmq"]["admin_password"]),
+        connection_attempts=10, retry_delay=1)
+    return pika.BlockingConnection(params)
+
+
+@pytest.fixture
+def rabbit(topology):
+    """A confirmed channel of the admin user; the order queues and the dead letters purged."""
+    connection = admin_connection(topology)
+    channel = connection.channel()
+    for queue in (*QUEUES.values(), DEAD_LETTER):
+        channel.queue_purge(queue)
+    channel.confirm_delivery()
+    yield channel
+    if connection.is_open:
+        connection.close()
+
+
+def order(kind: str) -> dict:
+    quantity, price = 2, 35.5
+    return {
+        "order_id": str(uuid.uuid4()), "type": kind,
+        "customer": {"id": "c-1042", "name": "Ada Lovelace", "email": "ada@example.org"},
+        "items": [{"product": "Lamp", "category": "home", "quantity": quantity, "price": price}],
+        "total": round(quantity * price, 2),
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+    }
+
+
+def publish(channel, document: dict | bytes, kind: str | None = None) -> None:
+    """As order-creator publishes: persistent, message_id = order_id, confirmed."""
+    if isinstance(document, dict):
+        kind = kind or document["type"]
+        body, message_id = json.dumps(document).encode(), document["order_id"]
+    else:
+        body, message_id = document, f"raw-{uuid.uuid4()}"
+    props = pika.BasicProperties(content_type="application/json", delivery_mode=2,
+                                 message_id=message_id,
+                                 priority=5 if kind == "priority" else None)
+    channel.basic_publish(EXCHANGE, kind, body, props, mandatory=True)
+
+
+class Paced(threading.Thread):
+    """Publishes `documents` at about `rate` per second on its own connection."""
+
+    def __init__(self, platform, documents: list[dict], rate: float):
+        super().__init__(daemon=True)
+        self.platform, self.documents, self.rate = platform, documents, rate
+        self.published = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            connection = admin_connection(self.platform)
+            channel = connection.channel()
+            channel.confirm_delivery()
+            started = time.monotonic()
+            for i, document in enumerate(self.documents):
+                publish(channel, document)
+                self.published += 1
+                ahead = started + (i + 1) / self.rate - time.monotonic()
+                if ahead > 0:
+                    time.sleep(ahead)
+            connection.close()
+        except BaseException as e:  # reported by the test
+            self.error = e
+
+
+def dead_letters(channel, expected: int, timeout: float = 60) -> list[tuple]:
+    found: list[tuple] = []
+
+    def more():
+        method, props, body = channel.basic_get(DEAD_LETTER, auto_ack=True)
+        if method is not None:
+            found.append((props, body))
+        return len(found) >= expected
+
+    wait_for(more, timeout, what=f"{expected} message(s) in {DEAD_LETTER}")
+    return found
+
+
+# --- stores, read with the services' own credentials ------------------------------------
+def vault_secrets(platform, service: str) -> dict:
+    from order_services.secrets import KeycloakToken, VaultSecrets
+
+    env = service_env(platform, service)
+    return VaultSecrets(env["VAULT_ADDR"], env["VAULT_ROLE"],
+                        KeycloakToken(env["OIDC_TOKEN_URL"], env["OIDC_CLIENT_ID"],
+                                      env["OIDC_CLIENT_SECRET"]),
+                        env["VAULT_SECRET_PATH"]).read()
+
+
+class Postgres:
+    """The premium consumer's view of PostgreSQL; reconnects after a server restart."""
+
+    def __init__(self, platform):
+        creds = vault_secrets(platform, "premium-consumer")
+        self.params = dict(host="127.0.0.1", port=platform.port("postgres", "postgres"),
+                           dbname="orders", user=creds["postgres_username"],
+                           password=creds["postgres_password"], autocommit=True)
+        self.conn = None
+
+    def execute(self, query: str, params=None) -> list:
+        import psycopg
+
+        for _ in range(2):
+            if self.conn is None or self.conn.closed:
+                self.conn = psycopg.connect(**self.params)
+            try:
+                return self.conn.execute(query, params).fetchall()
+            except psycopg.OperationalError:
+                self.conn.close()
+        raise AssertionError("PostgreSQL is not answering")
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+
+@pytest.fixture(scope="module")
+def postgres(topology):
+    pg = Postgres(topology)
+    yield pg
+    pg.close()
+
+
+def priority_rows(pg: Postgres, ids: list[str]) -> dict[str, list]:
+    """order_id → [documents] (a list, so that a duplicate would show)."""
+    rows: dict[str, list] = {}
+    if not pg.execute("SELECT to_regclass('priority_orders')")[0][0]:
+        return rows
+    for order_id, document in pg.execute(
+            "SELECT order_id, document FROM priority_orders WHERE order_id = ANY(%s)", [ids]):
+        rows.setdefault(order_id, []).append(document)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def mongo(topology):
+    from pymongo import MongoClient
+
+    creds = vault_secrets(topology, "regular-consumer")
+    client = MongoClient(f"mongodb://127.0.0.1:{topology.port('mongodb', 'mongo')}/?replicaSet=rs0",
+                         username=creds["mongodb_username"], password=creds["mongodb_password"],
+                         authSource="ecommerce", tz_aware=True, serverSelectionTimeoutMS=10000)
+    yield client["ecommerce"]
+    client.close()
+
+
+def stored(collection, ids: list[str]) -> dict[str, list]:
+    found: dict[str, list] = {}
+    for document in collection.find({"_id": {"$in": ids}}):
+        found.setdefault(document["_id"], []).append(document)
+    return found
+
+
+# --- kafka ------------------------------------------------------------------------------
+QUIET = logging.getLogger("tests.kafka")
+QUIET.setLevel(logging.CRITICAL)  # librdkafka's reconnect attempts while Kafka is restarted
+
+
+class TopicReader:
+    """Reads orders-topic from the beginning; keeps every record seen."""
+
+    def __init__(self, platform, topic: str = "orders-topic"):
+        from confluent_kafka import Consumer, TopicPartition
+
+        self.consumer = Consumer({
+            "bootstrap.servers": f"127.0.0.1:{platform.port('kafka', 'broker')}",
+            "group.id": f"test-{uuid.uuid4()}", "enable.auto.commit": False,
+            "auto.offset.reset": "earliest", "logger": QUIET})
+        self.consumer.assign([TopicPartition(topic, 0, 0)])
+        self.topic = topic
+        self.records: list[tuple[str, dict]] = []
+
+    def read(self, seconds: float = 0.5) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for message in self.consumer.consume(500, timeout=0.2):
+                if message.error():
+                    continue
+                self.records.append((message.key().decode(), json.loads(message.value())))
+
+    def keys(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for key, _ in self.records:
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def wait_for_keys(self, ids: list[str], timeout: float = 90) -> dict[str, int]:
+        def all_there():
+            self.read()
+            return set(ids) <= set(self.keys())
+        wait_for(all_there, timeout, interval=0, what=f"{len(ids)} records in {self.topic}")
+        return self.keys()
+
+    def end_offset(self) -> int:
+        from confluent_kafka import TopicPartition
+
+        return self.consumer.get_watermark_offsets(TopicPartition(self.topic, 0), timeout=10)[1]
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+@pytest.fixture
+def topic(topology):
+    reader = TopicReader(topology)
+    yield reader
+    reader.close()
+
+
+# --- settings ---------------------------------------------------------------------------
+@pytest.mark.parametrize("service,missing", [("premium-consumer", "QUEUE"),
+                                             ("regular-consumer", "MONGODB_URL"),
+                                             ("cdc-bridge", "KAFKA_TOPIC")])
+def test_missing_setting_exits_non_zero_naming_it(topology, service, missing):
+    env = {k: v for k, v in service_env(topology, service).items() if k != missing}
+    result = subprocess.run([sys.executable, "-m", MODULES[service]], capture_output=True,
+                            text=True, timeout=60, cwd=topology.path,
+                            env={"PATH": os.environ.get("PATH", ""), **env})
+    assert result.returncode != 0
+    assert missing in result.stderr and "missing" in result.stderr
+    assert env["OIDC_CLIENT_SECRET"] not in result.stdout + result.stderr
+
+
+# --- consumers --------------------------------------------------------------------------
+def test_priority_orders_are_stored_once_in_postgres(workers, rabbit, postgres):
+    worker = workers("premium-consumer")
+    orders = [order("priority") for _ in range(20)]
+    for document in orders + orders:  # every message twice: stored once
+        publish(rabbit, document)
+    ids = [o["order_id"] for o in orders]
+    wait_for(lambda: worker.metric('messages_processed_total{result="stored"}') +
+             worker.metric('messages_processed_total{result="duplicate"}') >= 40,
+             what="40 messages processed")
+    rows = priority_rows(postgres, ids)
+    assert {k: len(v) for k, v in rows.items()} == {i: 1 for i in ids}
+    assert all(rows[o["order_id"]][0] == o for o in orders)
+    assert worker.metric('messages_processed_total{result="stored"}') == 20
+    assert worker.metric('messages_processed_total{result="duplicate"}') == 20
+    assert worker.metric("message_processing_seconds_count") == 40
+    assert worker.stop() == 0
+    assert "stopped" in worker.log()
+
+
+def test_regular_and_digital_orders_are_stored_once_in_mongodb(workers, rabbit, mongo):
+    regular, digital = workers("regular-consumer"), workers("digital-consumer")
+    orders = {"regular": [order("regular") for _ in range(15)],
+              "digital": [order("digital") for _ in range(15)]}
+    for documents in orders.values():
+        for document in documents + documents:
+            publish(rabbit, document)
+    for worker in (regular, digital):
+        wait_for(lambda: worker.metric('messages_processed_total{result="stored"}') +
+                 worker.metric('messages_processed_total{result="duplicate"}') >= 30,
+                 what=f"{worker.service}: 30 messages processed")
+        assert worker.metric('messages_processed_total{result="duplicate"}') == 15
+    for kind, collection, other in (("regular", "orders", "digital_orders"),
+                                    ("digital", "digital_orders", "orders")):
+        ids = [o["order_id"] for o in orders[kind]]
+        found = stored(mongo[collection], ids)
+        assert {k: len(v) for k, v in found.items()} == {i: 1 for i in ids}
+        for document in orders[kind]:
+            saved = dict(found[document["order_id"]][0])
+            assert isinstance(saved.pop("received_at"), dt.datetime)
+            assert saved == {"_id": document["order_id"], **document}
+        assert not stored(mongo[other], ids)
+    assert regular.stop() == 0 and digital.stop() == 0
+
+
+def test_malformed_message_is_dead_lettered_and_the_consumer_keeps_going(workers, rabbit, mongo):
+    worker = workers("regular-consumer")
+    publish(rabbit, b"{this is not json", "regular")
+    publish(rabbit, json.dumps({"type": "regular", "total": 1}).encode(), "regular")  # no order_id
+    good = order("regular")
+    publish(rabbit, good)
+    wait_for(lambda: stored(mongo["orders"], [good["order_id"]]), what="the good order stored")
+    letters = dead_letters(rabbit, 2)
+    assert {body for _, body in letters} == {b"{this is not json",
+                                            json.dumps({"type": "regular", "total": 1}).encode()}
+    for props, _ in letters:
+        death = props.headers["x-death"][0]
+        assert death["queue"] == "regular-orders" and death["reason"] == "rejected"
+    assert worker.metric('messages_processed_total{result="dead_lettered"}') == 2
+    assert worker.process.poll() is None
+
+
+def test_message_the_store_refuses_is_retried_then_dead_lettered(workers, rabbit, postgres):
+    """PostgreSQL's jsonb refuses \\u0000: the message is tried DELIVERY_ATTEMPTS times,
+    with a growing wait, then dead-lettered; the orders around it are stored."""
+    worker = workers("premium-consumer")
+    attempts = int(worker.env["DELIVERY_ATTEMPTS"])
+    poison = order("priority")
+    poison["customer"]["name"] = "Ada\u0000Lovelace"
+    before, after = order("priority"), order("priority")
+    started = time.monotonic()
+    for document in (before, poison, after):
+        publish(rabbit, document)
+    [(props, body)] = dead_letters(rabbit, 1, timeout=90)
+    took = time.monotonic() - started
+    assert json.loads(body)["order_id"] == poison["order_id"]
+    assert props.headers["x-attempts"] == attempts - 1
+    assert props.headers["x-death"][0]["queue"] == "priority-orders"
+    assert props.message_id == poison["order_id"] and props.priority == 5
+    assert took > 1.5, f"the {attempts} tries took only {took:.2f}s: no backoff"
+    rows = priority_rows(postgres, [before["order_id"], poison["order_id"], after["order_id"]])
+    assert set(rows) == {before["order_id"], after["order_id"]}
+    assert worker.metric('messages_processed_total{result="retried"}') == attempts - 1
+    assert worker.metric('messages_processed_total{result="dead_lettered"}') == 1
+    assert worker.metric('messages_processed_total{result="stored"}') == 2
+
+
+@pytest.mark.parametrize("how", ["kill -9", "SIGTERM"])
+@pytest.mark.parametrize("service,kind", [("premium-consumer", "priority"),
+                                          ("regular-consumer", "regular")])
+def test_consumer_stopped_mid_burst_stores_every_message_once(topology, workers, rabbit, postgres,
+                                                              mongo, service, kind, how):
+    orders = [order(kind) for _ in range(300)]
+    ids = [o["order_id"] for o in orders]
+
+    def rows() -> dict[str, list]:
+        return priority_rows(postgres, ids) if kind == "priority" else stored(mongo["orders"], ids)
+
+    worker = workers(service)
+    burst = Paced(topology, orders, rate=150)
+    burst.start()
+    wait_for(lambda: len(rows()) >= 40, what="40 orders stored")
+    if how == "kill -9":
+        worker.kill()
+    else:
+        assert worker.stop() == 0  # finishes the batch in hand, gives back the prefetched rest
+        assert "stopped" in worker.log()
+    at_stop = len(rows())
+    assert at_stop < 300
+    worker.start()
+    burst.join(30)
+    assert burst.error is None and burst.published == 300
+    wait_for(lambda: len(rows()) == 300, timeout=90, what="all 300 orders stored")
+    assert {k: len(v) for k, v in rows().items()} == {i: 1 for i in ids}
+    wait_for(lambda: rabbit.queue_declare(QUEUES[kind], passive=True).method.message_count == 0,
+             what="the queue drained")
+    print(f"\n{service}: {at_stop} of 300 stored at {how}, all 300 once after the restart")
+    assert worker.stop() == 0
+
+
+@pytest.mark.parametrize("service,kind,store", [("premium-consumer", "priority", "postgres"),
+                                                ("regular-consumer", "regular", "mongodb")])
+def test_store_down_holds_the_messages_without_using_up_their_tries(
+        topology, workers, rabbit, postgres, mongo, service, kind, store):
+    from opsctl.components import build
+    from tests.integration.conftest import workdir_context
+
+    worker = workers(service)
+    orders = [order(kind) for _ in range(10)]
+    ids = [o["order_id"] for o in orders]
+    assert build(store, workdir_context(topology)).stop()
+    try:
+        for document in orders:
+            publish(rabbit, document)
+        time.sleep(8)  # longer than DELIVERY_ATTEMPTS quick tries would take
+        assert worker.process.poll() is None
+        assert worker.metric('messages_processed_total{result="retried"}') == 0
+        assert worker.metric('messages_processed_total{result="dead_lettered"}') == 0
+        assert rabbit.queue_declare(DEAD_LETTER, passive=True).method.message_count == 0
+    finally:
+        code, steps = topology.steps("--only", store)
+        assert code == 0, steps
+
+    def rows() -> dict[str, list]:
+        if kind == "priority":
+            return priority_rows(postgres, ids)
+        return stored(mongo["orders"], ids)
+    wait_for(lambda: len(rows()) == 10, timeout=60,
+             what="the held orders stored once the store is back")
+    assert {k: len(v) for k, v in rows().items()} == {i: 1 for i in ids}
+    assert "message(s) held" in worker.log()
+    assert worker.stop() == 0
+
+
+@pytest.mark.parametrize("service,kind", [("premium-consumer", "priority"),
+                                          ("regular-consumer", "regular"),
+                                          ("digital-consumer", "digital")])
+def test_throughput(workers, rabbit, postgres, mongo, service, kind):
+    """A backlog of 2000 orders drained by one consumer (printed with -s)."""
+    orders = [order(kind) for _ in range(2000)]
+    for document in orders:
+        publish(rabbit, document)
+    worker = workers(service)
+    stored_metric = 'messages_processed_total{result="stored"}'
+    first = wait_for(lambda: worker.metric(stored_metric) or None, interval=0.005,
+                     what="the first order stored")
+    started = time.monotonic()
+    wait_for(lambda: worker.metric(stored_metric) >= 2000, timeout=180, interval=0.01,
+             what="2000 orders stored")
+    took = time.monotonic() - started
+    assert worker.metric('messages_processed_total{result="duplicate"}') == 0
+    print(f"\n{service}: {2000 - first:.0f} orders in {took:.2f}s = "
+          f"{(2000 - first) / took:.0f} messages/s")
+
+
+def test_consumer_reconnects_when_rabbitmq_restarts(topology, workers, rabbit, mongo):
+    from opsctl.components import build
+    from tests.integration.conftest import workdir_context
+
+    worker = workers("regular-consumer")
+    first = order("regular")
+    publish(rabbit, first)
+    wait_for(lambda: stored(mongo["orders"], [first["order_id"]]), what="the first order stored")
+    rabbit.connection.close()
+
+    assert build("rabbitmq", workdir_context(topology)).stop()  # as `opsctl down` stops it
+    code, steps = topology.steps("--only", "rabbitmq")
+    assert code == 0 and steps["rabbitmq"]["state"] == "changed", steps
+
+    connection = admin_connection(topology)
+    channel = connection.channel()
+    channel.confirm_delivery()
+    later = [order("regular") for _ in range(10)]
+    for document in later:
+        publish(channel, document)
+    ids = [o["order_id"] for o in later]
+    wait_for(lambda: len(stored(mongo["orders"], ids)) == 10, timeout=90,
+             what="the orders published after the restart stored")
+    connection.close()
+    assert worker.process.poll() is None
+    assert "retrying in" in worker.log()
+    assert worker.stop() == 0
+
+
+# --- the CDC bridge ---------------------------------------------------------------------
+def state_file(platform) -> Path:
+    return Path(service_env(platform, "cdc-bridge")["STATE_DIR"]) / "resume-token.json"
+
+
+def test_regular_orders_reach_kafka_keyed_by_order_id(topology, workers, rabbit, mongo, topic):
+    workers("regular-consumer"), workers("digital-consumer")
+    bridge = workers("cdc-bridge")
+    orders = [order("regular") for _ in range(30)]
+    digital = order("digital")
+    for document in orders + [digital]:
+        publish(rabbit, document)
+    ids = [o["order_id"] for o in orders]
+    wait_for(lambda: stored(mongo["digital_orders"], [digital["order_id"]]), what="digital stored")
+    keys = topic.wait_for_keys(ids)
+    assert digital["order_id"] not in keys  # only ecommerce.orders is streamed
+    values = {key: value for key, value in topic.records if key in ids}
+    for document in orders:
+        value = dict(values[document["order_id"]])
+        assert value.pop("_id") == document["order_id"]
+        received = dt.datetime.fromisoformat(value.pop("received_at"))
+        assert received.tzinfo is not None
+        assert value == document
+    assert bridge.metric("records_published_total") >= 30
+    assert bridge.metric("cdc_lag_seconds") >= 0
+    saved = json.loads(state_file(topology).read_text())
+    assert saved["token"]["_data"] and saved["document_id"]
+    assert bridge.stop() == 0
+
+
+def test_cdc_bridge_killed_mid_burst_loses_nothing_and_resumes_from_its_token(
+        topology, workers, rabbit, mongo, topic):
+    workers("regular-consumer")
+    bridge = workers("cdc-bridge")
+    base = bridge.metric("records_published_total")
+    orders = [order("regular") for _ in range(300)]
+    ids = [o["order_id"] for o in orders]
+    burst = Paced(topology, orders, rate=150)
+    burst.start()
+    wait_for(lambda: bridge.metric("records_published_total") >= base + 40,
+             what="40 records published")
+    bridge.kill()  # kill -9 in the middle of the burst
+    topic.read(1)
+    at_kill = len(set(ids) & set(topic.keys()))
+    assert at_kill < 300
+    bridge.start()
+    burst.join(30)
+    assert burst.error is None and burst.published == 300
+    wait_for(lambda: len(stored(mongo["orders"], ids)) == 300, timeout=90, what="300 stored")
+    keys = topic.wait_for_keys(ids)
+    assert all(keys[i] >= 1 for i in ids)
+    print(f"\ncdc-bridge: {at_kill} of 300 on the topic at kill -9; "
+          f"{sum(keys[i] for i in ids) - 300} duplicate(s) after the restart")
+
+    # A restart with nothing new publishes nothing new: it resumes after its token.
+    assert bridge.stop() == 0
+    end = topic.end_offset()
+    bridge.start()
+    time.sleep(3)
+    assert bridge.metric("records_published_total") == 0
+    assert bridge.metric("cdc_rescans_total") == 0
+    assert topic.end_offset() == end
+    assert "resuming the change stream after the saved token" in bridge.log()
+    # … and then follows the stream.
+    new = order("regular")
+    publish(rabbit, new)
+    topic.wait_for_keys([new["order_id"]])
+    assert bridge.stop() == 0
+
+
+@pytest.mark.parametrize("tamper,warning", [
+    ("token past the history", "in the server's history"),
+    ("document gone", "no longer in the collection"),
+    ("cluster time ahead", "is ahead of the server's")])
+def test_cdc_bridge_rescans_when_its_token_does_not_match_the_store(
+        topology, workers, rabbit, mongo, topic, tamper, warning):
+    """SecantusDB answers a resume token past its history with silence, not an error: the
+    bridge must notice and re-scan (duplicates allowed, losses not)."""
+    import bson
+
+    workers("regular-consumer")
+    bridge = workers("cdc-bridge")
+    first = order("regular")
+    publish(rabbit, first)
+    topic.wait_for_keys([first["order_id"]])
+    assert bridge.stop() == 0
+    path = state_file(topology)
+    state = json.loads(path.read_text())
+    assert state["kind"] == "event"
+    if tamper == "token past the history":  # as if the store had been wiped and refilled
+        inner = bson.decode(bytes.fromhex(state["token"]["_data"]))
+        inner["s"] += 1_000_000
+        state["token"]["_data"] = bson.encode(inner).hex()
+    elif tamper == "document gone":
+        state["document_id"] = f"gone-{uuid.uuid4()}"
+    else:
+        state["cluster_time"] = {"t": state["cluster_time"]["t"] + 1_000_000, "i": 1}
+    path.write_text(json.dumps(state))
+    total = mongo["orders"].count_documents({})
+
+    bridge.start()
+    assert bridge.metric("cdc_rescans_total") == 1
+    assert bridge.metric("records_published_total") >= total
+    assert warning in bridge.log() and "re-scanning" in bridge.log(), bridge.log()
+    later = order("regular")
+    publish(rabbit, later)
+    topic.wait_for_keys([first["order_id"], later["order_id"]])
+    assert bridge.stop() == 0
+
+
+@pytest.mark.parametrize("server", ["kafka", "mongodb"])
+def test_cdc_bridge_carries_on_after_a_server_restart(topology, workers, rabbit, mongo, topic,
+                                                      server):
+    """Kafka down: the records wait, unacknowledged, and their token is not saved; MongoDB
+    down: the bridge reconnects and resumes after its token. Nothing is lost either way."""
+    from opsctl.components import build
+    from tests.integration.conftest import workdir_context
+
+    consumer = workers("regular-consumer")
+    bridge = workers("cdc-bridge")
+    before = order("regular")
+    publish(rabbit, before)
+    topic.wait_for_keys([before["order_id"]])
+
+    assert build(server, workdir_context(topology)).stop()
+    during = [order("regular") for _ in range(20)]
+    if server == "kafka":  # the consumer stores them; the bridge cannot deliver them yet
+        for document in during:
+            publish(rabbit, document)
+        wait_for(lambda: len(stored(mongo["orders"], [o["order_id"] for o in during])) == 20,
+                 what="20 orders stored while Kafka is down")
+        time.sleep(3)
+    else:
+        time.sleep(3)
+    code, steps = topology.steps("--only", server)
+    assert code == 0, steps
+    if server == "mongodb":
+        for document in during:
+            publish(rabbit, document)
+    topic.wait_for_keys([o["order_id"] for o in during], timeout=120)
+    assert bridge.process.poll() is None and consumer.process.poll() is None
+    assert bridge.metric("cdc_rescans_total") == 0 or server == "kafka"
+    assert bridge.stop() == 0
+
+
+def test_cdc_bridge_throughput(workers, mongo, topic):
+    """2000 inserts straight into ecommerce.orders, streamed to Kafka (printed with -s)."""
+    bridge = workers("cdc-bridge")
+    base = bridge.metric("records_published_total")
+    orders = [order("regular") for _ in range(2000)]
+    started = time.monotonic()
+    mongo["orders"].insert_many([{"_id": o["order_id"], **o,
+                                  "received_at": dt.datetime.now(dt.timezone.utc)}
+                                 for o in orders])
+    wait_for(lambda: bridge.metric("records_published_total") >= base + 2000, timeout=120,
+             interval=0.01, what="2000 records published")
+    took = time.monotonic() - started
+    keys = topic.wait_for_keys([o["order_id"] for o in orders])
+    assert all(keys[o["order_id"]] == 1 for o in orders)
+    print(f"\ncdc-bridge: 2000 inserts on the topic in {took:.2f}s = {2000 / took:.0f} records/s")
+    assert bridge.stop() == 0
+
+
+def test_sigterm_acknowledges_what_it_stored_and_gives_back_the_rest(workers, rabbit, mongo):
+    """With a backlog, SIGTERM finishes the batch in hand: whatever was stored was
+    acknowledged (the restart finds no duplicate), the prefetched rest goes back."""
+    orders = [order("regular") for _ in range(2000)]
+    ids = [o["order_id"] for o in orders]
+    for document in orders:
+        publish(rabbit, document)
+    worker = workers("regular-consumer")
+    stored_metric = 'messages_processed_total{result="stored"}'
+    wait_for(lambda: worker.metric(stored_metric) >= 200, interval=0.01, what="200 stored")
+    assert worker.stop() == 0  # the prefetched rest, if any, is given back ("gave back N")
+    before = len(stored(mongo["orders"], ids))
+    assert before < 2000
+    worker.start()
+    wait_for(lambda: len(stored(mongo["orders"], ids)) == 2000, timeout=120, what="all stored")
+    assert worker.metric('messages_processed_total{result="duplicate"}') == 0
+    assert worker.metric(stored_metric) == 2000 - before
+    assert worker.stop() == 0
