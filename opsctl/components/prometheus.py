@@ -21,6 +21,8 @@ class Prometheus(LocalServer):
             jobs["rabbitmq"] = (f"{host}:{comps['rabbitmq'].ports['prometheus']}", "/metrics")
         if "management" in comps["keycloak"].ports:
             jobs["keycloak"] = (f"{host}:{comps['keycloak'].ports['management']}", "/metrics")
+        for name, service in self.ctx.spec.services.items():  # the bundled services
+            jobs[name] = (f"{host}:{service.port or service.metrics_port}", "/metrics")
         return jobs
 
     def config_files(self) -> dict[str, str]:

@@ -102,3 +102,17 @@ def test_simulated_traffic_is_all_accepted(flow):
     assert result.returncode == 0, result.json
     assert result.json["sent"] == 80 and result.json["accepted"] == 80
     assert result.json["latency_ms"]["p99"] is not None
+
+
+def test_prometheus_scrapes_the_services(flow):
+    from opsctl import httpclient
+
+    url = f"http://127.0.0.1:{flow.port('prometheus-grafana', 'http')}/api/v1/targets"
+
+    def services_up():
+        targets = httpclient.get(url)["data"]["activeTargets"]
+        health = {t["labels"]["job"]: t["health"] for t in targets}
+        return all(health.get(s) == "up" for s in ("order-creator", "premium-consumer", "cdc-bridge")) and health
+
+    health = wait_for(services_up, "Prometheus to scrape the services", timeout=60)
+    assert health["rabbitmq"] == "up" and health["prometheus"] == "up"
