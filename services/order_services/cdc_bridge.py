@@ -50,6 +50,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from order_services.worker import Backoff, ConfigError, Stopping, Unavailable, serve_metrics
+
 log = logging.getLogger("order_services.cdc_bridge")
 KAFKA_LOG = logging.getLogger("order_services.cdc_bridge.librdkafka")
 KAFKA_LOG.setLevel(logging.CRITICAL)  # see Bridge.on_kafka_error
@@ -66,24 +68,12 @@ STATE_FILE = "resume-token.json"
 RESUME_ERRORS = {286, 260, 280, 9, 13, 40647}
 
 
-class ConfigError(Exception):
-    """A setting is missing or wrong: exit with a message, no retry."""
-
-
-class Unavailable(Exception):
-    """A server the bridge needs cannot be reached: wait, then try again."""
-
-
 class KafkaUnavailable(Unavailable):
     """Kafka refused or did not acknowledge records: publish again from the saved token."""
 
 
 class ResumeInvalid(Exception):
     """The saved resume token cannot be used: re-scan the collection."""
-
-
-class Stopping(Exception):
-    pass
 
 
 # --- settings ---------------------------------------------------------------------------
@@ -114,19 +104,6 @@ class Settings:
                    mongodb_url=env["MONGODB_URL"], database=env["MONGODB_DB"],
                    collection=env["MONGODB_COLLECTION"], kafka_bootstrap=env["KAFKA_BOOTSTRAP"],
                    topic=env["KAFKA_TOPIC"], state_dir=Path(env["STATE_DIR"]), metrics_port=port)
-
-
-class Backoff:
-    def __init__(self, first: float, cap: float):
-        self.first, self.cap, self.failures = first, cap, 0
-
-    def next(self) -> float:
-        delay = min(self.cap, self.first * (2 ** self.failures))
-        self.failures += 1
-        return delay
-
-    def reset(self) -> None:
-        self.failures = 0
 
 
 # --- the record -------------------------------------------------------------------------
@@ -299,13 +276,7 @@ class Bridge:
     def start_metrics(self) -> None:
         if self.metrics_started:
             return
-        from prometheus_client import start_http_server
-
-        try:
-            start_http_server(self.settings.metrics_port, addr="127.0.0.1")
-        except OSError as e:
-            raise ConfigError(f"cannot serve metrics on 127.0.0.1:{self.settings.metrics_port}: "
-                              f"{e}") from None
+        serve_metrics(self.settings.metrics_port)
         self.metrics_started = True
         log.info("ready: %s.%s → Kafka %s; metrics on http://127.0.0.1:%d/metrics",
                  self.settings.database, self.settings.collection, self.settings.topic,

@@ -42,6 +42,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from order_services.worker import Backoff, ConfigError, Stopping, Unavailable, serve_metrics
+
 log = logging.getLogger("order_services.consumer")
 
 STORES = {"premium-consumer": "postgres", "regular-consumer": "mongodb",
@@ -53,14 +55,6 @@ RETRY_BACKOFF = (0.25, 5.0)       # failed messages: first wait, cap (seconds)
 UNAVAILABLE_BACKOFF = (0.5, 5.0)  # unreachable store: first wait, cap
 RECONNECT_BACKOFF = (0.5, 10.0)   # RabbitMQ or start-up failures: first wait, cap
 TABLE = "priority_orders"
-
-
-class ConfigError(Exception):
-    """A setting is missing or wrong: the process exits with a message, it does not retry."""
-
-
-class Unavailable(Exception):
-    """A server this worker needs cannot be reached: wait, then try again."""
 
 
 class StoreUnavailable(Unavailable):
@@ -80,10 +74,6 @@ def one_line(error: BaseException) -> str:
 
 class Poison(Exception):
     """The message can never be stored (not JSON, no order_id): dead-letter it at once."""
-
-
-class Stopping(Exception):
-    """SIGTERM arrived while waiting: leave the messages in hand unacknowledged."""
 
 
 # --- settings ---------------------------------------------------------------------------
@@ -135,21 +125,6 @@ class Settings:
             mongodb={"url": env.get("MONGODB_URL"), "db": env.get("MONGODB_DB"),
                      "collection": env.get("MONGODB_COLLECTION")},
         )
-
-
-class Backoff:
-    """Exponential waits: first, 2×first, … up to cap; reset() after a success."""
-
-    def __init__(self, first: float, cap: float):
-        self.first, self.cap, self.failures = first, cap, 0
-
-    def next(self) -> float:
-        delay = min(self.cap, self.first * (2 ** self.failures))
-        self.failures += 1
-        return delay
-
-    def reset(self) -> None:
-        self.failures = 0
 
 
 class Credentials:
@@ -469,13 +444,7 @@ class Consumer:
     def start_metrics(self) -> None:
         if self.metrics_started:
             return
-        from prometheus_client import start_http_server
-
-        try:
-            start_http_server(self.settings.metrics_port, addr="127.0.0.1")
-        except OSError as e:
-            raise ConfigError(f"cannot serve metrics on 127.0.0.1:{self.settings.metrics_port}: "
-                              f"{e}") from None
+        serve_metrics(self.settings.metrics_port)
         self.metrics_started = True
         log.info("ready: consuming %s; metrics on http://127.0.0.1:%d/metrics",
                  self.settings.queue, self.settings.metrics_port)
