@@ -51,6 +51,8 @@ class RabbitMQ(LocalServer):
                 f"management.tcp.port = {self.port('management')}",
                 f"prometheus.tcp.ip = {host}",
                 f"prometheus.tcp.port = {self.port('prometheus')}",
+                # Per-queue depth and rates for Prometheus (the order queues' collector).
+                "prometheus.return_per_object_metrics = true",
                 # Created on first boot only; guest is never created, so no well-known login.
                 f"default_user = {user}",
                 f"default_pass = {password}",

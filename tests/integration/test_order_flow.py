@@ -116,3 +116,16 @@ def test_prometheus_scrapes_the_services(flow):
 
     health = wait_for(services_up, "Prometheus to scrape the services", timeout=60)
     assert health["rabbitmq"] == "up" and health["prometheus"] == "up"
+
+
+def test_prometheus_has_the_order_queues_depth_and_rates(flow):
+    from opsctl import httpclient
+
+    base = f"http://127.0.0.1:{flow.port('prometheus-grafana', 'http')}/api/v1/query"
+
+    def series(query: str):
+        return httpclient.get(f"{base}?query={query}")["data"]["result"]
+
+    depth = wait_for(lambda: series("rabbitmq_queue_messages_ready"), "queue depth in Prometheus", 60)
+    assert {"priority-orders", "regular-orders", "digital-orders"} <= {s["metric"]["queue"] for s in depth}
+    assert series("rabbitmq_queue_messages_published_total") or series("rabbitmq_global_messages_received_total")
