@@ -37,7 +37,7 @@ def _version(value: bool) -> None:
 def root(
     config: Optional[str] = typer.Option(
         None, "--config", "-c", envvar="OPSCTL_CONFIG", metavar="FILE",
-        help="Override file merged over platform.yaml [default: ./opsctl.yaml if present]."),
+        help="Override file merged over platform.yaml \\[default: ./opsctl.yaml if present]."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
 ) -> None:

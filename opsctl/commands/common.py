@@ -18,12 +18,12 @@ OutputOption = Annotated[
 ]
 
 
+_OUTPUT = ui.Output.text  # how errors are printed: set by each command from --output
+
+
 def set_output(output: ui.Output) -> None:
     global _OUTPUT
     _OUTPUT = output
-
-
-_OUTPUT = ui.Output.text
 
 
 def load_spec():
