@@ -86,8 +86,8 @@ def simulate(
         ui.print_json(summary)
     else:
         lat = summary["latency_ms"]
-        ui.table(f"orders simulate: {rate:g}/s for {duration:g}s → {url}", ["", "value"], [
-            ["sent", summary["sent"]], ["accepted", summary["accepted"]],
+        ui.table(f"orders simulate: {rate:g}/s for {duration:g} s", ["", "value"], [
+            ["order API", url], ["sent", summary["sent"]], ["accepted", summary["accepted"]],
             ["rejected", ", ".join(f"{k}: {v}" for k, v in summary["rejected"].items()) or 0],
             ["errors", ", ".join(f"{k}: {v}" for k, v in summary["errors"].items()) or 0],
             ["anomalies sent", ", ".join(f"{k}: {v}" for k, v in summary["anomalies"].items()) or 0],
