@@ -93,8 +93,10 @@ class Kafka(LocalServer):
         props.write_text(self._properties("data.formatting"))
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
         result = subprocess.run(
+            # "--cluster-id=ID" in one piece: an id may start with "-", which argparse
+            # would take for an option.
             self._java("kafka.tools.StorageTool", "format", "--config", str(props),
-                       "--cluster-id", cluster_id, "--standalone"),
+                       f"--cluster-id={cluster_id}", "--standalone"),
             capture_output=True, text=True,
         )
         if result.returncode != 0:

@@ -180,3 +180,27 @@ def test_dry_run_plans_dependents_of_planned_steps_without_running_them(ctx):
     by_name = {r.name: r for r in run_steps(ctx, comps, None, Board())}
     assert by_name["postgres"].state == "planned" and by_name["postgres"].detail == "after rabbitmq"
     assert ("start", "postgres") not in log
+
+
+def test_kafka_formats_storage_with_a_cluster_id_that_starts_with_a_dash(ctx, monkeypatch, tmp_path):
+    """Kafka's cluster ids are URL-safe base64: one in 64 starts with '-'."""
+    import subprocess
+    import uuid
+
+    from opsctl.components.kafka import Kafka
+
+    ctx.state_dir = tmp_path / ".opsctl"
+    seen = []
+    monkeypatch.setattr(uuid, "uuid4", lambda: uuid.UUID(bytes=b"\xfb" + b"\x00" * 15))
+
+    def fake_run(argv, **kw):
+        seen.append(argv)
+        Path(argv[argv.index("--config") + 1]).parent.joinpath("..", "data.formatting").resolve().mkdir()
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    kafka = Kafka("kafka", ctx)
+    kafka.path("config").mkdir(parents=True)
+    kafka.initialise()
+    cluster_arg = next(a for a in seen[0] if a.startswith("--cluster-id"))
+    assert cluster_arg.startswith("--cluster-id=-")  # one argument, not a flag plus a value
