@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 from opsctl.errors import OpsError
 from opsctl.files import read_json, write_atomic, write_json_atomic
 from opsctl.spec import Component as ComponentSpec, Spec
-from opsctl.targets.local.process import Process, chown_tree, port_free, require_binary, system_user
+from opsctl.targets.local.process import Process, chown_tree, port_free, system_user
 
 
 @dataclass

@@ -72,11 +72,7 @@ WORKERS = ("premium-consumer", "regular-consumer", "digital-consumer", "cdc-brid
 
 
 def purge_order_queues(work: Workdir) -> None:
-    import pika
-
-    password = json.loads((work.path / ".opsctl" / "secrets.json").read_text())["rabbitmq"]["admin_password"]
-    connection = pika.BlockingConnection(pika.ConnectionParameters(
-        port=work.port("rabbitmq", "amqp"), credentials=pika.PlainCredentials("opsctl-admin", password)))
+    connection = work.amqp()
     channel = connection.channel()
     for queue in ("priority-orders", "regular-orders", "digital-orders"):
         channel.queue_purge(queue)

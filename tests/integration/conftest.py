@@ -71,6 +71,19 @@ class Workdir:
     def port(self, component: str, key: str) -> int:
         return self.config["components"][component]["ports"][key]
 
+    def admin_secret(self, component: str, key: str) -> str:
+        """A generated admin credential of this platform (never printed by opsctl)."""
+        return json.loads((self.path / ".opsctl" / "secrets.json").read_text())[component][key]
+
+    def amqp(self, **params):
+        """A pika connection to this platform's RabbitMQ as its admin user."""
+        import pika
+
+        return pika.BlockingConnection(pika.ConnectionParameters(
+            host="127.0.0.1", port=self.port("rabbitmq", "amqp"),
+            credentials=pika.PlainCredentials("opsctl-admin", self.admin_secret("rabbitmq", "admin_password")),
+            **params))
+
     def run(self, *args: str, timeout: float = 600, check_json: bool = False, stdin: str | None = None):
         env = {**os.environ, "OPSCTL_CACHE_DIR": cache_dir(), "PYTHONUNBUFFERED": "1"}
         for name in ("OPSCTL_CONFIG", "VAULT_TOKEN"):

@@ -39,9 +39,8 @@ def keycloak_url(platform) -> str:
 def keycloak_admin(platform):
     from keycloak import KeycloakAdmin
 
-    secrets = json.loads((platform.path / ".opsctl" / "secrets.json").read_text())
     admin = KeycloakAdmin(server_url=keycloak_url(platform), username="opsctl-admin",
-                          password=secrets["keycloak"]["admin_password"], realm_name="master",
+                          password=platform.admin_secret("keycloak", "admin_password"), realm_name="master",
                           user_realm_name="master")
     admin.change_current_realm("order-management-realm")
     return admin
@@ -143,9 +142,7 @@ def test_service_credentials_in_vault_work_against_the_real_servers(platform):
     premium = secrets["premium-consumer"]
     assert {"rabbitmq_username", "rabbitmq_password", "postgres_username"} <= set(premium)
     users = httpclient.get(f"http://127.0.0.1:{platform.port('rabbitmq', 'management')}/api/users",
-                           auth=("opsctl-admin", json.loads(
-                               (platform.path / ".opsctl" / "secrets.json").read_text())
-                               ["rabbitmq"]["admin_password"]))
+                           auth=("opsctl-admin", platform.admin_secret("rabbitmq", "admin_password")))
     assert premium["rabbitmq_username"] in {u["name"] for u in users}
 
 

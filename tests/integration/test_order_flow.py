@@ -27,10 +27,6 @@ def people_token(platform) -> str:
     return platform.run("token", "-o", "json", check_json=True).json["access_token"]
 
 
-def admin_secret(platform, component: str, key: str) -> str:
-    return json.loads((platform.path / ".opsctl" / "secrets.json").read_text())[component][key]
-
-
 def wait_for(check, what: str, timeout: float = 30):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -70,7 +66,7 @@ def test_each_order_type_reaches_its_store_and_regular_orders_reach_kafka(flow):
     priority, regular, digital = (place(flow, kind) for kind in ("priority", "regular", "digital"))
 
     with psycopg.connect(host="127.0.0.1", port=flow.port("postgres", "postgres"), user="postgres",
-                         password=admin_secret(flow, "postgres", "password"), dbname="orders") as conn:
+                         password=flow.admin_secret("postgres", "password"), dbname="orders") as conn:
         row = wait_for(lambda: conn.execute(
             "SELECT document FROM priority_orders WHERE order_id = %s", [priority["order_id"]]).fetchone(),
             "the priority order in PostgreSQL")

@@ -128,7 +128,7 @@ def roleless(topology):
 
     keycloak = f"http://127.0.0.1:{topology.port('keycloak', 'http')}"
     admin = KeycloakAdmin(server_url=keycloak, username="opsctl-admin", realm_name="master",
-                          password=secrets(topology)["keycloak"]["admin_password"],
+                          password=topology.admin_secret("keycloak", "admin_password"),
                           user_realm_name="master")
     admin.change_current_realm("order-management-realm")
     client_id, secret = f"test-no-role-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
@@ -148,19 +148,10 @@ def roleless(topology):
         admin.delete_client(uid)
 
 
-def secrets(platform) -> dict:
-    return json.loads((Path(platform.path) / ".opsctl" / "secrets.json").read_text())
-
-
 @pytest.fixture
 def rabbit(topology):
     """A channel of the admin user, with the order queues purged (other tests use them too)."""
-    import pika
-
-    params = pika.ConnectionParameters(
-        host="127.0.0.1", port=topology.port("rabbitmq", "amqp"),
-        credentials=pika.PlainCredentials("opsctl-admin", secrets(topology)["rabbitmq"]["admin_password"]))
-    connection = pika.BlockingConnection(params)
+    connection = topology.amqp()
     channel = connection.channel()
     for queue in QUEUES.values():
         ok = channel.queue_declare(queue, passive=True)
@@ -189,7 +180,7 @@ def redis_admin(topology):
     import redis
 
     client = redis.Redis(host="127.0.0.1", port=topology.port("redis", "redis"),
-                         password=secrets(topology)["redis"]["password"], socket_timeout=5)
+                         password=topology.admin_secret("redis", "password"), socket_timeout=5)
     yield client
     client.close()
 
@@ -200,7 +191,7 @@ def pg_admin(topology):
 
     conn = psycopg.connect(host="127.0.0.1", port=topology.port("postgres", "postgres"),
                            dbname="orders", user="postgres",
-                           password=secrets(topology)["postgres"]["password"], autocommit=True)
+                           password=topology.admin_secret("postgres", "password"), autocommit=True)
     yield conn
     conn.close()
 
@@ -447,12 +438,7 @@ def test_broker_down_is_a_503_to_retry_and_orders_flow_again_when_it_is_back(
     finally:
         restart_component(topology, "rabbitmq")
     wait_for(lambda: healthy(orders), 60, "the order-creator reconnected to the broker")
-    import pika
-
-    params = pika.ConnectionParameters(
-        host="127.0.0.1", port=topology.port("rabbitmq", "amqp"),
-        credentials=pika.PlainCredentials("opsctl-admin", secrets(topology)["rabbitmq"]["admin_password"]))
-    connection = pika.BlockingConnection(params)
+    connection = topology.amqp()
     try:
         channel = connection.channel()
         channel.queue_purge(QUEUES["priority"])

@@ -162,12 +162,7 @@ def workers(topology, tmp_path):
 
 
 def admin_connection(platform) -> pika.BlockingConnection:
-    secrets = json.loads((platform.path / ".opsctl" / "secrets.json").read_text())
-    params = pika.ConnectionParameters(
-        host="127.0.0.1", port=platform.port("rabbitmq", "amqp"),
-        credentials=pika.PlainCredentials("opsctl-admin", secrets["rabbitmq"]["admin_password"]),
-        connection_attempts=10, retry_delay=1)
-    return pika.BlockingConnection(params)
+    return platform.amqp(connection_attempts=10, retry_delay=1)
 
 
 @pytest.fixture

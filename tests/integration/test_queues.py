@@ -1,6 +1,5 @@
 """The RabbitMQ topology on the real broker: apply, drift, differing arguments, status."""
 
-import json
 
 import pika
 import pytest
@@ -9,10 +8,7 @@ pytestmark = pytest.mark.integration
 
 
 def channel(platform):
-    password = json.loads((platform.path / ".opsctl" / "secrets.json").read_text())["rabbitmq"]["admin_password"]
-    params = pika.ConnectionParameters(port=platform.port("rabbitmq", "amqp"),
-                                       credentials=pika.PlainCredentials("opsctl-admin", password))
-    return pika.BlockingConnection(params).channel()
+    return platform.amqp().channel()
 
 
 def test_install_declared_the_topology_and_it_is_in_sync(platform):
