@@ -73,7 +73,28 @@ def ensure_kv_mount(ctx, client) -> bool:
     if f"{mount}/" in client.sys.list_mounted_secrets_engines()["data"]:
         return False
     client.sys.enable_secrets_engine("kv", path=mount, options={"version": "2"})
+    _wait_until_kv_upgraded(client, mount)
     return True
+
+
+def _wait_until_kv_upgraded(client, mount: str, timeout: float = 30) -> None:
+    """A new KV v2 mount "upgrades" itself for a moment and refuses every request meanwhile."""
+    import time
+
+    import hvac
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.secrets.kv.v2.read_configuration(mount_point=mount)
+            client.secrets.kv.v2.read_secret_version(path="opsctl-probe", mount_point=mount)
+            return
+        except hvac.exceptions.InvalidPath:  # no such secret: the mount answers
+            return
+        except hvac.exceptions.InvalidRequest as e:
+            if "Upgrading" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 class Vault(LocalServer):

@@ -2,6 +2,9 @@
 API → RabbitMQ → consumers → PostgreSQL / MongoDB → CDC → Kafka."""
 
 import json
+import os
+import signal
+import threading
 import time
 import uuid
 
@@ -9,6 +12,7 @@ import httpx
 import pytest
 
 from tests.integration.conftest import workdir_context
+from tests.integration.helpers import TopicReader, stored, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -27,22 +31,18 @@ def people_token(platform) -> str:
     return platform.run("token", "-o", "json", check_json=True).json["access_token"]
 
 
-def wait_for(check, what: str, timeout: float = 30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+def new_order(kind: str) -> dict:
+    return {"customer": {"id": f"c-{uuid.uuid4().hex[:8]}", "name": "Test Client"},
+            "items": [{"product": "Laptop", "category": "electronics", "quantity": 1, "price": 420.0}],
+            "type": kind}
+
+
+def orders_url(platform) -> str:
+    return f"http://127.0.0.1:{workdir_context(platform).spec.services['order-creator'].port}/orders"
 
 
 def place(platform, kind: str) -> dict:
-    order = {"customer": {"id": f"c-{uuid.uuid4().hex[:8]}", "name": "Test Client"},
-             "items": [{"product": "Laptop", "category": "electronics", "quantity": 1, "price": 420.0}],
-             "type": kind}
-    port = workdir_context(platform).spec.services["order-creator"].port
-    response = httpx.post(f"http://127.0.0.1:{port}/orders", json=order,
+    response = httpx.post(orders_url(platform), json=new_order(kind),
                           headers={"Authorization": f"Bearer {people_token(platform)}"}, timeout=10)
     assert response.status_code == 201, response.text
     return response.json()
@@ -69,13 +69,13 @@ def test_each_order_type_reaches_its_store_and_regular_orders_reach_kafka(flow):
                          password=flow.admin_secret("postgres", "password"), dbname="orders") as conn:
         row = wait_for(lambda: conn.execute(
             "SELECT document FROM priority_orders WHERE order_id = %s", [priority["order_id"]]).fetchone(),
-            "the priority order in PostgreSQL")
+            what="the priority order in PostgreSQL")
     assert row[0]["total"] == priority["total"]
 
     with MongoClient(f"mongodb://127.0.0.1:{flow.port('mongodb', 'mongo')}/?replicaSet=rs0") as mongo:
         db = mongo.ecommerce
-        assert wait_for(lambda: db.orders.find_one({"_id": regular["order_id"]}), "the regular order")
-        assert wait_for(lambda: db.digital_orders.find_one({"_id": digital["order_id"]}), "the digital order")
+        assert wait_for(lambda: db.orders.find_one({"_id": regular["order_id"]}), what="the regular order")
+        assert wait_for(lambda: db.digital_orders.find_one({"_id": digital["order_id"]}), what="the digital order")
         assert db.orders.count_documents({"_id": {"$in": [priority["order_id"], digital["order_id"]]}}) == 0
 
     consumer = Consumer({"bootstrap.servers": f"127.0.0.1:{flow.port('kafka', 'broker')}",
@@ -86,7 +86,7 @@ def test_each_order_type_reaches_its_store_and_regular_orders_reach_kafka(flow):
             message = consumer.poll(1)
             return message is not None and not message.error() and \
                 message.key() == regular["order_id"].encode() and message
-        record = wait_for(seen, "the regular order on orders-topic", timeout=60)
+        record = wait_for(seen, 60, what="the regular order on orders-topic")
         assert json.loads(record.value())["order_id"] == regular["order_id"]
     finally:
         consumer.close()
@@ -110,7 +110,7 @@ def test_prometheus_scrapes_the_services(flow):
         health = {t["labels"]["job"]: t["health"] for t in targets}
         return all(health.get(s) == "up" for s in ("order-creator", "premium-consumer", "cdc-bridge")) and health
 
-    health = wait_for(services_up, "Prometheus to scrape the services", timeout=60)
+    health = wait_for(services_up, 60, what="Prometheus to scrape the services")
     assert health["rabbitmq"] == "up" and health["prometheus"] == "up"
 
 
@@ -122,6 +122,93 @@ def test_prometheus_has_the_order_queues_depth_and_rates(flow):
     def series(query: str):
         return httpclient.get(f"{base}?query={query}")["data"]["result"]
 
-    depth = wait_for(lambda: series("rabbitmq_queue_messages_ready"), "queue depth in Prometheus", 60)
+    depth = wait_for(lambda: series("rabbitmq_queue_messages_ready"), 60, what="queue depth in Prometheus")
     assert {"priority-orders", "regular-orders", "digital-orders"} <= {s["metric"]["queue"] for s in depth}
     assert series("rabbitmq_queue_messages_published_total") or series("rabbitmq_global_messages_received_total")
+
+
+class SteadyLoad(threading.Thread):
+    """A client placing orders at about `rate` per second until stopped, round-robin over
+    the three types; remembers every order the API accepted (201) and counts the rest."""
+
+    KINDS = ("priority", "regular", "digital")
+
+    def __init__(self, platform, rate: float):
+        super().__init__(daemon=True)
+        self.url, self.token, self.rate = orders_url(platform), people_token(platform), rate
+        self.accepted: dict[str, str] = {}  # order id → type
+        self.refused = 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        with httpx.Client(timeout=10, headers={"Authorization": f"Bearer {self.token}"}) as client:
+            started, sent = time.monotonic(), 0
+            while not self.done.is_set():
+                kind = self.KINDS[sent % 3]
+                try:
+                    response = client.post(self.url, json=new_order(kind))
+                except httpx.TransportError:
+                    response = None
+                if response is not None and response.status_code == 201:
+                    self.accepted[response.json()["order_id"]] = kind
+                else:
+                    self.refused += 1  # not accepted (503 while RabbitMQ restarts): not owed
+                sent += 1
+                time.sleep(max(0.0, started + sent / self.rate - time.monotonic()))
+
+    def ids(self, kind: str) -> list[str]:
+        return [order_id for order_id, k in self.accepted.items() if k == kind]
+
+
+def test_no_accepted_order_is_lost_when_workers_die_and_rabbitmq_restarts_under_load(flow):
+    """Each store keys its orders by id (a primary key, Mongo's _id), so "once" is the schema's
+    promise; what this proves is that every order answered 201 got there."""
+    import psycopg
+    from pymongo import MongoClient
+
+    from opsctl.components import build
+    from opsctl.components.services import BundledService
+
+    ctx = workdir_context(flow)
+    load = SteadyLoad(flow, rate=30)
+    load.start()
+
+    def accepting_more(than: int) -> bool:
+        return len(load.accepted) > than + 30
+
+    wait_for(lambda: accepting_more(0), 30, what="the API to accept orders")
+    for name in ("premium-consumer", "regular-consumer", "digital-consumer", "cdc-bridge"):
+        os.kill(BundledService(name, ctx).process.pid(), signal.SIGKILL)
+        before = len(load.accepted)
+        wait_for(lambda: accepting_more(before), 30, what=f"orders accepted while {name} is down")
+        restart = flow.run("services", "start", name)
+        assert restart.returncode == 0, restart.stdout + restart.stderr
+
+    assert build("rabbitmq", ctx).stop()  # as `opsctl down` stops it
+    code, steps = flow.steps("--only", "rabbitmq")
+    assert code == 0 and steps["rabbitmq"]["state"] == "changed", steps
+    before = len(load.accepted)
+    wait_for(lambda: accepting_more(before), 60, what="orders accepted after RabbitMQ restarted")
+    load.done.set()
+    load.join(30)
+
+    priority, regular, digital = (load.ids(kind) for kind in SteadyLoad.KINDS)
+    with psycopg.connect(host="127.0.0.1", port=flow.port("postgres", "postgres"), user="postgres",
+                         password=flow.admin_secret("postgres", "password"), dbname="orders") as conn:
+        wait_for(lambda: conn.execute("SELECT count(*) FROM priority_orders WHERE order_id = ANY(%s)",
+                                      [priority]).fetchone()[0] == len(priority),
+                 120, what=f"{len(priority)} priority orders in PostgreSQL")
+
+    with MongoClient(f"mongodb://127.0.0.1:{flow.port('mongodb', 'mongo')}/?replicaSet=rs0") as mongo:
+        for collection, ids in ((mongo.ecommerce.orders, regular), (mongo.ecommerce.digital_orders, digital)):
+            wait_for(lambda: len(stored(collection, ids)) == len(ids), 120,
+                     what=f"{len(ids)} orders in {collection.name}")
+
+    topic = TopicReader(flow)
+    try:
+        on_topic = topic.wait_for_keys(regular, timeout=120)
+    finally:
+        topic.close()
+    print(f"\n{len(load.accepted)} orders accepted ({load.refused} refused while RabbitMQ restarted); "
+          f"each stored once, {len(regular)} regular ones on orders-topic "
+          f"({sum(on_topic[i] for i in regular) - len(regular)} duplicate record(s))")
