@@ -139,6 +139,7 @@ class Catalogue(Strict):
 
 
 class Service(Strict):
+    image: str  # its container image: services/images/<image>/Dockerfile
     credentials: list[Credential] = []
     port: Port | None = None  # HTTP services: where the API listens
     metrics_port: Port | None = None  # workers: where /metrics is served

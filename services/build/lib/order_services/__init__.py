@@ -1,0 +1,1 @@
+"""The bundled order services and their shared helpers."""

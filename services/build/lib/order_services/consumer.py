@@ -1,0 +1,654 @@
+"""The order consumers: one RabbitMQ queue into one store, acknowledged only once durable.
+
+    SERVICE_NAME=premium-consumer  QUEUE=priority-orders → PostgreSQL orders.priority_orders
+    SERVICE_NAME=regular-consumer  QUEUE=regular-orders  → MongoDB  ecommerce.orders
+    SERVICE_NAME=digital-consumer  QUEUE=digital-orders  → MongoDB  ecommerce.digital_orders
+
+Run as `python -m order_services.consumer`; settings come from the environment listed in
+docs/ORDER_FLOW.md, credentials from Vault (order_services.secrets).
+
+Delivery rules:
+- A message is acknowledged only after its write is durable: the PostgreSQL transaction
+  committed, or the MongoDB write acknowledged with {w: majority, j: true}. Writes are
+  idempotent by order_id (INSERT … ON CONFLICT DO NOTHING; upsert with $setOnInsert), so a
+  redelivered message is stored once.
+- A message that can never succeed (not JSON, not an object, no order_id) is rejected
+  without requeue: RabbitMQ dead-letters it to orders-dlx → orders-dead-letter.
+- A message the store refuses is retried: a copy (header x-attempts + 1) is published to the
+  same queue with publisher confirms and only then is the original acknowledged; the try
+  number DELIVERY_ATTEMPTS is rejected without requeue (dead-lettered) instead. Retries wait
+  with an exponential backoff.
+- A store that cannot be reached costs no attempts: the messages in hand stay unacknowledged
+  while the consumer backs off (up to a few seconds) and reconnects, then writes them.
+- RabbitMQ going away (a restart) means reconnect with backoff; unacknowledged messages are
+  redelivered by the broker and stored once thanks to the idempotent writes.
+- SIGTERM/SIGINT: the batch in hand is finished (written and acknowledged), the consumer is
+  cancelled, prefetched messages go back to the queue, connections are closed, exit 0.
+
+Metrics (prometheus_client, http://127.0.0.1:METRICS_PORT/metrics, served once consuming):
+messages_processed_total{result=stored|duplicate|retried|dead_lettered},
+message_processing_seconds (histogram, per message, delivery batch taken → settled).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from order_services.worker import Backoff, ConfigError, Stopping, Unavailable, serve_metrics
+
+log = logging.getLogger("order_services.consumer")
+
+STORES = {"premium-consumer": "postgres", "regular-consumer": "mongodb",
+          "digital-consumer": "mongodb"}
+PREFETCH = 100       # messages RabbitMQ may have in flight to this consumer
+BATCH = 50           # messages written (and committed) together
+HEARTBEAT = 30       # seconds
+RETRY_BACKOFF = (0.25, 5.0)       # failed messages: first wait, cap (seconds)
+UNAVAILABLE_BACKOFF = (0.5, 5.0)  # unreachable store: first wait, cap
+RECONNECT_BACKOFF = (0.5, 10.0)   # RabbitMQ or start-up failures: first wait, cap
+TABLE = "priority_orders"
+
+
+class StoreUnavailable(Unavailable):
+    """The store cannot be reached (or did not confirm durability): retry the batch later."""
+
+
+class StoreRefused(Exception):
+    """The store refused the write of these documents (data error): the messages are retried."""
+
+
+def one_line(error: BaseException) -> str:
+    """An error as one short line: its type and first line (PostgreSQL adds the context of
+    the failing statement, order data included, on the next lines)."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else repr(error)}"[:300]
+
+
+class Poison(Exception):
+    """The message can never be stored (not JSON, no order_id): dead-letter it at once."""
+
+
+# --- settings ---------------------------------------------------------------------------
+@dataclass
+class Settings:
+    service: str
+    store: str
+    queue: str
+    rabbitmq_host: str
+    rabbitmq_port: int
+    attempts: int
+    metrics_port: int
+    postgres: dict = field(default_factory=dict)   # host, port, dbname
+    mongodb: dict = field(default_factory=dict)    # url, db, collection
+
+    @classmethod
+    def from_env(cls, env=os.environ) -> "Settings":
+        service = env.get("SERVICE_NAME", "")
+        if not service:
+            raise ConfigError("missing environment variable: SERVICE_NAME "
+                              f"(one of {', '.join(STORES)})")
+        if service not in STORES:
+            raise ConfigError(f"SERVICE_NAME={service!r} is not a consumer "
+                              f"(expected one of {', '.join(STORES)})")
+        store = STORES[service]
+        wanted = ["QUEUE", "RABBITMQ_HOST", "RABBITMQ_PORT", "DELIVERY_ATTEMPTS", "METRICS_PORT"]
+        wanted += (["POSTGRES_HOST", "POSTGRES_PORT", "POSTGRES_DB"] if store == "postgres"
+                   else ["MONGODB_URL", "MONGODB_DB", "MONGODB_COLLECTION"])
+        missing = [name for name in wanted if not env.get(name)]
+        if missing:
+            raise ConfigError(f"missing environment variable(s) for {service}: "
+                              f"{', '.join(missing)} (see docs/ORDER_FLOW.md)")
+
+        def number(name: str, low: int = 1) -> int:
+            try:
+                value = int(env[name])
+            except ValueError:
+                raise ConfigError(f"{name}={env[name]!r} is not a whole number") from None
+            if value < low:
+                raise ConfigError(f"{name}={value} must be at least {low}")
+            return value
+
+        return cls(
+            service=service, store=store, queue=env["QUEUE"],
+            rabbitmq_host=env["RABBITMQ_HOST"], rabbitmq_port=number("RABBITMQ_PORT"),
+            attempts=number("DELIVERY_ATTEMPTS"), metrics_port=number("METRICS_PORT"),
+            postgres={"host": env.get("POSTGRES_HOST"), "port": env.get("POSTGRES_PORT"),
+                      "dbname": env.get("POSTGRES_DB")},
+            mongodb={"url": env.get("MONGODB_URL"), "db": env.get("MONGODB_DB"),
+                     "collection": env.get("MONGODB_COLLECTION")},
+        )
+
+
+class Credentials:
+    """This service's credentials from Vault, read again when a server refuses them."""
+
+    def __init__(self):
+        from order_services.secrets import VaultSecrets
+
+        self.vault = VaultSecrets.from_env()
+        self._cached: dict | None = None
+
+    def get(self, kind: str, refresh: bool = False) -> tuple[str, str]:
+        if refresh or self._cached is None:
+            try:
+                self._cached = self.vault.read()
+            except Exception as e:  # Keycloak or Vault down, or refusing: try again later
+                raise Unavailable(f"cannot read this service's secrets from Vault: "
+                                  f"{type(e).__name__}: {e}") from e
+        try:
+            return self._cached[f"{kind}_username"], self._cached[f"{kind}_password"]
+        except KeyError:
+            raise ConfigError(f"Vault holds no {kind} credentials for this service "
+                              f"({kind}_username/{kind}_password): run opsctl vault apply") from None
+
+
+# --- the message ------------------------------------------------------------------------
+def parse(body: bytes) -> dict:
+    try:
+        document = json.loads(body)
+    except ValueError as e:
+        raise Poison(f"not JSON: {e}") from None
+    if not isinstance(document, dict):
+        raise Poison(f"not a JSON object but {type(document).__name__}")
+    order_id = document.get("order_id")
+    if not isinstance(order_id, str) or not order_id.strip():
+        raise Poison("no order_id (a non-empty string)")
+    return document
+
+
+@dataclass
+class Delivery:
+    tag: int
+    properties: Any
+    body: bytes
+    redelivered: bool
+    document: dict | None = None
+
+    @property
+    def tries_before(self) -> int:
+        """How many tries came before this one (header x-attempts)."""
+        try:
+            return max(0, int((self.properties.headers or {}).get("x-attempts", 0)))
+        except (TypeError, ValueError):
+            return 0
+
+
+# --- stores -----------------------------------------------------------------------------
+class PostgresStore:
+    """orders.priority_orders: one row per order_id, committed before the acknowledgement."""
+
+    DDL = (f"CREATE TABLE IF NOT EXISTS {TABLE} (order_id text PRIMARY KEY, "
+           "document jsonb NOT NULL, received_at timestamptz NOT NULL DEFAULT now())")
+
+    def __init__(self, settings: Settings, credentials: Credentials):
+        self.settings, self.credentials = settings, credentials
+        self.conn = None
+
+    @property
+    def connected(self) -> bool:
+        return self.conn is not None and not self.conn.closed
+
+    def describe(self) -> str:
+        pg = self.settings.postgres
+        return f"PostgreSQL {pg['host']}:{pg['port']}/{pg['dbname']} table {TABLE}"
+
+    def connect(self) -> None:
+        import psycopg
+
+        self.close()
+        pg = self.settings.postgres
+        refresh = False
+        for _ in range(2):
+            user, password = self.credentials.get("postgres", refresh=refresh)
+            try:
+                conn = psycopg.connect(host=pg["host"], port=pg["port"], dbname=pg["dbname"],
+                                       user=user, password=password, connect_timeout=5,
+                                       application_name=self.settings.service,
+                                       options="-c statement_timeout=30000")  # never hang
+                break
+            except psycopg.OperationalError as e:
+                if "password authentication failed" in str(e) and not refresh:
+                    refresh = True  # rotated in Vault: read it again, once
+                    continue
+                raise StoreUnavailable(f"cannot connect to {self.describe()}: "
+                                       f"{one_line(e)}") from e
+        else:
+            raise StoreUnavailable(f"{self.describe()} refuses this service's credentials")
+        try:
+            with conn.transaction():
+                conn.execute(self.DDL)
+        except psycopg.errors.UniqueViolation:
+            pass  # another consumer created it at the same moment
+        except psycopg.Error as e:
+            conn.close()
+            raise StoreUnavailable(f"cannot create table {TABLE}: {one_line(e)}") from e
+        self.conn = conn
+
+    def write(self, documents: list[dict]) -> list[bool]:
+        """Insert every document in one transaction; True where the row is new."""
+        import psycopg
+        from psycopg.types.json import Jsonb
+
+        if not self.connected:
+            self.connect()
+        values = ", ".join(["(%s, %s)"] * len(documents))
+        params: list = []
+        for document in documents:
+            params += [document["order_id"], Jsonb(document)]
+        try:
+            with self.conn.transaction():
+                rows = self.conn.execute(
+                    f"INSERT INTO {TABLE} (order_id, document) VALUES {values} "
+                    "ON CONFLICT (order_id) DO NOTHING RETURNING order_id", params).fetchall()
+        except (psycopg.OperationalError, psycopg.InterfaceError) as e:
+            self.close()
+            raise StoreUnavailable(f"{self.describe()}: {one_line(e)}") from e
+        except psycopg.Error as e:
+            if self.conn.closed or self.conn.broken:
+                self.close()
+                raise StoreUnavailable(f"{self.describe()}: {one_line(e)}") from e
+            raise StoreRefused(one_line(e)) from e
+        inserted = {row[0] for row in rows}
+        result = []
+        for document in documents:
+            new = document["order_id"] in inserted
+            inserted.discard(document["order_id"])  # a second copy in the batch is a duplicate
+            result.append(new)
+        return result
+
+    def close(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except Exception:
+                pass
+            self.conn = None
+
+
+class MongoStore:
+    """One document per order_id (_id), written with {w: majority, j: true}."""
+
+    def __init__(self, settings: Settings, credentials: Credentials):
+        self.settings, self.credentials = settings, credentials
+        self.client = self.collection = None
+
+    @property
+    def connected(self) -> bool:
+        return self.collection is not None
+
+    def describe(self) -> str:
+        m = self.settings.mongodb
+        return f"MongoDB {m['db']}.{m['collection']}"
+
+    def connect(self) -> None:
+        from pymongo import MongoClient, WriteConcern
+        from pymongo.errors import OperationFailure, PyMongoError
+
+        self.close()
+        m = self.settings.mongodb
+        refresh = False
+        for _ in range(2):
+            user, password = self.credentials.get("mongodb", refresh=refresh)
+            client = MongoClient(m["url"], username=user, password=password, authSource=m["db"],
+                                 tz_aware=True, serverSelectionTimeoutMS=5000,
+                                 connectTimeoutMS=5000, socketTimeoutMS=30000,
+                                 appname=self.settings.service)
+            try:
+                client[m["db"]].command("ping")
+                break
+            except OperationFailure as e:
+                client.close()
+                if e.code == 18 and not refresh:  # AuthenticationFailed: rotated in Vault?
+                    refresh = True
+                    continue
+                raise StoreUnavailable(f"{self.describe()}: {one_line(e)}") from e
+            except PyMongoError as e:
+                client.close()
+                raise StoreUnavailable(f"cannot connect to {self.describe()}: "
+                                       f"{one_line(e)}") from e
+        else:
+            raise StoreUnavailable(f"{self.describe()} refuses this service's credentials")
+        self.client = client
+        self.collection = client[m["db"]].get_collection(
+            m["collection"], write_concern=WriteConcern("majority", j=True))
+
+    def write(self, documents: list[dict]) -> list[bool]:
+        from pymongo import UpdateOne
+        from pymongo.errors import (BulkWriteError, ConnectionFailure, ExecutionTimeout,
+                                    InvalidDocument, OperationFailure, PyMongoError,
+                                    WTimeoutError)
+
+        if not self.connected:
+            self.connect()
+        now = dt.datetime.now(dt.timezone.utc)
+        operations = [UpdateOne({"_id": d["order_id"]},
+                                {"$setOnInsert": {**{k: v for k, v in d.items() if k != "_id"},
+                                                  "received_at": now}}, upsert=True)
+                      for d in documents]
+        try:
+            result = self.collection.bulk_write(operations, ordered=True)
+            upserted = set(result.upserted_ids)
+        except BulkWriteError as e:
+            details = e.details or {}
+            if details.get("writeConcernErrors"):
+                raise StoreUnavailable(f"{self.describe()}: durability not confirmed: "
+                                       f"{details['writeConcernErrors'][0].get('errmsg')}") from e
+            raise StoreRefused(f"{self.describe()}: "
+                               f"{(details.get('writeErrors') or [{}])[0].get('errmsg', e)}") from e
+        except (ConnectionFailure, WTimeoutError, ExecutionTimeout) as e:
+            self.close()
+            raise StoreUnavailable(f"{self.describe()}: {one_line(e)}") from e
+        except (InvalidDocument, OperationFailure) as e:
+            if isinstance(e, OperationFailure) and e.code in (13, 18):  # unauthorised
+                self.close()
+                raise StoreUnavailable(f"{self.describe()}: {one_line(e)}") from e
+            raise StoreRefused(one_line(e)) from e
+        except PyMongoError as e:
+            self.close()
+            raise StoreUnavailable(f"{self.describe()}: {one_line(e)}") from e
+        return [index in upserted for index in range(len(documents))]
+
+    def close(self) -> None:
+        if self.client is not None:
+            try:
+                self.client.close()
+            except Exception:
+                pass
+        self.client = self.collection = None
+
+
+# --- the consumer -----------------------------------------------------------------------
+class Consumer:
+    def __init__(self, settings: Settings, credentials: Credentials, store, metrics):
+        self.settings, self.credentials, self.store = settings, credentials, store
+        self.processed, self.processing = metrics
+        self.stopping = False
+        self.connection = self.channel = None
+        self.buffer: list[Delivery] = []
+        self.retry_backoff = Backoff(*RETRY_BACKOFF)
+        self.metrics_started = False
+
+    # --- life cycle ---------------------------------------------------------------------
+    def stop(self, signum=None, frame=None) -> None:
+        if not self.stopping:
+            log.info("got %s: finishing the messages in hand, then stopping",
+                     signal.Signals(signum).name if signum else "stop")
+        self.stopping = True
+
+    def sleep(self, seconds: float) -> None:
+        """Wait, serving RabbitMQ's heartbeats when connected; raises Stopping on SIGTERM."""
+        deadline = time.monotonic() + seconds
+        while not self.stopping:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            if self.connection is not None and self.connection.is_open:
+                self.connection.process_data_events(time_limit=min(left, 0.25))
+            else:
+                time.sleep(min(left, 0.25))
+        raise Stopping()
+
+    def run(self) -> int:
+        import pika.exceptions
+
+        backoff = Backoff(*RECONNECT_BACKOFF)
+        refresh_credentials = False
+        while not self.stopping:
+            try:
+                if not self.store.connected:
+                    self.store.connect()
+                    log.info("connected to %s", self.store.describe())
+                self.connect_rabbitmq(refresh_credentials)
+                refresh_credentials = False
+                self.start_metrics()
+                backoff.reset()
+                self.consume()
+            except Stopping:
+                break
+            except pika.exceptions.ProbableAuthenticationError as e:
+                refresh_credentials = True
+                self.wait_before_retry(backoff, f"RabbitMQ refused this service's login ({e})")
+            except pika.exceptions.ChannelClosedByBroker as e:
+                hint = " (run: opsctl queues apply)" if e.reply_code == 404 else ""
+                self.wait_before_retry(backoff, f"RabbitMQ closed the channel: {e.reply_code} "
+                                                f"{e.reply_text}{hint}")
+            except (pika.exceptions.AMQPError, OSError) as e:
+                self.wait_before_retry(backoff, f"RabbitMQ connection lost or refused: "
+                                                f"{one_line(e)}")
+            except Unavailable as e:
+                self.wait_before_retry(backoff, str(e))
+            finally:
+                self.close_rabbitmq()
+        self.close_rabbitmq()
+        self.store.close()
+        log.info("stopped")
+        return 0
+
+    def wait_before_retry(self, backoff: Backoff, reason: str) -> None:
+        delay = backoff.next()
+        log.warning("%s; retrying in %.1fs", reason, delay)
+        self.close_rabbitmq()
+        try:
+            self.sleep(delay)
+        except Stopping:
+            pass
+
+    def start_metrics(self) -> None:
+        if self.metrics_started:
+            return
+        serve_metrics(self.settings.metrics_port)
+        self.metrics_started = True
+        log.info("ready: consuming %s; metrics on http://127.0.0.1:%d/metrics",
+                 self.settings.queue, self.settings.metrics_port)
+
+    # --- RabbitMQ -----------------------------------------------------------------------
+    def connect_rabbitmq(self, refresh_credentials: bool) -> None:
+        import pika
+
+        user, password = self.credentials.get("rabbitmq", refresh=refresh_credentials)
+        params = pika.ConnectionParameters(
+            host=self.settings.rabbitmq_host, port=self.settings.rabbitmq_port,
+            credentials=pika.PlainCredentials(user, password), heartbeat=HEARTBEAT,
+            blocked_connection_timeout=60, connection_attempts=1, socket_timeout=5,
+            client_properties={"connection_name": self.settings.service})
+        self.connection = pika.BlockingConnection(params)
+        self.channel = self.connection.channel()
+        self.channel.confirm_delivery()  # the copies put back for another try are confirmed
+        self.channel.basic_qos(prefetch_count=PREFETCH)
+        self.buffer = []
+        self.channel.basic_consume(self.settings.queue, self.on_message, auto_ack=False)
+        log.info("connected to RabbitMQ %s:%d, consuming %s (prefetch %d)",
+                 self.settings.rabbitmq_host, self.settings.rabbitmq_port, self.settings.queue,
+                 PREFETCH)
+
+    def close_rabbitmq(self) -> None:
+        connection, self.connection, self.channel = self.connection, None, None
+        self.buffer = []  # unacknowledged: the broker gives them to the next consumer
+        if connection is not None and connection.is_open:
+            try:
+                connection.close()
+            except Exception:
+                pass
+
+    def on_message(self, channel, method, properties, body) -> None:
+        self.buffer.append(Delivery(method.delivery_tag, properties, body, method.redelivered))
+
+    def consume(self) -> None:
+        while not self.stopping:
+            if not self.buffer:
+                self.connection.process_data_events(time_limit=0.5)
+            self.connection.process_data_events(time_limit=0)
+            if self.buffer:
+                batch, self.buffer = self.buffer[:BATCH], self.buffer[BATCH:]
+                self.handle(batch)
+        # SIGTERM: the batch in hand is done; stop the deliveries and give back the rest.
+        try:
+            self.channel.stop_consuming()
+            if self.buffer:
+                for delivery in self.buffer:  # one by one: pika settled the undispatched ones
+                    self.channel.basic_nack(delivery_tag=delivery.tag, requeue=True)
+                log.info("gave back %d prefetched message(s)", len(self.buffer))
+                self.buffer = []
+        except Exception as e:
+            log.warning("could not cancel the consumer cleanly: %s", e)
+        raise Stopping()
+
+    # --- one batch ----------------------------------------------------------------------
+    def handle(self, batch: list[Delivery]) -> None:
+        started = time.monotonic()
+        good = []
+        for delivery in batch:
+            try:
+                delivery.document = parse(delivery.body)
+                good.append(delivery)
+            except Poison as e:
+                self.dead_letter(delivery, f"{e}; it can never be stored")
+                self.processing.observe(time.monotonic() - started)
+        if not good:
+            return
+        results = self.write(good)
+        failed = []
+        for delivery, result in zip(good, results):
+            if isinstance(result, str):
+                failed.append((delivery, result))
+                continue
+            self.channel.basic_ack(delivery.tag)
+            self.processed.labels("stored" if result else "duplicate").inc()
+            self.processing.observe(time.monotonic() - started)
+        if not failed:
+            self.retry_backoff.reset()
+            return
+        # Wait before the next try, so that a failing store does not use up the tries at
+        # once (a SIGTERM here leaves them unacknowledged: the broker redelivers them).
+        delay = self.retry_backoff.next()
+        log.warning("%d message(s) failed; another try in %.2fs", len(failed), delay)
+        self.sleep(delay)
+        for delivery, reason in failed:
+            self.retry(delivery, reason)
+            self.processing.observe(time.monotonic() - started)
+
+    def write(self, good: list[Delivery]) -> list[bool | str]:
+        """True (stored) / False (duplicate) / an error message, per delivery. While the store
+        is unreachable, waits and tries again (the messages stay unacknowledged)."""
+        backoff = Backoff(*UNAVAILABLE_BACKOFF)
+        held = False
+        while True:
+            try:
+                try:
+                    results = list(self.store.write([d.document for d in good]))
+                    if held:
+                        log.info("%s answers again: the %d held message(s) are written",
+                                 self.store.describe(), len(good))
+                    return results
+                except StoreRefused as e:
+                    if len(good) == 1:
+                        return [str(e)]
+                    # Find which message is refused: one by one, the others go through.
+                    results: list[bool | str] = []
+                    for delivery in good:
+                        try:
+                            results.append(self.store.write([delivery.document])[0])
+                        except StoreRefused as single:
+                            results.append(str(single))
+                    return results
+            except StoreUnavailable as e:
+                delay = backoff.next()
+                log.warning("%s; %d message(s) held, writing again in %.1fs", e, len(good), delay)
+                held = True
+                self.sleep(delay)  # raises Stopping on SIGTERM: the messages stay unacked
+                try:
+                    self.store.connect()
+                except Unavailable:
+                    pass  # the next write says so again, after the next wait
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        log.warning("dead-lettering message %s: %s", self.describe(delivery), reason)
+        self.channel.basic_reject(delivery.tag, requeue=False)
+        self.processed.labels("dead_lettered").inc()
+
+    def retry(self, delivery: Delivery, reason: str) -> None:
+        import pika
+
+        tries = delivery.tries_before + 1
+        if tries >= self.settings.attempts:
+            self.dead_letter(delivery, f"try {tries} of {self.settings.attempts} failed: {reason}")
+            return
+        props = delivery.properties
+        headers = dict(props.headers or {})
+        headers["x-attempts"] = tries
+        copy = pika.BasicProperties(
+            content_type=props.content_type, content_encoding=props.content_encoding,
+            headers=headers, delivery_mode=props.delivery_mode or 2, priority=props.priority,
+            correlation_id=props.correlation_id, reply_to=props.reply_to,
+            expiration=props.expiration, message_id=props.message_id, timestamp=props.timestamp,
+            type=props.type, app_id=props.app_id)  # user_id: the broker checks it is ours
+        try:
+            self.channel.basic_publish("", self.settings.queue, delivery.body, copy,
+                                       mandatory=True)
+        except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as e:
+            log.error("could not put message %s back for another try (%s); it returns to the "
+                      "queue as is", self.describe(delivery), e)
+            self.channel.basic_nack(delivery.tag, requeue=True)
+            return
+        self.channel.basic_ack(delivery.tag)
+        self.processed.labels("retried").inc()
+        log.warning("message %s failed (try %d of %d): %s; put back for another try",
+                    self.describe(delivery), tries, self.settings.attempts, reason)
+
+    @staticmethod
+    def describe(delivery: Delivery) -> str:
+        if delivery.document:
+            return f"order {delivery.document['order_id']}"
+        return f"message_id={delivery.properties.message_id!r}"
+
+
+def make_metrics():
+    from prometheus_client import Counter, Histogram
+
+    processed = Counter("messages_processed", "Order messages settled, by result",
+                        ["result"])
+    for result in ("stored", "duplicate", "retried", "dead_lettered"):
+        processed.labels(result)
+    processing = Histogram("message_processing_seconds",
+                           "Seconds from taking a message's batch to settling the message",
+                           buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5,
+                                    10, 30))
+    return processed, processing
+
+
+def main() -> int:
+    logging.basicConfig(stream=sys.stdout, level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pika").setLevel(logging.CRITICAL)  # its errors are reported here, once
+    name = os.environ.get("SERVICE_NAME") or "consumer"
+    try:
+        from order_services.secrets import SecretsError
+
+        settings = Settings.from_env()
+        try:
+            credentials = Credentials()
+        except SecretsError as e:
+            raise ConfigError(str(e)) from None
+        store = (PostgresStore if settings.store == "postgres" else MongoStore)(settings,
+                                                                                credentials)
+        consumer = Consumer(settings, credentials, store, make_metrics())
+        signal.signal(signal.SIGTERM, consumer.stop)
+        signal.signal(signal.SIGINT, consumer.stop)
+        log.info("%s starting: %s → %s", settings.service, settings.queue, store.describe())
+        return consumer.run()
+    except ConfigError as e:
+        print(f"{name}: configuration error: {e}", file=sys.stderr, flush=True)
+        log.error("configuration error: %s", e)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""The container images of the bundled services: one Dockerfile per image, settings only
+from the environment. (No Docker engine here: the files are checked, and the wheel the
+build stage makes is built for real.)"""
+
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from opsctl import spec
+from opsctl.components.services import MODULES
+
+SERVICES = Path(__file__).resolve().parents[2] / "services"
+# What an image may set itself: where the container listens and keeps its state.
+CONTAINER_DEFAULTS = {"PYTHONUNBUFFERED", "HTTP_HOST", "HTTP_PORT", "METRICS_PORT", "STATE_DIR"}
+
+
+def dockerfile(image: str) -> str:
+    return (SERVICES / "images" / image / "Dockerfile").read_text()
+
+
+def instructions(text: str, keyword: str) -> list[str]:
+    return [line.split(None, 1)[1] for line in text.replace("\\\n", " ").splitlines()
+            if line.startswith(keyword + " ")]
+
+
+def image_settings(text: str) -> dict[str, str]:
+    return dict(pair.split("=", 1) for line in instructions(text, "ENV") for pair in line.split())
+
+
+BUNDLED = spec.load(None).services
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLED))
+def test_each_service_has_an_image_that_runs_its_module(name):
+    text = dockerfile(BUNDLED[name].image)
+    assert instructions(text, "ENTRYPOINT") == [f'["python", "-m", "{MODULES[name]}"]']
+
+
+@pytest.mark.parametrize("image", sorted({s.image for s in BUNDLED.values()}))
+def test_images_take_their_settings_from_the_environment_and_run_unprivileged(image):
+    text = dockerfile(image)
+    settings = image_settings(text)
+    assert set(settings) <= CONTAINER_DEFAULTS, set(settings) - CONTAINER_DEFAULTS
+    port = settings.get("HTTP_PORT") or settings["METRICS_PORT"]
+    assert instructions(text, "EXPOSE") == [port]
+    assert instructions(text, "USER") and instructions(text, "USER")[-1] not in {"root", "0"}
+    assert not re.search(r"\b(127\.0\.0\.1|localhost)\b", " ".join(instructions(text, "ENV")))
+
+
+def test_the_build_stage_wheel_holds_every_service_module(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
+                    "--wheel-dir", str(tmp_path), str(SERVICES)], check=True, capture_output=True)
+    wheel, = tmp_path.glob("order_services-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for module in set(MODULES.values()):
+        assert module.replace(".", "/") + ".py" in names, module
