@@ -134,3 +134,24 @@ async def run_load(url: str, token_source, generator: OrderGenerator, rate: floa
         await asyncio.gather(*tasks)
         result.elapsed = time.perf_counter() - started
     return result
+
+
+def labelled(catalogue: dict[str, dict[str, float]], count: int, anomaly_rate: float, seed: int,
+             rate: float = 20.0, start: float = 1_767_225_600.0) -> list[dict]:
+    """`count` orders as the API would store them (order_id, total, created_at at about
+    `rate` per second from `start`), each with its `label`: "normal" or an anomaly kind."""
+    import datetime as dt
+    import uuid
+
+    generator = OrderGenerator(catalogue, anomaly_rate, seed)
+    rng = random.Random(seed + 1)
+    orders, clock = [], start
+    for _ in range(count):
+        order, label = generator.next()
+        clock += rng.expovariate(rate)
+        order.update(order_id=str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+                     total=round(sum(i["quantity"] * i["price"] for i in order["items"]), 2),
+                     created_at=dt.datetime.fromtimestamp(clock, dt.timezone.utc).isoformat(),
+                     label=label)
+        orders.append(order)
+    return orders

@@ -138,11 +138,19 @@ class Catalogue(Strict):
     products: dict[Name, dict[Annotated[str, Field(min_length=1, max_length=100)], Price]]
 
 
+class ScreeningSettings(Strict):
+    epochs: Annotated[int, Field(ge=1, le=10000)]
+    seed: int
+    target_fpr: Annotated[float, Field(gt=0, lt=1)]
+    trigger_seconds: Annotated[float, Field(gt=0, le=3600)]
+
+
 class Service(Strict):
     image: str  # its container image: services/images/<image>/Dockerfile
     credentials: list[Credential] = []
     port: Port | None = None  # HTTP services: where the API listens
     metrics_port: Port | None = None  # workers: where /metrics is served
+    autostart: bool = True  # started by install and `services start` (else by its own command)
 
     @model_validator(mode="after")
     def _one_port(self) -> "Service":
@@ -168,6 +176,7 @@ class Spec(Strict):
     rabbitmq: RabbitMQSettings
     services: dict[Name, Service]
     catalogue: Catalogue
+    screening: ScreeningSettings
 
     @model_validator(mode="after")
     def _consistent(self) -> "Spec":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -96,3 +97,29 @@ def simulate(
         ])
     if result.accepted != result.sent:
         raise typer.Exit(FAILED)
+
+
+@app.command()
+def generate(
+    count: Annotated[int, typer.Option(min=1, max=10_000_000, help="How many orders.")] = 10000,
+    anomaly_rate: Annotated[float, typer.Option(
+        min=0, max=1, help="Share of orders that start an anomaly (a burst adds several).")] = 0.05,
+    rate: Annotated[float, typer.Option(min=0.01, max=100000, help="Orders per second of the simulated clock.")] = 20,
+    seed: Annotated[int, typer.Option(help="Seed: the same seed writes the same file.")] = 1,
+    out: Annotated[Path, typer.Option(help="The JSON-lines file to write.")] = Path("orders.jsonl"),
+    output: OutputOption = ui.Output.text,
+) -> None:
+    """Write labelled orders (as stored, with created_at and a `label`: normal or the anomaly
+    kind) for training and evaluating the screening model offline."""
+    set_output(output)
+    import json
+    from collections import Counter
+
+    from opsctl.files import write_atomic
+    from opsctl.orders import labelled
+
+    orders = labelled(context().spec.catalogue.products, count, anomaly_rate, seed, rate)
+    write_atomic(out, "".join(json.dumps(o) + "\n" for o in orders))
+    labels = dict(Counter(o["label"] for o in orders))
+    ui.render_or_json(output, {"out": str(out), "orders": count, "labels": labels}, lambda: ui.table(
+        f"{count} orders in {out}", ["label", "orders"], sorted(labels.items())))

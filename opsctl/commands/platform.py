@@ -169,15 +169,15 @@ def down(
 
 
 def fetch(output: OutputOption = ui.Output.text) -> None:
-    """Download and prepare what the local servers need (Keycloak, Kafka) into the cache,
+    """Download and prepare what the local servers need (Keycloak, Kafka, Spark's Kafka source) into the cache,
     and check that every other server is installed."""
     set_output(output)
-    from opsctl.components import local_servers
+    from opsctl.components import infrastructure
     from opsctl.errors import OpsError
 
     ctx = context()
     rows, problems = [], []
-    for component in local_servers(ctx):
+    for component in [c for c in infrastructure(ctx) if hasattr(c, "check_installed")]:
         try:
             component.check_installed()
             rows.append({"component": component.name, "ready": True, "detail": ""})

@@ -17,15 +17,16 @@ app = typer.Typer(help="The bundled order services: start, stop, status, logs.",
                   no_args_is_help=True)
 
 NamesArg = Annotated[Optional[List[str]], typer.Argument(
-    metavar="[SERVICE]...", help="Services to act on [default: all].")]
+    metavar="[SERVICE]...", help="Services to act on [default: those started with the platform; stop: all].")]
 
 
-def _selected(ctx, names: list[str] | None) -> list[str]:
+def _selected(ctx, names: list[str] | None, everything: bool = False) -> list[str]:
+    """The services named, else those started with the platform (or all: `everything`)."""
     known = list(ctx.spec.services)
     unknown = [n for n in names or [] if n not in known]
     if unknown:
         raise UsageError(f"unknown service(s): {', '.join(unknown)}", f"services are: {', '.join(known)}")
-    return names or known
+    return names or [n for n in known if everything or ctx.spec.services[n].autostart]
 
 
 @app.command()
@@ -62,7 +63,7 @@ def stop(names: NamesArg = None, output: OutputOption = ui.Output.text) -> None:
     from opsctl.components.services import BundledService
 
     ctx = context()
-    services = [BundledService(name, ctx) for name in _selected(ctx, names)]
+    services = [BundledService(name, ctx) for name in _selected(ctx, names, everything=True)]
     with ThreadPoolExecutor(max_workers=len(services)) as pool:
         stopped = list(pool.map(lambda s: s.stop(), services))
     rows = [{"service": s.name, "stopped": was} for s, was in zip(services, stopped)]

@@ -18,6 +18,7 @@ LOCAL_SERVERS = {
     "vault": "opsctl.components.vault:Vault",
     "redis": "opsctl.components.redis:Redis",
     "kafka": "opsctl.components.kafka:Kafka",
+    "spark": "opsctl.components.spark:Spark",
     "keycloak": "opsctl.components.keycloak:Keycloak",
 }
 

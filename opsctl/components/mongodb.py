@@ -34,7 +34,7 @@ class MongoDB(LocalServer):
     def endpoint(self) -> str:
         return f"mongodb://{self.ctx.host}:{self.port('mongo')}"
 
-    def _client(self, user: str | None = None, password: str | None = None):
+    def client(self, user: str | None = None, password: str | None = None):
         from pymongo import MongoClient
 
         names = self.ctx.spec.names.mongodb
@@ -47,7 +47,7 @@ class MongoDB(LocalServer):
         from pymongo.errors import OperationFailure
 
         try:
-            with self._client(user, password) as client:
+            with self.client(user, password) as client:
                 client[self.ctx.spec.names.mongodb.database].command("ping")
             return True
         except OperationFailure:
@@ -56,7 +56,7 @@ class MongoDB(LocalServer):
     def ensure_service_user(self, user: str, password: str) -> None:
         database = self.ctx.spec.names.mongodb.database
         roles = [{"role": "readWrite", "db": database}]
-        with self._client() as client:
+        with self.client() as client:
             db = client[database]
             exists = db.command("usersInfo", user)["users"]
             verb = "updateUser" if exists else "createUser"
@@ -66,18 +66,18 @@ class MongoDB(LocalServer):
         if not port_open(self.ctx.host, self.port("mongo")):
             return False
         try:
-            with self._client() as client:
+            with self.client() as client:
                 client.admin.command("ping")
             return True
         except Exception:
             return False
 
     def version(self) -> str:
-        with self._client() as client:
+        with self.client() as client:
             return client.admin.command("buildInfo")["version"]
 
     def health_detail(self) -> tuple[bool, str]:
-        with self._client() as client:
+        with self.client() as client:
             hello = client.admin.command("hello")
         wanted = self.ctx.spec.names.mongodb.replica_set
         if hello.get("setName") != wanted:

@@ -44,6 +44,9 @@ class Binding:
     routing_key: str
 
 
+VALIDATION_KEY = "validation"  # the routing key of orders held for a person (order-screening)
+
+
 def desired(spec) -> tuple[list[Exchange], list[Queue], list[Binding]]:
     ex, q, settings = spec.names.exchanges, spec.names.queues, spec.rabbitmq
     dead_letter = {"x-dead-letter-exchange": ex.dead_letter}
@@ -61,7 +64,7 @@ def desired(spec) -> tuple[list[Exchange], list[Queue], list[Binding]]:
         Binding(ex.orders, q.regular, "q", "regular"),
         Binding(ex.orders, ex.digital, "e", "digital"),
         Binding(ex.digital, q.digital, "q", ""),
-        Binding(ex.orders, q.validation, "q", "validation"),
+        Binding(ex.orders, q.validation, "q", VALIDATION_KEY),
         Binding(ex.dead_letter, q.dead_letter, "q", ""),
     ]
     return exchanges, queues, bindings

@@ -24,6 +24,7 @@ MODULES = {
     "regular-consumer": "order_services.consumer",
     "digital-consumer": "order_services.consumer",
     "cdc-bridge": "order_services.cdc_bridge",
+    "order-screening": "order_services.screening.stream",
 }
 STEP = 22
 
@@ -84,6 +85,13 @@ def environment(ctx: Context, name: str, client_secret: str) -> dict[str, str]:
                                      else names.mongodb.orders)
     if name == "cdc-bridge":
         env["MONGODB_COLLECTION"] = names.mongodb.orders
+    if name == "order-screening":
+        from opsctl.components import spark
+        from opsctl.components.rabbitmq_topology import VALIDATION_KEY
+
+        env.update(MONGODB_COLLECTION=names.mongodb.orders, MODEL_DIR=str(spark.model_dir(ctx)),
+                   VALIDATION_ROUTING_KEY=VALIDATION_KEY, TRIGGER_SECONDS=f"{spec.screening.trigger_seconds:g}",
+                   SPARK_MASTER="local[*]", SPARK_JARS=",".join(str(j) for j in spark.job_jars(ctx)))
     return env
 
 
@@ -147,7 +155,7 @@ class Services(Component):
         like with like; reading changes nothing)."""
         client = vault.admin(self.ctx)
         return [BundledService(name, self.ctx, keycloak_realm.client_secret(self.ctx, name, client))
-                for name in self.ctx.spec.services]
+                for name, service in self.ctx.spec.services.items() if service.autostart]
 
     def reconcile(self) -> Outcome:
         outcomes = [(server.name, server.reconcile()) for server in self.servers()]

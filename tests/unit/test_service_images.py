@@ -14,8 +14,10 @@ from opsctl import spec
 from opsctl.components.services import MODULES
 
 SERVICES = Path(__file__).resolve().parents[2] / "services"
-# What an image may set itself: where the container listens and keeps its state.
-CONTAINER_DEFAULTS = {"PYTHONUNBUFFERED", "HTTP_HOST", "HTTP_PORT", "METRICS_PORT", "STATE_DIR"}
+# What an image may set itself: where the container listens and keeps its state, and the
+# paths of what it carries inside (the Kafka source jars) or gets mounted (the model).
+CONTAINER_DEFAULTS = {"PYTHONUNBUFFERED", "HTTP_HOST", "HTTP_PORT", "METRICS_PORT", "STATE_DIR",
+                      "MODEL_DIR", "SPARK_JARS"}
 
 
 def dockerfile(image: str) -> str:
@@ -58,3 +60,9 @@ def test_the_build_stage_wheel_holds_every_service_module(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for module in set(MODULES.values()):
         assert module.replace(".", "/") + ".py" in names, module
+
+
+def test_the_screening_image_carries_the_kafka_source_of_the_spark_version_in_the_spec():
+    text = dockerfile(BUNDLED["order-screening"].image)
+    version = spec.load(None).components["spark"].version
+    assert f"spark-sql-kafka-0-10_2.13-{version}.jar" in image_settings(text)["SPARK_JARS"]

@@ -1,0 +1,249 @@
+"""opsctl jobs: the AI screening's jobs (train, score, evaluate) and its streaming job.
+
+The jobs run in the services' package (`python -m order_services.screening`, which opsctl
+does not import): they report progress as JSON lines, rendered here.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from opsctl import ui
+from opsctl.commands.common import OutputOption, context, set_output
+from opsctl.errors import FAILED, OpsError, UsageError
+
+app = typer.Typer(help="AI screening: train and evaluate the VAE, score orders, run the streaming job.",
+                  no_args_is_help=True)
+stream_app = typer.Typer(help="The streaming job: Kafka orders-topic → VAE → orders-validation.",
+                         no_args_is_help=True)
+app.add_typer(stream_app, name="stream")
+
+STREAM = "order-screening"
+EpochsOption = Annotated[Optional[int], typer.Option(min=1, max=10000, help="Training epochs [default: platform.yaml screening.epochs].")]
+SeedOption = Annotated[Optional[int], typer.Option(help="Seed: the same data and seed give the same model [default: screening.seed].")]
+
+
+def _existing(path: Path) -> Path:
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file", "give a JSON-lines file of orders (opsctl orders generate writes one)")
+    return path
+
+
+def run_job(job: str, *args: str, output: ui.Output, title: str) -> dict:
+    """Run one screening job; a progress bar from its epoch events; its result (or OpsError)."""
+    argv = [sys.executable, "-m", "order_services.screening", job, *args]
+    progress = None
+    if output == ui.Output.text and ui.err_console.is_terminal:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        progress = Progress(TextColumn(title), BarColumn(), TextColumn("{task.completed}/{task.total} epochs"),
+                            TextColumn("{task.fields[loss]}"), TimeElapsedColumn(), console=ui.err_console)
+    result, error = None, None
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        task = None
+        if progress:
+            progress.start()
+        try:
+            for line in process.stdout:
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if event.get("event") == "progress" and progress:
+                    if task is None:
+                        task = progress.add_task(title, total=event["epochs"], loss="")
+                    progress.update(task, completed=event["epoch"], loss=f"loss {event['loss']:.4f}")
+                elif event.get("event") == "result":
+                    result = event
+                elif event.get("event") == "error":
+                    error = event["message"]
+            stderr = process.stderr.read()
+        finally:
+            if progress:
+                progress.stop()
+    if error:
+        raise (UsageError if process.returncode == 2 else OpsError)(error)
+    if result is None:
+        tail = "\n".join(stderr.strip().splitlines()[-8:])
+        raise OpsError(f"the {job} job failed (exit {process.returncode}):\n{tail}",
+                       "is the services' screening extra installed? run scripts/setup")
+    result.pop("event")
+    return result
+
+
+def _export_orders(ctx, dest: Path) -> int:
+    """ecommerce.orders (as the CDC bridge sees them) into a JSON-lines file."""
+    from opsctl.components import build
+    from opsctl.files import write_atomic
+
+    names = ctx.spec.names.mongodb
+    try:
+        with build("mongodb", ctx).client() as client:
+            docs = list(client[names.database][names.orders].find({}, {"validation": 0}))
+    except Exception as e:  # pymongo's errors: the server is not there
+        raise OpsError(f"cannot read {names.database}.{names.orders} from MongoDB: {e}",
+                       "is the platform running? opsctl status") from None
+    if not docs:
+        raise UsageError(f"{names.database}.{names.orders} holds no orders to train on",
+                         "send some first (opsctl orders simulate), or train --from a file")
+    write_atomic(dest, "".join(json.dumps(d, default=str) + "\n" for d in docs))
+    return len(docs)
+
+
+@app.command("train-vae")
+def train_vae(
+    source: Annotated[str, typer.Option("--from", help="mongo (the stored regular orders) or a JSON-lines FILE.")] = "mongo",
+    epochs: EpochsOption = None,
+    seed: SeedOption = None,
+    output: OutputOption = ui.Output.text,
+) -> None:
+    """Train the VAE on normal orders and save it as the platform's model; a running
+    streaming job is restarted to use it."""
+    set_output(output)
+    ctx = context()
+    from opsctl.components import spark
+
+    settings = ctx.spec.screening
+    model = spark.model_dir(ctx)
+    data = model.parent / ".training-orders.jsonl"
+    try:
+        if source == "mongo":
+            _export_orders(ctx, data)
+        else:
+            data = _existing(Path(source))
+        result = run_job("train", "--data", str(data), "--model", str(model),
+                         "--epochs", str(epochs or settings.epochs), "--seed", str(settings.seed if seed is None else seed),
+                         "--target-fpr", str(settings.target_fpr), output=output, title="training")
+    finally:
+        if source == "mongo":
+            data.unlink(missing_ok=True)
+    result["stream_restarted"] = _restart_stream_if_running(ctx)
+    training = result["training"]
+    ui.render_or_json(output, result, lambda: ui.table(None, ["model", "value"], [
+        ["saved in", result["model"]], ["orders", f"{training['orders']} ({training['unusable']} unusable)"],
+        ["epochs", training["epochs"]], ["final loss", training["final_loss"]],
+        ["threshold", f"{result['threshold']:.5f} (target false-positive rate {training['target_fpr']})"],
+        ["trained in", f"{training['seconds']} s"],
+        ["streaming job", "restarted with it" if result["stream_restarted"] else "not running"]]))
+
+
+@app.command()
+def score(
+    file: Annotated[Path, typer.Argument(help="JSON-lines file of orders.")],
+    out: Annotated[Optional[Path], typer.Option(help="Where to write one score per order [default: FILE.scores.jsonl].")] = None,
+    output: OutputOption = ui.Output.text,
+) -> None:
+    """Score orders offline with the platform's model: flagged or not, and why not scored."""
+    set_output(output)
+    ctx = context()
+    from opsctl.components import spark
+
+    out = out or file.with_name(file.name + ".scores.jsonl")
+    model = spark.model_dir(ctx)
+    if not (model / "model.json").exists():
+        raise UsageError(f"no model in {model}", "train one: opsctl jobs train-vae")
+    result = run_job("score", "--data", str(_existing(file)), "--model", str(model), "--out", str(out),
+                     output=output, title="scoring")
+    ui.render_or_json(output, result, lambda: ui.table(None, ["orders", "scored", "flagged", "unusable", "scores in"], [
+        [result["orders"], result["scored"], result["flagged"], result["unusable"], result["out"]]]))
+
+
+@app.command()
+def evaluate(
+    file: Annotated[Path, typer.Argument(help="Labelled JSON-lines orders (opsctl orders generate).")],
+    epochs: EpochsOption = None,
+    seed: SeedOption = None,
+    output: OutputOption = ui.Output.text,
+) -> None:
+    """Detection quality: the VAE against an IsolationForest on the same split, ROC-AUC and
+    PR-AUC overall and per anomaly kind."""
+    set_output(output)
+    ctx = context()
+    settings = ctx.spec.screening
+    result = run_job("evaluate", "--data", str(_existing(file)), "--epochs", str(epochs or settings.epochs),
+                     "--seed", str(settings.seed if seed is None else seed), output=output, title="evaluating")
+
+    def render() -> None:
+        ui.table(f"trained on {result['trained_on']} normal orders, tested on {result['tested_on']}",
+                 ["anomaly kind", "anomalies", "VAE ROC-AUC", "VAE PR-AUC", "IsolationForest ROC-AUC",
+                  "IsolationForest PR-AUC"],
+                 [[e["kind"], e["anomalies"], e["vae"]["roc_auc"], e["vae"]["pr_auc"],
+                   e["isolation_forest"]["roc_auc"], e["isolation_forest"]["pr_auc"]] for e in result["table"]])
+        at = result["vae_at_threshold"]
+        ui.info(f"VAE at its threshold: false-positive rate {at['false_positive_rate']}, recall {at['recall']}")
+
+    ui.render_or_json(output, result, render)
+
+
+def _restart_stream_if_running(ctx) -> bool:
+    from opsctl.components.services import BundledService
+
+    if not BundledService(STREAM, ctx).process.running():
+        return False
+    BundledService(STREAM, ctx).stop()
+    _start_stream(ctx)
+    return True
+
+
+def _start_stream(ctx):
+    from opsctl.components import keycloak_realm, spark
+    from opsctl.components.services import BundledService
+
+    if not (spark.model_dir(ctx) / "model.json").exists():
+        raise UsageError(f"no model in {spark.model_dir(ctx)}", "train one first: opsctl jobs train-vae")
+    build_spark = spark.Spark("spark", ctx)
+    build_spark.check_installed()
+    return BundledService(STREAM, ctx, keycloak_realm.client_secret(ctx, STREAM)).reconcile()
+
+
+@stream_app.command("start")
+def stream_start(output: OutputOption = ui.Output.text) -> None:
+    """Start the streaming job (Spark local mode); waits until it runs."""
+    set_output(output)
+    outcome = _start_stream(context())
+    ui.render_or_json(output, {"job": STREAM, "state": outcome.state, "detail": outcome.detail},
+                      lambda: ui.table(None, ["job", "state", "detail"], [[STREAM, ui.styled(outcome.state), outcome.detail]]))
+    if outcome.state == "failed":
+        raise typer.Exit(FAILED)
+
+
+@stream_app.command("stop")
+def stream_stop(output: OutputOption = ui.Output.text) -> None:
+    """Stop the streaming job after the batch in hand (its checkpoint keeps its place)."""
+    set_output(output)
+    from opsctl.components.services import BundledService
+
+    stopped = BundledService(STREAM, context()).stop()
+    ui.render_or_json(output, {"job": STREAM, "stopped": stopped}, lambda: ui.table(
+        None, ["job", "result"], [[STREAM, ui.styled("stopped") if stopped else "not running"]]))
+
+
+@stream_app.command("status")
+def stream_status(output: OutputOption = ui.Output.text) -> None:
+    """Whether the streaming job runs, and what it has scored, flagged and dead-lettered."""
+    set_output(output)
+    from opsctl import httpclient
+    from opsctl.components.services import BundledService
+    from opsctl.errors import UNHEALTHY
+
+    health = BundledService(STREAM, context()).health()
+    counts = {}
+    if health.ok and health.health == "healthy":
+        text = httpclient.get(f"{health.endpoint}/metrics")
+        for line in text.splitlines():
+            for name in ("scored", "flagged", "dead_lettered"):
+                prefix = f"screening_{'records' if name == 'dead_lettered' else 'orders'}_{name}_total "
+                if line.startswith(prefix):
+                    counts[name] = int(float(line.split()[-1]))
+    data = {"job": STREAM, "health": health.health, "endpoint": health.endpoint, "detail": health.detail, **counts}
+    ui.render_or_json(output, data, lambda: ui.table(None, ["job", "health", "scored", "flagged", "dead-lettered", "detail"], [
+        [STREAM, ui.styled(health.health), counts.get("scored", "-"), counts.get("flagged", "-"),
+         counts.get("dead_lettered", "-"), health.detail]]))
+    if health.health != "healthy":
+        raise typer.Exit(UNHEALTHY)

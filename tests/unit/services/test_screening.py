@@ -1,0 +1,136 @@
+"""The screening model offline: features, deterministic training, the artifact, the jobs."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from opsctl import spec
+from opsctl.orders import labelled
+from order_services.screening import features, jobs, model
+
+CATALOGUE = spec.load(None).catalogue.products
+
+
+@pytest.fixture(scope="module")
+def orders():
+    return labelled(CATALOGUE, 3000, 0.05, seed=5)
+
+
+@pytest.fixture(scope="module")
+def normal(orders):
+    return [o for o in orders if o["label"] == "normal"]
+
+
+def test_pyspark_pinned_by_the_services_is_the_spark_version_of_the_spec():
+    pyproject = (Path(__file__).resolve().parents[3] / "services" / "pyproject.toml").read_text()
+    assert f'"pyspark=={spec.load(None).components["spark"].version}"' in pyproject
+
+
+def test_features_see_the_anomalies_the_generator_injects(orders, normal):
+    schema = features.Schema.learn(normal)
+    clock = features.CustomerClock(orders)
+    column = {name: i for i, name in enumerate(schema.names)}
+
+    def typical(kind: str, name: str) -> float:
+        return float(np.median([features.vector(o, schema, clock)[column[name]]
+                                for o in orders if o["label"] == kind]))
+
+    assert typical("price_outlier", "max_log_price_ratio") > typical("normal", "max_log_price_ratio") + 2
+    assert typical("quantity_spike", "max_log_item_quantity") > typical("normal", "max_log_item_quantity") + 3
+    assert typical("category_mismatch", "min_log_pair_share") < typical("normal", "min_log_pair_share") - 3
+    assert typical("customer_burst", "log_customer_recent_orders") > typical("normal", "log_customer_recent_orders") + 1
+
+
+@pytest.mark.parametrize("broken,reason", [
+    ({"items": []}, "items is missing or empty"),
+    ({"customer": {}}, "customer.id is missing"),
+    ({"created_at": "yesterday"}, "created_at is not an ISO date"),
+    ({"items": [{"product": "Tea", "category": "grocery", "quantity": -1, "price": 10.0}]}, "not positive"),
+    ({"items": [{"product": "Tea"}]}, "lacks product, category, quantity or price"),
+])
+def test_an_order_without_what_the_features_need_is_refused_with_the_reason(normal, broken, reason):
+    schema = features.Schema.learn(normal)
+    rows, bad = features.matrix([normal[0], {**normal[1], **broken}], schema)
+    assert len(rows) == 1 and bad[0][0] == 1 and reason in bad[0][1]
+
+
+def test_training_is_deterministic_and_the_threshold_meets_the_target_rate(normal):
+    first = model.train(normal, epochs=3, seed=11, target_fpr=0.05)
+    second = model.train(normal, epochs=3, seed=11, target_fpr=0.05)
+    other = model.train(normal, epochs=3, seed=12, target_fpr=0.05)
+    x, _ = features.matrix(normal, first.schema)
+    assert np.array_equal(first.scores(x), second.scores(x)) and first.threshold == second.threshold
+    assert not np.array_equal(first.scores(x), other.scores(x))
+    assert first.info["metrics"]["held_out_fpr"] == pytest.approx(0.05, abs=0.02)
+
+
+def test_the_artifact_round_trips_and_is_replaced_whole(normal, tmp_path):
+    screen = model.train(normal, epochs=2, seed=1)
+    where = screen.save(tmp_path / "vae")
+    model.train(normal, epochs=2, seed=2).save(where)  # replaces, never merges
+    loaded = model.Screen.load(where)
+    assert sorted(p.name for p in where.iterdir()) == ["model.json", "model.pt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["vae"]  # no temporary left behind
+    assert loaded.info["training"]["seed"] == 2
+    meta = json.loads((where / "model.json").read_text())
+    assert meta["schema"]["version"] == features.SCHEMA_VERSION and meta["training"]["from"]
+
+
+def test_a_model_of_another_schema_version_is_refused_with_what_to_do(normal, tmp_path):
+    where = model.train(normal, epochs=1).save(tmp_path / "vae")
+    meta = json.loads((where / "model.json").read_text())
+    meta["schema"]["version"] = 99
+    (where / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="retrain"):
+        model.Screen.load(where)
+
+
+def run(*args: str) -> tuple[int, list[dict]]:
+    result = subprocess.run([sys.executable, "-m", "order_services.screening", *args],
+                            capture_output=True, text=True)
+    return result.returncode, [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_score_job_writes_a_line_per_order_and_says_why_one_was_not_scored(orders, tmp_path):
+    data = tmp_path / "orders.jsonl"
+    data.write_text("".join(json.dumps(o) + "\n" for o in orders[:200]) + json.dumps({"order_id": "x"}) + "\n")
+    assert run("train", "--data", str(data), "--model", str(tmp_path / "vae"), "--epochs", "2")[0] == 0
+    code, events = run("score", "--data", str(data), "--model", str(tmp_path / "vae"), "--out", str(tmp_path / "s"))
+    assert code == 0 and events[-1]["scored"] == 200 and events[-1]["unusable"] == 1
+    lines = [json.loads(line) for line in (tmp_path / "s").read_text().splitlines()]
+    assert len(lines) == 201 and lines[-1] == {"order_id": "x", "flagged": None, "error": "items is missing or empty"}
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{nope\n", r"orders.jsonl:1: not JSON"),
+    ("[1, 2]\n", r"expected an order object"),
+    ("\n", r"holds no orders"),
+])
+def test_bad_files_are_refused_with_the_line_and_exit_2(tmp_path, content, message):
+    data = tmp_path / "orders.jsonl"
+    data.write_text(content)
+    code, events = run("train", "--data", str(data), "--model", str(tmp_path / "vae"))
+    assert code == 2 and events[-1]["event"] == "error" and re.search(message, events[-1]["message"])
+    assert not (tmp_path / "vae").exists()
+
+
+def test_evaluate_needs_labels(normal, tmp_path):
+    data = tmp_path / "orders.jsonl"
+    data.write_text("".join(json.dumps({k: v for k, v in o.items() if k != "label"}) + "\n" for o in normal[:100]))
+    code, events = run("evaluate", "--data", str(data), "--epochs", "1")
+    assert code == 2 and "labelled" in events[-1]["message"]
+
+
+def test_the_vae_beats_the_isolation_forest_on_the_generated_anomalies(tmp_path):
+    data = tmp_path / "orders.jsonl"
+    data.write_text("".join(json.dumps(o) + "\n" for o in labelled(CATALOGUE, 6000, 0.05, seed=9)))
+    code, events = run("evaluate", "--data", str(data), "--epochs", "10")
+    overall = events[-1]["table"][0]
+    assert code == 0 and overall["kind"] == "all"
+    assert overall["vae"]["roc_auc"] > overall["isolation_forest"]["roc_auc"]
+    assert overall["vae"]["pr_auc"] > overall["isolation_forest"]["pr_auc"]
