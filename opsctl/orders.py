@@ -136,18 +136,26 @@ async def run_load(url: str, token_source, generator: OrderGenerator, rate: floa
     return result
 
 
+BLOCK = 500  # orders of one stretch of traffic in a generated file
+
+
 def labelled(catalogue: dict[str, dict[str, float]], count: int, anomaly_rate: float, seed: int,
              rate: float = 20.0, start: float = 1_767_225_600.0) -> list[dict]:
     """`count` orders as the API would store them (order_id, total, created_at at about
-    `rate` per second from `start`), each with its `label`: "normal" or an anomaly kind."""
+    `rate` per second), each with its `label`: "normal" or an anomaly kind. Every
+    BLOCK orders the clock moves on to a random hour of the next day, so that a file
+    covers the hours of the day as real traffic does."""
     import datetime as dt
     import uuid
 
     generator = OrderGenerator(catalogue, anomaly_rate, seed)
     rng = random.Random(seed + 1)
     orders, clock = [], start
-    for _ in range(count):
+    for index in range(count):
         order, label = generator.next()
+        if index % BLOCK == 0:
+            day = index // BLOCK + 1
+            clock = start + day * 86400 + rng.uniform(0, 86400)
         clock += rng.expovariate(rate)
         order.update(order_id=str(uuid.UUID(int=rng.getrandbits(128), version=4)),
                      total=round(sum(i["quantity"] * i["price"] for i in order["items"]), 2),

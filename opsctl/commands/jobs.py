@@ -77,25 +77,6 @@ def run_job(job: str, *args: str, output: ui.Output, title: str) -> dict:
     return result
 
 
-def _export_orders(ctx, dest: Path) -> int:
-    """ecommerce.orders (as the CDC bridge sees them) into a JSON-lines file."""
-    from opsctl.components import build
-    from opsctl.files import write_atomic
-
-    names = ctx.spec.names.mongodb
-    try:
-        with build("mongodb", ctx).client() as client:
-            docs = list(client[names.database][names.orders].find({}, {"validation": 0}))
-    except Exception as e:  # pymongo's errors: the server is not there
-        raise OpsError(f"cannot read {names.database}.{names.orders} from MongoDB: {e}",
-                       "is the platform running? opsctl status") from None
-    if not docs:
-        raise UsageError(f"{names.database}.{names.orders} holds no orders to train on",
-                         "send some first (opsctl orders simulate), or train --from a file")
-    write_atomic(dest, "".join(json.dumps(d, default=str) + "\n" for d in docs))
-    return len(docs)
-
-
 @app.command("train-vae")
 def train_vae(
     source: Annotated[str, typer.Option("--from", help="mongo (the stored regular orders) or a JSON-lines FILE.")] = "mongo",
@@ -114,7 +95,9 @@ def train_vae(
     data = model.parent / ".training-orders.jsonl"
     try:
         if source == "mongo":
-            _export_orders(ctx, data)
+            from opsctl.commands.orders import export_orders
+
+            export_orders(ctx, data)
         else:
             data = _existing(Path(source))
         result = run_job("train", "--data", str(data), "--model", str(model),

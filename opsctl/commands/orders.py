@@ -10,7 +10,7 @@ import typer
 
 from opsctl import ui
 from opsctl.commands.common import OutputOption, context, set_output
-from opsctl.errors import FAILED, OpsError
+from opsctl.errors import FAILED, OpsError, UsageError
 
 app = typer.Typer(help="Orders: simulated, authenticated traffic for the order API.",
                   no_args_is_help=True)
@@ -104,7 +104,7 @@ def generate(
     count: Annotated[int, typer.Option(min=1, max=10_000_000, help="How many orders.")] = 10000,
     anomaly_rate: Annotated[float, typer.Option(
         min=0, max=1, help="Share of orders that start an anomaly (a burst adds several).")] = 0.05,
-    rate: Annotated[float, typer.Option(min=0.01, max=100000, help="Orders per second of the simulated clock.")] = 20,
+    rate: Annotated[float, typer.Option(min=0.01, max=100000, help="Orders per second of the simulated traffic (match what the model will see).")] = 20,
     seed: Annotated[int, typer.Option(help="Seed: the same seed writes the same file.")] = 1,
     out: Annotated[Path, typer.Option(help="The JSON-lines file to write.")] = Path("orders.jsonl"),
     output: OutputOption = ui.Output.text,
@@ -123,3 +123,37 @@ def generate(
     labels = dict(Counter(o["label"] for o in orders))
     ui.render_or_json(output, {"out": str(out), "orders": count, "labels": labels}, lambda: ui.table(
         f"{count} orders in {out}", ["label", "orders"], sorted(labels.items())))
+
+
+def export_orders(ctx, dest: Path) -> int:
+    """ecommerce.orders (as the CDC bridge sees them) into a JSON-lines file."""
+    import json
+
+    from opsctl.components import build
+    from opsctl.files import write_atomic
+
+    names = ctx.spec.names.mongodb
+    try:
+        with build("mongodb", ctx).client() as client:
+            docs = list(client[names.database][names.orders].find({}, {"validation": 0}))
+    except Exception as e:  # pymongo's errors: the server is not there
+        raise OpsError(f"cannot read {names.database}.{names.orders} from MongoDB: {e}",
+                       "is the platform running? opsctl status") from None
+    if not docs:
+        raise UsageError(f"{names.database}.{names.orders} holds no orders to train on",
+                         "send some first (opsctl orders simulate), or train --from a file")
+    write_atomic(dest, "".join(json.dumps(d, default=str) + "\n" for d in docs))
+    return len(docs)
+
+
+@app.command()
+def export(
+    out: Annotated[Path, typer.Option(help="The JSON-lines file to write.")] = Path("orders.jsonl"),
+    output: OutputOption = ui.Output.text,
+) -> None:
+    """Write the stored regular orders (MongoDB, as the CDC bridge streams them) to a file,
+    for scoring or training offline."""
+    set_output(output)
+    count = export_orders(context(), out)
+    ui.render_or_json(output, {"out": str(out), "orders": count},
+                      lambda: ui.info(f"{count} orders written to {out}"))

@@ -11,7 +11,7 @@ import pytest
 
 from opsctl import spec
 from opsctl.orders import labelled
-from order_services.screening import features, jobs, model
+from order_services.screening import features, model
 
 CATALOGUE = spec.load(None).catalogue.products
 

@@ -58,7 +58,11 @@ class Schema:
         prices: dict[str, list[float]] = defaultdict(list)
         pairs: Counter = Counter()
         for order in orders:
-            for item in _items(order):
+            try:
+                items = _items(order)
+            except BadOrder:
+                continue  # counted as unusable by matrix()
+            for item in items:
                 prices[item["product"]].append(float(item["price"]))
                 pairs[(item["category"], item["product"])] += 1
         if not prices:
@@ -95,10 +99,11 @@ def _items(order: dict) -> list[dict]:
         if not isinstance(item, dict) or not {"product", "category", "quantity", "price"} <= item.keys():
             raise BadOrder("an item lacks product, category, quantity or price")
         try:
-            if float(item["price"]) <= 0 or float(item["quantity"]) <= 0:
-                raise BadOrder("an item has a price or quantity that is not positive")
+            price, quantity = float(item["price"]), float(item["quantity"])
         except (TypeError, ValueError):
             raise BadOrder("an item's price or quantity is not a number") from None
+        if price <= 0 or quantity <= 0:
+            raise BadOrder("an item has a price or quantity that is not positive")
     return items
 
 

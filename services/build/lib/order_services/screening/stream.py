@@ -199,7 +199,8 @@ class Sinks:
                 self.latency.observe(max(0.0, time.time() - r.kafka_ms / 1000))
             updates.append(UpdateOne({"_id": r.order_id}, {"$set": {"validation": {
                 "status": status, "score": r.score, "threshold": threshold, "model": model_version,
-                "batch": batch_id, "screened_at": now}}}))
+                "batch": batch_id, "screened_at": now,
+                "kafka_at": dt.datetime.fromtimestamp(r.kafka_ms / 1000, dt.timezone.utc)}}}))
         if updates:
             orders.bulk_write(updates, ordered=False)
         self.scored.inc(len(updates))
