@@ -3,6 +3,7 @@ from the environment. (No Docker engine here: the files are checked, and the whe
 build stage makes is built for real.)"""
 
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -54,8 +55,15 @@ def test_images_take_their_settings_from_the_environment_and_run_unprivileged(im
 
 
 def test_the_build_stage_wheel_holds_every_service_module(tmp_path):
+    # What the build stage copies (pyproject.toml, order_services/), built in a copy so
+    # that setuptools' build/ folder never lands in the repository.
+    source = tmp_path / "src"
+    source.mkdir()
+    shutil.copy(SERVICES / "pyproject.toml", source)
+    shutil.copytree(SERVICES / "order_services", source / "order_services",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
-                    "--wheel-dir", str(tmp_path), str(SERVICES)], check=True, capture_output=True)
+                    "--wheel-dir", str(tmp_path), str(source)], check=True, capture_output=True)
     wheel, = tmp_path.glob("order_services-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for module in set(MODULES.values()):

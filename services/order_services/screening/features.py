@@ -122,6 +122,13 @@ class CustomerClock:
         self._seen: set = set()
         self.add(orders)
 
+    @classmethod
+    def from_times(cls, times: dict[str, list[float]]) -> "CustomerClock":
+        """A clock from customer → created_at timestamps (the streaming job reads them from the store)."""
+        clock = cls()
+        clock._times.update({customer: sorted(stamps) for customer, stamps in times.items()})
+        return clock
+
     def add(self, orders: Iterable[dict]) -> None:
         for order in orders:
             key = order.get("order_id") or order.get("_id") or id(order)

@@ -91,9 +91,7 @@ def score_partitions(model_name: str, history: dict[str, list[float]]):
 
         path = SparkFiles.get(model_name)
         screen = _SCREENS.get(path) or _SCREENS.setdefault(path, model.Screen.load(path))
-        clock = features.CustomerClock()
-        for customer, times in history.items():
-            clock._times[customer] = sorted(times)
+        clock = features.CustomerClock.from_times(history)
         for frame in frames:
             out = []
             for partition, offset, value, kafka_ts in zip(frame["partition"], frame["offset"], frame["value"],
@@ -222,7 +220,7 @@ def _timestamp(value) -> float | None:
         return None
 
 
-def process_batch(spark, settings: Settings, sinks: Sinks, model_name: str, meta: dict):
+def process_batch(sinks: Sinks, model_name: str, meta: dict):
     from pyspark.sql import functions as F
 
     window = meta["schema"]["burst_window_s"]
@@ -295,7 +293,7 @@ def main() -> int:
               .load()
               .selectExpr("partition", "offset", "CAST(value AS STRING) AS value", "timestamp"))
     query = (source.writeStream
-             .foreachBatch(process_batch(spark, settings, sinks, model_name, meta))
+             .foreachBatch(process_batch(sinks, model_name, meta))
              .option("checkpointLocation", os.path.join(settings.state_dir, "checkpoint"))
              .trigger(processingTime=f"{settings.trigger_seconds:g} seconds")
              .start())

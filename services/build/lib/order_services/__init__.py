@@ -1,1 +1,0 @@
-"""The bundled order services and their shared helpers."""

@@ -1,1 +1,0 @@
-"""AI screening of orders: features, the VAE model, its jobs and the streaming scorer."""
