@@ -184,7 +184,8 @@ class Sinks:
         updates = []
         for r in good:
             if r.order_id in done:
-                continue  # a replayed batch: this order was screened already
+                continue  # screened already: a replayed batch, or the same order twice on the topic
+            done.add(r.order_id)
             status = "held" if r.flagged else "passed"
             if r.flagged:
                 body = json.dumps({"order_id": r.order_id, "score": r.score, "threshold": threshold,
