@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -45,7 +46,9 @@ def run_job(job: str, *args: str, output: ui.Output, title: str) -> dict:
         progress = Progress(TextColumn(title), BarColumn(), TextColumn("{task.completed}/{task.total} epochs"),
                             TextColumn("{task.fields[loss]}"), TimeElapsedColumn(), console=ui.err_console)
     result, error = None, None
-    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+    # stderr to a file, not a pipe: a chatty job could fill the pipe while we read stdout.
+    with tempfile.TemporaryFile("w+") as stderr_file, \
+            subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr_file, text=True) as process:
         task = None
         if progress:
             progress.start()
@@ -63,7 +66,9 @@ def run_job(job: str, *args: str, output: ui.Output, title: str) -> dict:
                     result = event
                 elif event.get("event") == "error":
                     error = event["message"]
-            stderr = process.stderr.read()
+            process.wait()
+            stderr_file.seek(0)
+            stderr = stderr_file.read()
         finally:
             if progress:
                 progress.stop()
@@ -167,21 +172,21 @@ def evaluate(
 def _restart_stream_if_running(ctx) -> bool:
     from opsctl.components.services import BundledService
 
-    if not BundledService(STREAM, ctx).process.running():
+    stream = BundledService(STREAM, ctx)
+    if not stream.process.running():
         return False
-    BundledService(STREAM, ctx).stop()
+    stream.stop()
     _start_stream(ctx)
     return True
 
 
 def _start_stream(ctx):
-    from opsctl.components import keycloak_realm, spark
+    from opsctl.components import build, keycloak_realm, spark
     from opsctl.components.services import BundledService
 
     if not (spark.model_dir(ctx) / "model.json").exists():
         raise UsageError(f"no model in {spark.model_dir(ctx)}", "train one first: opsctl jobs train-vae")
-    build_spark = spark.Spark("spark", ctx)
-    build_spark.check_installed()
+    build("spark", ctx).check_installed()
     return BundledService(STREAM, ctx, keycloak_realm.client_secret(ctx, STREAM)).reconcile()
 
 
@@ -217,13 +222,13 @@ def stream_status(output: OutputOption = ui.Output.text) -> None:
 
     health = BundledService(STREAM, context()).health()
     counts = {}
-    if health.ok and health.health == "healthy":
-        text = httpclient.get(f"{health.endpoint}/metrics")
-        for line in text.splitlines():
-            for name in ("scored", "flagged", "dead_lettered"):
-                prefix = f"screening_{'records' if name == 'dead_lettered' else 'orders'}_{name}_total "
-                if line.startswith(prefix):
-                    counts[name] = int(float(line.split()[-1]))
+    if health.health == "healthy":
+        metrics = {"screening_orders_scored_total": "scored", "screening_orders_flagged_total": "flagged",
+                   "screening_records_dead_lettered_total": "dead_lettered"}
+        for line in httpclient.get(f"{health.endpoint}/metrics").splitlines():
+            name, _, value = line.partition(" ")
+            if name in metrics:
+                counts[metrics[name]] = int(float(value))
     data = {"job": STREAM, "health": health.health, "endpoint": health.endpoint, "detail": health.detail, **counts}
     ui.render_or_json(output, data, lambda: ui.table(None, ["job", "health", "scored", "flagged", "dead-lettered", "detail"], [
         [STREAM, ui.styled(health.health), counts.get("scored", "-"), counts.get("flagged", "-"),

@@ -9,7 +9,7 @@ import importlib
 
 from opsctl.components.base import Component, Context, LocalServer, Skipped
 
-LOCAL_SERVERS = {
+LOCAL_TARGET = {  # what runs each component on the local target (servers, and Spark as a library)
     "nginx": "opsctl.components.nginx:Nginx",
     "prometheus-grafana": "opsctl.components.prometheus:Prometheus",
     "rabbitmq": "opsctl.components.rabbitmq:RabbitMQ",
@@ -47,7 +47,7 @@ def build(name: str, ctx: Context) -> Component:
         return Skipped(name, ctx, f"{'/'.join(spec.targets)} only")
     if not spec.available:
         return Skipped(name, ctx, "not yet (lands with the AI screening issue)")
-    return _load(LOCAL_SERVERS[name])(name, ctx)
+    return _load(LOCAL_TARGET[name])(name, ctx)
 
 
 def infrastructure(ctx: Context) -> list[Component]:

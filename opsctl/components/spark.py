@@ -31,15 +31,19 @@ class Spark(Component):
         except metadata.PackageNotFoundError:
             return None
 
-    def check_installed(self) -> None:
+    def _check_runtime(self) -> None:
         require_binary("java", "apt-get install -y openjdk-17-jre-headless")
         found, wanted = self._pyspark_version(), self.spec.version
         if found != wanted:
             raise OpsError(f"pyspark {wanted} is needed (the Kafka source jars are {wanted}), "
                            f"found {found or 'none'}",
                            "run scripts/setup (installs the services with their screening extra)")
+
+    def check_installed(self) -> None:
+        """The runtime is there; the Kafka source jars are fetched if they are not."""
+        self._check_runtime()
         if not kafka_jars(self.ctx).exists() and not self.ctx.dry_run:
-            artifacts.jars([f"{self.spec.artifact}:{wanted}"], kafka_jars(self.ctx).parent)
+            artifacts.jars([f"{self.spec.artifact}:{self.spec.version}"], kafka_jars(self.ctx).parent)
 
     def reconcile(self) -> Outcome:
         fresh = not kafka_jars(self.ctx).exists()
@@ -53,10 +57,13 @@ class Spark(Component):
         return f"pyspark {self.spec.version}, local mode, Kafka source ({jars} jars)"
 
     def health(self) -> Health:
+        """Reads only: a status never downloads."""
         try:
-            self.check_installed()
+            self._check_runtime()
         except OpsError as e:
             return self._health("unhealthy", detail=e.message)
+        if not kafka_jars(self.ctx).exists():
+            return self._health("unhealthy", detail="the Kafka source jars are not fetched: run opsctl fetch")
         model = "model trained" if (model_dir(self.ctx) / "model.json").exists() else "no model yet"
         return self._health("healthy", version=self.spec.version, detail=f"{self._summary()}; {model}")
 

@@ -86,7 +86,6 @@ def _wait_until_kv_upgraded(client, mount: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            client.secrets.kv.v2.read_configuration(mount_point=mount)
             client.secrets.kv.v2.read_secret_version(path="opsctl-probe", mount_point=mount)
             return
         except hvac.exceptions.InvalidPath:  # no such secret: the mount answers

@@ -58,6 +58,8 @@ def batch_throughput(folder: Path, count: int = 200_000) -> dict:
 def stream(rate: float, duration: float) -> dict:
     from pymongo import MongoClient
 
+    from order_services.screening import features
+
     work = Workdir(reachable_dir("opsctl-bench-"), port_override())
     try:
         for args in (["install"], ["orders", "generate", "--count", "5000", "--rate", str(rate), "--out", "train.jsonl"],
@@ -73,13 +75,10 @@ def stream(rate: float, duration: float) -> dict:
         while time.monotonic() < deadline and db.orders.count_documents({"validation": {"$exists": False}}):
             time.sleep(1)
         kafka, api = [], []
-        import datetime as dt
         for doc in db.orders.find({"validation": {"$exists": True}}):
             v = doc["validation"]
-            created = dt.datetime.fromisoformat(doc["created_at"]) if isinstance(doc["created_at"], str) \
-                else doc["created_at"]
             kafka.append((v["screened_at"] - v["kafka_at"]).total_seconds())
-            api.append((v["screened_at"] - created).total_seconds())
+            api.append(v["screened_at"].timestamp() - features.created_at(doc))
         status = work.run("jobs", "stream", "status", "-o", "json", check_json=True).json
     finally:
         work.run("down", "--purge", "--yes", timeout=300)

@@ -43,13 +43,13 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from order_services.files import write_atomic
 from order_services.worker import Backoff, ConfigError, Stopping, Unavailable, serve_metrics
 
 log = logging.getLogger("order_services.cdc_bridge")
@@ -175,25 +175,7 @@ class State:
             "document_id": document_id,
             "saved_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         })
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".resume-token.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(body)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        dir_fd = os.open(self.folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomic(self.path, body)
 
 
 # --- the bridge -------------------------------------------------------------------------

@@ -91,6 +91,13 @@ def created_at(order: dict) -> float:
     return stamp.timestamp()
 
 
+def created_at_or_none(order: dict) -> float | None:
+    try:
+        return created_at(order)
+    except BadOrder:
+        return None
+
+
 def _items(order: dict) -> list[dict]:
     items = order.get("items") if isinstance(order, dict) else None
     if not isinstance(items, list) or not items:

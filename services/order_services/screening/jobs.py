@@ -16,6 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
+from order_services.files import write_atomic
 from order_services.screening import features
 
 NORMAL = "normal"
@@ -27,6 +28,10 @@ class InputError(Exception):
 
 def emit(event: str, **fields) -> None:
     print(json.dumps({"event": event, **fields}), flush=True)
+
+
+def report_epoch(epoch: int, epochs: int, loss: float) -> None:
+    emit("progress", epoch=epoch, epochs=epochs, loss=round(loss, 5))
 
 
 def read_orders(path: Path) -> list[dict]:
@@ -57,7 +62,7 @@ def train(args) -> dict:
     orders = [o for o in everything if o.get("label", NORMAL) == NORMAL]
     try:
         screen = model.train(orders, history=everything, epochs=args.epochs, seed=args.seed, target_fpr=args.target_fpr,
-                             on_epoch=lambda e, n, loss: emit("progress", epoch=e, epochs=n, loss=round(loss, 5)))
+                             on_epoch=report_epoch)
     except (ValueError, features.BadOrder) as e:
         raise InputError(str(e)) from None
     screen.save(args.model)
@@ -106,10 +111,11 @@ def evaluate(args) -> dict:
     normal = [i for i, label in enumerate(labels) if label == NORMAL]
     fit = set(rng.choice(normal, size=int(len(normal) * 0.6), replace=False).tolist())
     screen = model.train([orders[i] for i in sorted(fit)], history=orders, epochs=args.epochs, seed=args.seed,
-                         on_epoch=lambda e, n, loss: emit("progress", epoch=e, epochs=n, loss=round(loss, 5)))
+                         on_epoch=report_epoch)
     # Features over the whole file: a customer's history includes every order in it.
     x, bad = features.matrix(orders, screen.schema)
-    usable = [i for i in range(len(orders)) if i not in dict(bad)]
+    refused = dict(bad)
+    usable = [i for i in range(len(orders)) if i not in refused]
     row = {index: n for n, index in enumerate(usable)}
     train_rows = [row[i] for i in sorted(fit) if i in row]
     test = [i for i in usable if i not in fit]
@@ -135,24 +141,6 @@ def evaluate(args) -> dict:
             "unusable": len(bad), "table": table,
             "vae_at_threshold": {"false_positive_rate": round(float(flagged[is_normal].mean()), 4),
                                  "recall": round(float(flagged[~is_normal].mean()), 4)}}
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write next to the target, then rename: a reader never sees half a file.
-    (The services do not import opsctl, hence this small copy of opsctl.files.write_atomic.)"""
-    import os
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -172,7 +172,7 @@ def train(orders: list[dict], *, history: list[dict] | None = None, epochs: int 
     screen = Screen(schema, mean.astype(np.float32), scale, network, 0.0, {})
     held_scores = screen.scores(held_out)
     screen.threshold = float(np.quantile(held_scores, 1 - target_fpr))
-    times = sorted(features.created_at(o) for o in orders if _has_time(o))
+    times = sorted(t for t in map(features.created_at_or_none, orders) if t is not None)
     screen.info = {
         "architecture": {"kind": "vae", "inputs": x.shape[1], "hidden": hidden, "latent": latent},
         "training": {"orders": len(orders), "unusable": len(bad), "fit": len(fit), "threshold_set": len(held_out),
@@ -183,14 +183,6 @@ def train(orders: list[dict], *, history: list[dict] | None = None, epochs: int 
                     "held_out_score_p50": float(np.median(held_scores))},
     }
     return screen
-
-
-def _has_time(order: dict) -> bool:
-    try:
-        features.created_at(order)
-        return True
-    except features.BadOrder:
-        return False
 
 
 def _iso(timestamp: float) -> str:

@@ -84,16 +84,19 @@ def score_partitions(model_name: str, history: dict[str, list[float]]):
     """The mapInPandas function: scores the Kafka records of a partition."""
 
     def run(frames):
+        import numpy as np
         import pandas as pd
         from pyspark import SparkFiles
 
         from order_services.screening import features, model
 
         path = SparkFiles.get(model_name)
-        screen = _SCREENS.get(path) or _SCREENS.setdefault(path, model.Screen.load(path))
+        if path not in _SCREENS:
+            _SCREENS[path] = model.Screen.load(path)
+        screen = _SCREENS[path]
         clock = features.CustomerClock.from_times(history)
         for frame in frames:
-            out = []
+            out, rows, scored = [], [], []  # scored: the records that have a feature row
             for partition, offset, value, kafka_ts in zip(frame["partition"], frame["offset"], frame["value"],
                                                           frame["timestamp"]):
                 record = {"partition": int(partition), "offset": int(offset), "order_id": None, "score": None,
@@ -104,22 +107,19 @@ def score_partitions(model_name: str, history: dict[str, list[float]]):
                     if not isinstance(order, dict) or not order.get("order_id"):
                         raise features.BadOrder("not an order: order_id is missing")
                     record["order_id"] = str(order["order_id"])
-                    row = features.vector(order, screen.schema, clock)
-                    record["score"] = float(screen.scores(_as_matrix(row))[0])
-                    record["flagged"] = record["score"] > screen.threshold
+                    rows.append(features.vector(order, screen.schema, clock))
+                    scored.append(record)
                 except (ValueError, features.BadOrder) as e:  # JSONDecodeError is a ValueError
                     record["error"] = str(e) if isinstance(e, features.BadOrder) else f"not JSON: {e}"
                     record["value"] = value if isinstance(value, str) else None
                 out.append(record)
+            if rows:  # one pass of the network for the whole frame
+                for record, score in zip(scored, screen.scores(np.asarray(rows, dtype=np.float32))):
+                    record["score"] = float(score)
+                    record["flagged"] = record["score"] > screen.threshold
             yield pd.DataFrame(out, columns=[c.split()[0] for c in RESULT_SCHEMA.split(", ")])
 
     return run
-
-
-def _as_matrix(row):
-    import numpy as np
-
-    return np.asarray([row], dtype=np.float32)
 
 
 class Sinks:
@@ -161,12 +161,14 @@ class Sinks:
 
     def history(self, customers: list[str], since: dt.datetime) -> dict[str, list[float]]:
         """created_at of these customers' orders since `since` (seconds since the epoch)."""
+        from order_services.screening.features import created_at_or_none
+
         found: dict[str, list[float]] = {}
         if not customers:
             return found
         for doc in self.mongo()[self.settings.collection].find(
                 {"customer.id": {"$in": customers}}, {"customer.id": 1, "created_at": 1}):
-            stamp = _timestamp(doc.get("created_at"))
+            stamp = created_at_or_none(doc)
             if stamp is not None and stamp >= since.timestamp():
                 found.setdefault(doc["customer"]["id"], []).append(stamp)
         return found
@@ -210,15 +212,6 @@ class Sinks:
                 {"$set": {"reason": r.error, "value": r.value, "order_id": r.order_id, "at": now}},
                 upsert=True) for r in dead], ordered=False)
             self.dead.inc(len(dead))
-
-
-def _timestamp(value) -> float | None:
-    from order_services.screening import features
-
-    try:
-        return features.created_at({"created_at": value})
-    except features.BadOrder:
-        return None
 
 
 def process_batch(sinks: Sinks, model_name: str, meta: dict):
