@@ -26,6 +26,14 @@ stream_app = typer.Typer(help="The streaming job: Kafka orders-topic → VAE →
 app.add_typer(stream_app, name="stream")
 
 STREAM = "order-screening"
+MasterOption = Annotated[Optional[str], typer.Option(
+    "--master", metavar="URL", show_default=False,
+    help="Where the executors run: local[*] (Spark local mode, the default), spark://HOST:PORT "
+         "(a standalone cluster) or k8s://https://HOST:PORT (Kubernetes); the driver stays here.")]
+ConfOption = Annotated[Optional[list[str]], typer.Option(
+    "--conf", metavar="KEY=VALUE", show_default=False,
+    help="A Spark property for the job, as spark-submit's --conf (repeatable), e.g. "
+         "spark.driver.host=ADDRESS the cluster reaches this machine at, spark.executor.memory=2g.")]
 EpochsOption = Annotated[Optional[int], typer.Option(min=1, max=10000, help="Training epochs [default: platform.yaml screening.epochs].")]
 SeedOption = Annotated[Optional[int], typer.Option(help="Seed: the same data and seed give the same model [default: screening.seed].")]
 
@@ -170,6 +178,7 @@ def evaluate(
 
 
 def _restart_stream_if_running(ctx) -> bool:
+    """Restart a running stream (on a new model): on the master it was started on."""
     from opsctl.components.services import BundledService
 
     stream = BundledService(STREAM, ctx)
@@ -180,25 +189,99 @@ def _restart_stream_if_running(ctx) -> bool:
     return True
 
 
-def _start_stream(ctx):
+def _placement(master: str | None, conf: list[str] | None) -> tuple[str, dict[str, str]]:
+    """--master and --conf, checked (a UsageError, exit 2, names the accepted forms)."""
+    from opsctl.components import spark
+
+    return spark.check_master(master or spark.LOCAL_MASTER), spark.check_conf(conf or [])
+
+
+def _start_stream(ctx, placement: tuple[str, dict[str, str]] | None = None):
+    """Start (or restart on changed settings) the stream; `placement` (master, Spark
+    properties) is kept for later restarts, None keeps the one kept."""
     from opsctl.components import build, keycloak_realm, spark
     from opsctl.components.services import BundledService
 
     if not (spark.model_dir(ctx) / "model.json").exists():
         raise UsageError(f"no model in {spark.model_dir(ctx)}", "train one first: opsctl jobs train-vae")
     build("spark", ctx).check_installed()
+    if placement is not None:
+        spark.check_reachable(placement[0])
+        spark.set_stream_placement(ctx, *placement)
     return BundledService(STREAM, ctx, keycloak_realm.client_secret(ctx, STREAM)).reconcile()
 
 
 @stream_app.command("start")
-def stream_start(output: OutputOption = ui.Output.text) -> None:
-    """Start the streaming job (Spark local mode); waits until it runs."""
+def stream_start(master: MasterOption = None, conf: ConfOption = None,
+                 output: OutputOption = ui.Output.text) -> None:
+    """Start the streaming job and wait until it runs; a running one given other settings
+    restarts with them and goes on from its checkpoint.
+
+    With --master spark://… or k8s://… the driver stays here (the order-screening service) \
+and the executors run on that cluster (client mode); the job ships the model to them. The \
+cluster must reach Kafka and this machine (--conf spark.driver.host=ADDRESS), and its Python \
+must have the services' screening extra (--conf spark.pyspark.python=PATH).
+
+    The master and --conf are kept: a restart opsctl makes by itself (jobs train-vae, services \
+start) keeps the job where it runs; a start without --master runs it in local mode again.
+    """
     set_output(output)
-    outcome = _start_stream(context())
-    ui.render_or_json(output, {"job": STREAM, "state": outcome.state, "detail": outcome.detail},
-                      lambda: ui.table(None, ["job", "state", "detail"], [[STREAM, ui.styled(outcome.state), outcome.detail]]))
+    placement = _placement(master, conf)
+    outcome = _start_stream(context(), placement)
+    data = {"job": STREAM, "master": placement[0], "state": outcome.state, "detail": outcome.detail}
+    ui.render_or_json(output, data, lambda: ui.table(None, ["job", "master", "state", "detail"], [
+        [STREAM, placement[0], ui.styled(outcome.state), outcome.detail]]))
     if outcome.state == "failed":
         raise typer.Exit(FAILED)
+
+
+@stream_app.command("submit-command")
+def stream_submit_command(
+    master: Annotated[str, typer.Option("--master", metavar="URL", help="The cluster: spark://HOST:PORT or k8s://https://HOST:PORT.")],
+    conf: ConfOption = None,
+    output: OutputOption = ui.Output.text,
+) -> None:
+    """Print the spark-submit command that runs the streaming job on a cluster without opsctl,
+    and the environment its driver needs (client mode: the driver runs where you run it).
+
+    Secrets are named, never printed: set OIDC_CLIENT_SECRET to the order-screening client's \
+secret (Vault). Stop `opsctl jobs stream` first: both use the same checkpoint and metrics port.
+    """
+    set_output(output)
+    import importlib.util
+    import shlex
+
+    from opsctl.components import build, spark
+    from opsctl.components.services import environment
+
+    master, properties = _placement(master, conf)
+    ctx = context()
+    build("spark", ctx).check_installed()  # the Kafka source jars, fetched if they are not
+    pyspark, job = importlib.util.find_spec("pyspark"), importlib.util.find_spec("order_services.screening.stream")
+    if pyspark is None or job is None:
+        raise OpsError("pyspark or the services' screening job is not installed",
+                       "run scripts/setup (installs the services with their screening extra)")
+    env = environment(ctx, STREAM, "")
+    for name in ("OIDC_CLIENT_SECRET", "SPARK_MASTER", "SPARK_JARS", "PYSPARK_SUBMIT_ARGS"):
+        env.pop(name, None)  # the secret is named below; spark-submit's arguments give the rest
+    names = ctx.spec.names
+    secrets = {"OIDC_CLIENT_SECRET": f"Vault {names.vault.kv_mount}/{names.vault.clients_path}/{STREAM}, "
+                                     "key client_secret"}
+    properties.setdefault("spark.pyspark.python", sys.executable)  # driver and executors: the services' Python
+    argv = [str(Path(list(pyspark.submodule_search_locations)[0], "bin", "spark-submit")), "--master", master,
+            "--deploy-mode", "client", "--name", STREAM, "--jars", ",".join(str(j) for j in spark.job_jars(ctx)),
+            *[a for k, v in sorted(properties.items()) for a in ("--conf", f"{k}={v}")], job.origin]
+    data = {"argv": argv, "env": env, "secret_env": secrets}
+
+    def render() -> None:
+        lines = ["# The driver's environment. Also set, from Vault (opsctl never prints secrets):"]
+        lines += [f"#   {name}: {where}" for name, where in secrets.items()]
+        lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+        options = [f"{argv[i]} {shlex.quote(argv[i + 1])}" for i in range(1, len(argv) - 1, 2)]
+        lines.append(" \\\n  ".join([shlex.quote(argv[0]), *options, shlex.quote(argv[-1])]))
+        ui.console.print("\n".join(lines), markup=False, soft_wrap=True)
+
+    ui.render_or_json(output, data, render)
 
 
 @stream_app.command("stop")
@@ -217,10 +300,13 @@ def stream_status(output: OutputOption = ui.Output.text) -> None:
     """Whether the streaming job runs, and what it has scored, flagged and dead-lettered."""
     set_output(output)
     from opsctl import httpclient
+    from opsctl.components import spark
     from opsctl.components.services import BundledService
     from opsctl.errors import UNHEALTHY
 
-    health = BundledService(STREAM, context()).health()
+    ctx = context()
+    health = BundledService(STREAM, ctx).health()
+    master = spark.stream_placement(ctx)["master"]
     counts = {}
     if health.health == "healthy":
         metrics = {"screening_orders_scored_total": "scored", "screening_orders_flagged_total": "flagged",
@@ -229,9 +315,10 @@ def stream_status(output: OutputOption = ui.Output.text) -> None:
             name, _, value = line.partition(" ")
             if name in metrics:
                 counts[metrics[name]] = int(float(value))
-    data = {"job": STREAM, "health": health.health, "endpoint": health.endpoint, "detail": health.detail, **counts}
-    ui.render_or_json(output, data, lambda: ui.table(None, ["job", "health", "scored", "flagged", "dead-lettered", "detail"], [
-        [STREAM, ui.styled(health.health), counts.get("scored", "-"), counts.get("flagged", "-"),
+    data = {"job": STREAM, "health": health.health, "master": master, "endpoint": health.endpoint,
+            "detail": health.detail, **counts}
+    ui.render_or_json(output, data, lambda: ui.table(None, ["job", "health", "master", "scored", "flagged", "dead-lettered", "detail"], [
+        [STREAM, ui.styled(health.health), master, counts.get("scored", "-"), counts.get("flagged", "-"),
          counts.get("dead_lettered", "-"), health.detail]]))
     if health.health != "healthy":
         raise typer.Exit(UNHEALTHY)

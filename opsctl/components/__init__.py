@@ -46,7 +46,7 @@ def build(name: str, ctx: Context) -> Component:
     if ctx.target not in spec.targets:
         return Skipped(name, ctx, f"{'/'.join(spec.targets)} only")
     if not spec.available:
-        return Skipped(name, ctx, "not yet (lands with the AI screening issue)")
+        return Skipped(name, ctx, "not yet on this target")
     return _load(LOCAL_TARGET[name])(name, ctx)
 
 

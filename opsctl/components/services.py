@@ -91,7 +91,7 @@ def environment(ctx: Context, name: str, client_secret: str) -> dict[str, str]:
 
         env.update(MONGODB_COLLECTION=names.mongodb.orders, MODEL_DIR=str(spark.model_dir(ctx)),
                    VALIDATION_ROUTING_KEY=VALIDATION_KEY, TRIGGER_SECONDS=f"{spec.screening.trigger_seconds:g}",
-                   SPARK_MASTER="local[*]", SPARK_JARS=",".join(str(j) for j in spark.job_jars(ctx)))
+                   **spark.driver_env(ctx))
     return env
 
 

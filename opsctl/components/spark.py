@@ -1,13 +1,21 @@
 """Spark on the local target: not a server but a library (pyspark, local mode) and the
 Kafka source jars from Maven Central. The streaming job itself is the order-screening
-service (`opsctl jobs stream start`); this step makes sure it can run."""
+service (`opsctl jobs stream start`); this step makes sure it can run.
+
+The job's driver is always that local service; with `opsctl jobs stream start --master
+spark://…` (or k8s://…) its executors run on a Spark cluster instead of in local mode
+(client mode), and the job ships the model to them itself. The master and the extra Spark
+properties are kept in the service's folder, so that a restart opsctl makes on its own
+(`jobs train-vae`, `services start`) keeps the job where it was started."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from opsctl.components.base import Component, Context, Health, Outcome
-from opsctl.errors import OpsError
+from opsctl.errors import OpsError, UsageError
+from opsctl.files import read_json, write_json_atomic
 from opsctl.targets.local import artifacts
 from opsctl.targets.local.process import require_binary
 
@@ -54,7 +62,9 @@ class Spark(Component):
 
     def _summary(self) -> str:
         jars = len(list(kafka_jars(self.ctx).glob("*.jar")))
-        return f"pyspark {self.spec.version}, local mode, Kafka source ({jars} jars)"
+        master = stream_placement(self.ctx)["master"]
+        where = "local mode" if master.startswith("local") else f"the job's executors on {master}"
+        return f"pyspark {self.spec.version}, {where}, Kafka source ({jars} jars)"
 
     def health(self) -> Health:
         """Reads only: a status never downloads."""
@@ -72,7 +82,6 @@ def job_jars(ctx: Context) -> list[Path]:
     """The Kafka source jars that pyspark does not already ship (its Scala, Hadoop and
     logging jars must not appear twice on the class path)."""
     import importlib.util
-    import re
 
     def artifact(jar: Path) -> str:
         return re.sub(r"-\d[\w.]*\.jar$", "", jar.name)
@@ -80,3 +89,81 @@ def job_jars(ctx: Context) -> list[Path]:
     spec = importlib.util.find_spec("pyspark")
     bundled = {artifact(j) for j in Path(list(spec.submodule_search_locations)[0], "jars").glob("*.jar")} if spec else set()
     return sorted(j for j in kafka_jars(ctx).glob("*.jar") if artifact(j) not in bundled)
+
+
+# --- where the streaming job runs ------------------------------------------------------
+STREAM_SERVICE = "order-screening"
+LOCAL_MASTER = "local[*]"
+MASTER_FORMS = "local[*] (or local, local[N]), spark://HOST:PORT[,HOST:PORT…] or k8s://[https://]HOST[:PORT]"
+_MASTER = re.compile(r"local(\[(\d+|\*)(,\d+)?\])?"
+                     r"|spark://[\w.-]+:\d+(,[\w.-]+:\d+)*"
+                     r"|k8s://(https?://)?[\w.-]+(:\d+)?/?")
+# Set by opsctl itself: the master has its own option, the jars are the Kafka source's.
+_OWN_CONF = {"spark.master": "give the master with --master", "spark.submit.deployMode":
+             "the driver is the local order-screening service (client mode)",
+             "spark.jars": "opsctl passes the Kafka source jars (SPARK_JARS)"}
+
+
+def check_master(master: str) -> str:
+    """A Spark master URL the job can use, or a UsageError that lists the forms."""
+    if not _MASTER.fullmatch(master.strip()):
+        raise UsageError(f"{master!r} is not a Spark master URL the streaming job can use",
+                         f"give one of: {MASTER_FORMS}")
+    return master.strip()
+
+
+def check_conf(items: list[str]) -> dict[str, str]:
+    """--conf KEY=VALUE items as a dict; the keys must be Spark properties (spark.*)."""
+    conf: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key.startswith("spark.") or not value:
+            raise UsageError(f"--conf {item!r}: expected KEY=VALUE with a Spark property as KEY",
+                             "e.g. --conf spark.driver.host=10.0.0.5 --conf spark.executor.memory=2g")
+        if key in _OWN_CONF:
+            raise UsageError(f"--conf {key}: not settable here", _OWN_CONF[key])
+        conf[key] = value
+    return conf
+
+
+def check_reachable(master: str) -> None:
+    """A spark:// master answers on its port (one of them, for a standby set); other kinds
+    are left to Spark."""
+    from opsctl.targets.local.process import port_open
+
+    if not master.startswith("spark://"):
+        return
+    addresses = [a.rpartition(":") for a in master[len("spark://"):].split(",")]
+    if not any(port_open(host, int(port), timeout=3) for host, _, port in addresses):
+        raise OpsError(f"no Spark master answers at {master}",
+                       "start the cluster's master, or check the URL (the master's web UI shows it)")
+
+
+def _placement_file(ctx: Context) -> Path:
+    return ctx.local_dir(STREAM_SERVICE) / "spark.json"
+
+
+def stream_placement(ctx: Context) -> dict:
+    """Where the streaming job runs: {"master": URL, "conf": {property: value}}, as the last
+    `opsctl jobs stream start` asked (local mode until one asks otherwise)."""
+    found = read_json(_placement_file(ctx), None) or {}
+    return {"master": found.get("master") or LOCAL_MASTER, "conf": dict(found.get("conf") or {})}
+
+
+def set_stream_placement(ctx: Context, master: str, conf: dict[str, str]) -> None:
+    write_json_atomic(_placement_file(ctx), {"master": master, "conf": conf}, mode=0o600)
+
+
+def driver_env(ctx: Context) -> dict[str, str]:
+    """The Spark part of the streaming job's environment: master, jars, extra properties."""
+    import shlex
+
+    placement = stream_placement(ctx)
+    env = {"SPARK_MASTER": placement["master"], "SPARK_JARS": ",".join(str(j) for j in job_jars(ctx))}
+    if "spark.pyspark.python" in placement["conf"]:  # the executors' Python: pyspark reads it from here
+        env["PYSPARK_PYTHON"] = placement["conf"]["spark.pyspark.python"]
+    if placement["conf"]:  # read by pyspark when it starts the driver's JVM
+        env["PYSPARK_SUBMIT_ARGS"] = " ".join(
+            [*(f"--conf {shlex.quote(f'{k}={v}')}" for k, v in sorted(placement["conf"].items())), "pyspark-shell"])
+    return env

@@ -1,11 +1,19 @@
 """The AI screening end to end on the local target: simulated traffic with anomalies flows
-API → MongoDB → Kafka → Spark (the VAE) → orders-validation, and matches offline scoring."""
+API → MongoDB → Kafka → Spark (the VAE) → orders-validation, and matches offline scoring; the
+same job on a Spark standalone cluster (client mode, and through spark-submit); the nightly
+Airflow DAG run by a real Airflow against the platform."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
 
+from tests.integration.conftest import REPO, cache_dir, free_ports, service_env
 from tests.integration.helpers import wait_for
 
 pytestmark = pytest.mark.integration
@@ -105,6 +113,190 @@ def test_a_restarted_stream_continues_from_its_checkpoint_and_flags_nothing_twic
              == db.orders.count_documents({}) > screened, 180, interval=1, what="the new orders screened")
     held = db.orders.count_documents({"validation.status": "held"})
     assert len(validation_messages(screening)) == held >= before
+
+
+class SparkCluster:
+    """A Spark standalone master and one worker (1 core, 1 GiB) on 127.0.0.1, from the
+    pyspark distribution of this environment."""
+
+    def __init__(self, home: Path):
+        import pyspark
+
+        self.home, self.spark_home = home, Path(pyspark.__file__).parent
+        self.port, self.ui_port, self.worker_ui_port = free_ports(3)
+        self.url = f"spark://127.0.0.1:{self.port}"
+        self.work_dir = home / "work"
+        self.processes: list[subprocess.Popen] = []
+
+    def _start(self, name: str, *args: str) -> None:
+        env = {**os.environ, "SPARK_HOME": str(self.spark_home), "SPARK_LOCAL_IP": "127.0.0.1",
+               "SPARK_LOG_DIR": str(self.home), "SPARK_WORKER_DIR": str(self.work_dir)}
+        with open(self.home / f"{name}.log", "ab") as log:  # a session of its own: killed as a group
+            self.processes.append(subprocess.Popen(
+                [str(self.spark_home / "bin" / "spark-class"), *args], env=env, stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+
+    def start(self) -> None:
+        self._start("master", "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
+                    "--port", str(self.port), "--webui-port", str(self.ui_port))
+        wait_for(lambda: self.master().get("status") == "ALIVE", 60, interval=0.5, what="the Spark master")
+        self._start("worker", "org.apache.spark.deploy.worker.Worker", self.url, "--host", "127.0.0.1",
+                    "--webui-port", str(self.worker_ui_port), "--cores", "1", "--memory", "1g",
+                    "--work-dir", str(self.work_dir))
+        wait_for(lambda: self.master().get("aliveworkers") == 1, 60, interval=0.5, what="the Spark worker")
+
+    def _json(self, port: int) -> dict:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/", timeout=5) as answer:
+                return json.loads(answer.read())
+        except OSError:
+            return {}
+
+    def master(self) -> dict:
+        return self._json(self.ui_port)
+
+    def worker(self) -> dict:
+        return self._json(self.worker_ui_port)
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):  # the worker (and its executors), then the master
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(20)
+            except ProcessLookupError:
+                pass
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)
+
+
+@pytest.fixture
+def spark_cluster(tmp_path):
+    cluster = SparkCluster(tmp_path)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            pass
+    return found
+
+
+def screened(db) -> int:
+    return db.orders.count_documents({"validation.status": {"$exists": True}})
+
+
+def the_app(cluster: SparkCluster, other_than: str | None = None) -> dict | None:
+    """Our running application on the master, once it has an executor on the worker."""
+    apps = [a for a in cluster.master().get("activeapps", [])
+            if a["name"] == "order-screening" and a["id"] != other_than]
+    worker = cluster.worker()
+    ran_here = {e["appid"] for e in worker.get("executors", []) + worker.get("finishedexecutors", [])}
+    return next((a for a in apps if a["id"] in ran_here), None)
+
+
+def test_the_stream_runs_on_a_spark_cluster_with_the_model_shipped_to_its_executors(screening, spark_cluster):
+    """Client mode: the driver is the local order-screening service, the executors run on a
+    standalone cluster; then the same job through the printed spark-submit command."""
+    db = mongo(screening)
+    was_running = screening.run("jobs", "stream", "status").returncode == 0
+    try:
+        started = screening.run("jobs", "stream", "start", "--master", spark_cluster.url,
+                                "--conf", "spark.driver.host=127.0.0.1", "-o", "json", check_json=True)
+        assert started.returncode == 0 and started.json["master"] == spark_cluster.url, started.stderr
+        before = screened(db)
+        assert screening.run("orders", "simulate", "--rate", "10", "--duration", "3", "--seed", "6").returncode == 0
+        wait_for(lambda: screened(db) == db.orders.count_documents({}) > before, 120, interval=1,
+                 what="the new orders screened on the cluster")
+        app = wait_for(lambda: the_app(spark_cluster), 30, interval=0.5, what="the job's executor on the worker")
+        assert app["state"] == "RUNNING"
+        # The model directory reached the executor through the job (an archive, unpacked there).
+        assert list(spark_cluster.work_dir.glob(f"{app['id']}/*/vae/model.json")), "no model on the executor"
+        status = screening.run("jobs", "stream", "status", "-o", "json", check_json=True)
+        assert status.returncode == 0 and status.json["master"] == spark_cluster.url
+        # A restart opsctl makes by itself keeps the job on the cluster: nothing changed.
+        again = screening.run("services", "start", "order-screening", "-o", "json", check_json=True)
+        assert again.returncode == 0 and again.json["services"][0]["state"] == "unchanged", again.stdout
+
+        # The same job without opsctl: the printed spark-submit command, its environment and the
+        # one secret it names (the job continues from the same checkpoint).
+        printed = screening.run("jobs", "stream", "submit-command", "--master", spark_cluster.url,
+                                "--conf", "spark.driver.host=127.0.0.1", "-o", "json", check_json=True)
+        assert printed.returncode == 0, printed.stderr
+        assert set(printed.json["secret_env"]) == {"OIDC_CLIENT_SECRET"}
+        secret = service_env(screening, "order-screening")["OIDC_CLIENT_SECRET"]
+        assert secret not in printed.stdout
+        assert screening.run("jobs", "stream", "stop").returncode == 0
+        env = {**printed.json["env"], "OIDC_CLIENT_SECRET": secret, "PATH": os.environ["PATH"],
+               "HOME": os.environ.get("HOME", "/root")}
+        with open(spark_cluster.home / "submitted.log", "wb") as log:
+            submitted = subprocess.Popen(printed.json["argv"], env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            before = screened(db)
+            assert screening.run("orders", "simulate", "--rate", "10", "--duration", "2", "--seed", "7").returncode == 0
+
+            def all_screened():
+                assert submitted.poll() is None, (spark_cluster.home / "submitted.log").read_text()[-3000:]
+                return screened(db) == db.orders.count_documents({}) > before
+
+            wait_for(all_screened, 120, interval=1, what="the new orders screened by the spark-submit job")
+            second = wait_for(lambda: the_app(spark_cluster, other_than=app["id"]), 30, interval=0.5,
+                              what="the spark-submit job's executor on the worker")
+            assert list(spark_cluster.work_dir.glob(f"{second['id']}/*/vae/model.json"))
+        finally:  # SIGTERM to the Python driver (spark-submit's child): it stops after the batch in hand
+            for pid in children(submitted.pid):
+                os.kill(pid, signal.SIGTERM)
+            try:
+                submitted.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(submitted.pid, signal.SIGKILL)
+                submitted.wait(10)
+        assert submitted.returncode == 0, (spark_cluster.home / "submitted.log").read_text()[-3000:]
+    finally:  # back to local mode, as the other tests expect it
+        restored = screening.run("jobs", "stream", "start", "-o", "json", check_json=True)
+        if not was_running:
+            screening.run("jobs", "stream", "stop")
+    assert restored.returncode == 0 and restored.json["master"] == "local[*]", restored.stderr
+    finished = wait_for(lambda: [a["state"] for a in spark_cluster.master().get("completedapps", [])
+                                 if a["name"] == "order-screening"] == ["FINISHED"] * 2, 30, interval=0.5,
+                        what="both of the job's applications finished on the cluster")
+    assert finished and not spark_cluster.master()["activeapps"]
+
+
+def test_airflow_runs_the_nightly_dag_export_retrain_and_score_against_the_platform(screening, tmp_path):
+    """The DAG under manifests/ run by the real Airflow of scripts/setup (`airflow dags test`:
+    every task in turn, no scheduler): it retrains from MongoDB without the held orders and
+    scores what it exported."""
+    airflow = REPO / ".venv-airflow" / "bin" / "airflow"
+    assert airflow.exists(), "Airflow is not installed: run scripts/setup"
+    model = screening.path / ".opsctl" / "models" / "vae" / "model.json"
+    before = json.loads(model.read_text())["training"]
+    db = mongo(screening)
+    stored, held = db.orders.count_documents({}), db.orders.count_documents({"validation.status": "held"})
+    assert held, "the earlier tests held some orders for validation"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    env.update(AIRFLOW_HOME=str(tmp_path), AIRFLOW__CORE__LOAD_EXAMPLES="False",
+               AIRFLOW__CORE__DAGS_FOLDER=str(REPO / "manifests" / "airflow" / "dags"),
+               OPSCTL=f"{sys.executable} -m opsctl", OPSCTL_WORKDIR=str(screening.path),
+               OPSCTL_CACHE_DIR=cache_dir())
+    for args in (["db", "migrate"], ["dags", "test", "order_screening", "2026-01-02"]):
+        result = subprocess.run([str(airflow), *args], env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "state=success" in result.stdout + result.stderr
+    after = json.loads(model.read_text())["training"]
+    assert after["to"] > before["to"] and after["orders"] == stored - held
+    scores = (screening.path / ".opsctl" / "orders-2026-01-02.jsonl.scores.jsonl").read_text().splitlines()
+    assert len(scores) == stored
 
 
 def test_stream_start_without_a_model_says_to_train_one(workdir):

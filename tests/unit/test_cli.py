@@ -127,3 +127,16 @@ def test_missing_maven_is_reported_when_an_artifact_must_be_fetched(cwd):
     assert result.returncode == 1
     assert "mvn is not installed" in result.stderr and "apt-get install -y maven" in result.stderr
     assert not list((cwd / "empty-cache").glob("keycloak-*"))  # nothing half-made
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--master", "yarn"], "'yarn' is not a Spark master URL"),
+    (["--master", "spark://host-without-port"], "not a Spark master URL"),
+    (["--conf", "executor.memory=2g"], "expected KEY=VALUE"),
+    (["--conf", "spark.master=local"], "give the master with --master"),
+])
+def test_stream_start_on_a_bad_master_or_property_is_exit_2_before_anything_runs(cwd, args, message):
+    result = opsctl(cwd, "jobs", "stream", "start", *args)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert "spark://HOST:PORT" in result.stderr or "--conf" in result.stderr
+    assert not (cwd / ".opsctl" / "local").exists()

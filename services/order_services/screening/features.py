@@ -4,22 +4,24 @@ An order is the document of docs/ORDER_FLOW.md (`created_at` an ISO string or a 
 The features that need more than the order itself come from two places: reference
 statistics learned from the training orders (each product's usual price, how often a
 product is sold under each category), kept in the schema; and the customer's recent
-orders (`history`), which the caller supplies: the whole file offline, the store online.
+orders, which the caller supplies as a CustomerClock: the whole file offline, the store
+online.
+
+One pass of Python reads the documents into flat arrays; everything else is numpy, so a
+batch of orders costs a few microseconds each.
 """
 
 from __future__ import annotations
 
-import bisect
 import datetime as dt
-import math
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
 import numpy as np
 
-SCHEMA_VERSION = 1
-BURST_WINDOW_S = 60.0  # "recent": orders of the same customer in the minute before
+SCHEMA_VERSION = 2
+RECENT_WINDOW_S = 60.0  # "recent": the customer's orders in the minute before
 
 
 class BadOrder(ValueError):
@@ -34,16 +36,26 @@ class Schema:
     usual_price: dict[str, float]  # product → median unit price in the training orders
     pair_share: dict[str, float]  # "category/product" → share of the product's sales under it
     version: int = SCHEMA_VERSION
-    burst_window_s: float = BURST_WINDOW_S
+    recent_window_s: float = RECENT_WINDOW_S
     names: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.names = ["log_total", "log_quantity", "items", "max_log_price_ratio", "min_log_price_ratio",
                       "max_log_item_quantity", "min_log_pair_share", "hour_sin", "hour_cos",
-                      "log_customer_recent_orders", *(f"share_{c}" for c in self.categories)]
+                      "log_customer_recent_orders", "log_seconds_since_customer_order",
+                      *(f"share_{c}" for c in self.categories)]
+        # Dense lookups for the vectorised features (not saved: derived from the fields above).
+        self._products = sorted(self.usual_price)
+        self._prices = np.array([self.usual_price[p] for p in self._products] + [np.nan])
+        shares = np.zeros((len(self.categories) + 1, len(self._products) + 1))
+        for key, share in self.pair_share.items():
+            category, _, product = key.partition("/")
+            if category in self.categories and product in self.usual_price:
+                shares[self.categories.index(category), self._products.index(product)] = share
+        self._shares = shares  # the last row and column: a category or product never seen
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Schema":
@@ -51,7 +63,7 @@ class Schema:
             raise ValueError(f"feature schema version {data.get('version')} is not {SCHEMA_VERSION}: "
                              "retrain the model (opsctl jobs train-vae)")
         return cls(categories=data["categories"], usual_price=data["usual_price"],
-                   pair_share=data["pair_share"], burst_window_s=data["burst_window_s"])
+                   pair_share=data["pair_share"], recent_window_s=data["recent_window_s"])
 
     @classmethod
     def learn(cls, orders: Iterable[dict]) -> "Schema":
@@ -62,9 +74,9 @@ class Schema:
                 items = _items(order)
             except BadOrder:
                 continue  # counted as unusable by matrix()
-            for item in items:
-                prices[item["product"]].append(float(item["price"]))
-                pairs[(item["category"], item["product"])] += 1
+            for product, category, _, price in items:
+                prices[product].append(price)
+                pairs[(category, product)] += 1
         if not prices:
             raise BadOrder("no orders to learn the feature schema from")
         by_product = Counter()
@@ -98,20 +110,25 @@ def created_at_or_none(order: dict) -> float | None:
         return None
 
 
-def _items(order: dict) -> list[dict]:
+def _items(order: dict) -> list[tuple[str, str, float, float]]:
+    """(product, category, quantity, price) of each item."""
     items = order.get("items") if isinstance(order, dict) else None
     if not isinstance(items, list) or not items:
         raise BadOrder("items is missing or empty")
+    out = []
     for item in items:
-        if not isinstance(item, dict) or not {"product", "category", "quantity", "price"} <= item.keys():
-            raise BadOrder("an item lacks product, category, quantity or price")
         try:
-            price, quantity = float(item["price"]), float(item["quantity"])
+            product, category, quantity, price = item["product"], item["category"], item["quantity"], item["price"]
+        except (TypeError, KeyError):
+            raise BadOrder("an item lacks product, category, quantity or price") from None
+        try:
+            quantity, price = float(quantity), float(price)
         except (TypeError, ValueError):
             raise BadOrder("an item's price or quantity is not a number") from None
-        if price <= 0 or quantity <= 0:
+        if not (price > 0 and quantity > 0):
             raise BadOrder("an item has a price or quantity that is not positive")
-    return items
+        out.append((str(product), str(category), quantity, price))
+    return out
 
 
 def _customer(order: dict) -> str:
@@ -122,63 +139,109 @@ def _customer(order: dict) -> str:
 
 
 class CustomerClock:
-    """When each customer ordered: counts a customer's orders in the window before a time."""
+    """When each customer ordered: how many orders a customer placed in the window before a
+    time, and how long before it the last one was."""
 
     def __init__(self, orders: Iterable[dict] = ()):
-        self._times: dict[str, list[float]] = defaultdict(list)
-        self._seen: set = set()
-        self.add(orders)
+        customers, times = [], []
+        for order in orders:
+            try:
+                customer, when = _customer(order), created_at(order)
+            except BadOrder:
+                continue  # scored (and refused) on its own; it just does not count here
+            customers.append(customer)
+            times.append(when)
+        self.customers, self.times = customers, times
 
     @classmethod
     def from_times(cls, times: dict[str, list[float]]) -> "CustomerClock":
         """A clock from customer → created_at timestamps (the streaming job reads them from the store)."""
         clock = cls()
-        clock._times.update({customer: sorted(stamps) for customer, stamps in times.items()})
+        for customer, stamps in times.items():
+            clock.customers += [customer] * len(stamps)
+            clock.times += stamps
         return clock
 
-    def add(self, orders: Iterable[dict]) -> None:
-        for order in orders:
-            key = order.get("order_id") or order.get("_id") or id(order)
-            if key in self._seen:
-                continue
-            self._seen.add(key)
-            try:
-                bisect.insort(self._times[_customer(order)], created_at(order))
-            except BadOrder:
-                continue  # scored (and refused) on its own; it just does not count here
+    def before(self, customers: list[str], times: np.ndarray, window: float) -> tuple[np.ndarray, np.ndarray]:
+        """For each (customer, time): the customer's orders in (time - window, time), and the
+        seconds since the customer's last order before `time` (`window` if none in it)."""
+        codes, _ = _factorize(self.customers + customers)
+        known, asked = codes[:len(self.customers)], codes[len(self.customers):]
+        # One sorted integer key per order, customer-major (customer code × the number of
+        # distinct instants + the instant's rank), so that one searchsorted answers every
+        # customer at once and a key never crosses into the next customer's.
+        history_times = np.asarray(self.times, dtype=np.float64)
+        instants = np.unique(np.concatenate([history_times, times, times - window]))
+        stride = len(instants)
 
-    def recent(self, customer: str, at: float, window: float) -> int:
-        """Orders of `customer` in (at - window, at): the order at `at` itself excluded."""
-        times = self._times.get(customer, [])
-        return bisect.bisect_left(times, at) - bisect.bisect_right(times, at - window)
+        def key(code, when):
+            return code.astype(np.int64) * stride + np.searchsorted(instants, when)
+
+        order = np.argsort(key(known, history_times), kind="stable")
+        history, history_times = key(known, history_times)[order], history_times[order]
+        at = key(asked, times)
+        earlier = np.searchsorted(history, at, side="left")  # orders strictly before `at`
+        recent = earlier - np.searchsorted(history, key(asked, times - window), side="right")
+        previous = np.maximum(earlier - 1, 0)
+        same_customer = (earlier > 0) & (history[previous] >= asked.astype(np.int64) * stride) if len(history) \
+            else np.zeros(len(at), dtype=bool)
+        gap = np.where(same_customer, times - history_times[previous] if len(history) else window, window)
+        return recent, np.minimum(gap, window)
 
 
-def vector(order: dict, schema: Schema, clock: CustomerClock) -> list[float]:
-    """The feature vector of one order (raises BadOrder saying what is wrong)."""
-    items = _items(order)
-    customer, when = _customer(order), created_at(order)
-    quantities = [float(i["quantity"]) for i in items]
-    total = sum(float(i["price"]) * q for i, q in zip(items, quantities))
-    ratios = [math.log(float(i["price"]) / schema.usual_price.get(i["product"], float(i["price"])))
-              for i in items]
-    shares = [schema.pair_share.get(f"{i['category']}/{i['product']}", 0.0) for i in items]
-    hour = (when % 86400) / 3600
-    by_category = Counter(i["category"] for i in items)
-    return [math.log1p(total), math.log1p(sum(quantities)), float(len(items)), max(ratios), min(ratios),
-            math.log1p(max(quantities)), math.log(min(shares) + 1e-3),
-            math.sin(2 * math.pi * hour / 24), math.cos(2 * math.pi * hour / 24),
-            math.log1p(clock.recent(customer, when, schema.burst_window_s)),
-            *(by_category.get(c, 0) / len(items) for c in schema.categories)]
+def _factorize(values: list[str]) -> tuple[np.ndarray, int]:
+    import pandas as pd
+
+    codes, uniques = pd.factorize(np.asarray(values, dtype=object))
+    return codes, len(uniques)
 
 
 def matrix(orders: list[dict], schema: Schema, clock: CustomerClock | None = None
            ) -> tuple[np.ndarray, list[tuple[int, str]]]:
     """Feature rows of the orders that have them, and (index, reason) of those that do not."""
-    clock = clock or CustomerClock(orders)
-    rows, bad = [], []
+    import pandas as pd
+
+    bad, customers, times, owner, products, categories, quantities, prices = [], [], [], [], [], [], [], []
     for index, order in enumerate(orders):
         try:
-            rows.append(vector(order, schema, clock))
+            items, customer, when = _items(order), _customer(order), created_at(order)
         except BadOrder as e:
             bad.append((index, str(e)))
-    return np.asarray(rows, dtype=np.float32).reshape(len(rows), len(schema.names)), bad
+            continue
+        row = len(customers)
+        customers.append(customer)
+        times.append(when)
+        for product, category, quantity, price in items:
+            owner.append(row)
+            products.append(product)
+            categories.append(category)
+            quantities.append(quantity)
+            prices.append(price)
+    n = len(customers)
+    if not n:
+        return np.zeros((0, len(schema.names)), dtype=np.float32), bad
+    owner, quantities, prices = np.asarray(owner), np.asarray(quantities), np.asarray(prices)
+    starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])  # each order's first item
+    product = pd.Index(schema._products).get_indexer(np.asarray(products, dtype=object))
+    category = pd.Index(schema.categories).get_indexer(np.asarray(categories, dtype=object))
+    usual = schema._prices[product]  # index -1: the NaN of a product never seen
+    ratio = np.log(prices / np.where(np.isnan(usual), prices, usual))
+    share = schema._shares[category, product]
+    count = np.bincount(owner, minlength=n)
+    by_category = np.zeros((n, len(schema.categories) + 1))
+    np.add.at(by_category, (owner, category), 1)  # column -1 (the last): categories never seen
+    when = np.asarray(times)
+    hour = (when % 86400) / 3600
+    if clock is None:  # the orders are their own history
+        clock = CustomerClock()
+        clock.customers, clock.times = customers, times
+    recent, gap = clock.before(customers, when, schema.recent_window_s)
+    x = np.column_stack([
+        np.log1p(np.bincount(owner, weights=prices * quantities, minlength=n)),
+        np.log1p(np.bincount(owner, weights=quantities, minlength=n)),
+        count, np.maximum.reduceat(ratio, starts), np.minimum.reduceat(ratio, starts),
+        np.log1p(np.maximum.reduceat(quantities, starts)), np.log(np.minimum.reduceat(share, starts) + 1e-3),
+        np.sin(2 * np.pi * hour / 24), np.cos(2 * np.pi * hour / 24),
+        np.log1p(recent), np.log1p(gap),
+        by_category[:, :-1] / count[:, None]])
+    return x.astype(np.float32), bad

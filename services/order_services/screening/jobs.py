@@ -4,10 +4,12 @@
     python -m order_services.screening score    --data ORDERS.jsonl --model DIR --out SCORES.jsonl
     python -m order_services.screening evaluate --data LABELLED.jsonl [--epochs N] [--seed S]
 
-Orders are JSON lines (the order document; a `label` field, "normal" or an anomaly kind,
-where known). Every job reports on stdout as JSON lines: {"event": "progress", ...} while
-it runs, then one {"event": "result", ...}; an error is {"event": "error", "message": ...}
-with exit code 2 (bad input) or 1. opsctl runs these and renders them.
+Orders are JSON lines (the order document; where known, a `label`: "normal", an anomaly
+kind, or "held" for validation). Training fits only the orders without a label or labelled
+normal; the others still count in their customers' history. Every job reports on stdout
+as JSON lines: {"event": "progress", ...} while it runs, then one {"event": "result", ...};
+an error is {"event": "error", "message": ...} with exit code 2 (bad input) or 1. opsctl
+runs these and renders them.
 """
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
 """The variational autoencoder that screens orders, and its versioned artifact.
 
-Trained on normal orders only; an order's anomaly score is its reconstruction error (the
-mean squared error of the decoded latent mean, in standardised feature units). The
-threshold is the score that the chosen share of held-out normal orders exceed (the target
-false-positive rate).
+Trained on normal orders only. The decoder is Gaussian with a learned variance per feature,
+so a feature that normal orders predict well (a customer's pace, a product's price) weighs
+more than one they do not (the hour). An order's anomaly score is its negative ELBO: the
+negative log-likelihood of the order under the decoded latent mean, plus the KL divergence
+of its latent code from the prior, in standardised feature units. The threshold is the
+score that the chosen share of held-out normal orders exceed (the target false-positive
+rate).
 
 An artifact is one directory, written whole or not at all:
     model.pt       the weights (state dict)
@@ -25,7 +28,7 @@ import numpy as np
 
 from order_services.screening import features
 
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2
 
 
 def _torch():
@@ -46,12 +49,21 @@ def _network(inputs: int, hidden: int, latent: int):
             self.mean, self.log_var = nn.Linear(hidden, latent), nn.Linear(hidden, latent)
             self.decoder = nn.Sequential(nn.Linear(latent, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
                                          nn.ReLU(), nn.Linear(hidden, inputs))
+            self.decoded_log_var = nn.Parameter(torch.zeros(inputs))  # per feature
 
         def forward(self, x):
             h = self.encoder(x)
             mean, log_var = self.mean(h), self.log_var(h).clamp(-10, 10)
             z = mean + torch.randn_like(mean) * torch.exp(0.5 * log_var) if self.training else mean
             return self.decoder(z), mean, log_var
+
+        def losses(self, x):
+            """Per order: the reconstruction's negative log-likelihood and the latent KL divergence."""
+            decoded, mean, log_var = self(x)
+            spread = self.decoded_log_var.clamp(-10, 10)
+            nll = 0.5 * ((decoded - x) ** 2 / spread.exp() + spread).sum(dim=1)
+            kl = -0.5 * (1 + log_var - mean ** 2 - log_var.exp()).sum(dim=1)
+            return nll, kl
 
     return VAE()
 
@@ -76,8 +88,8 @@ class Screen:
         with torch.inference_mode():
             for start in range(0, len(z), batch):
                 chunk = torch.from_numpy(np.ascontiguousarray(z[start:start + batch], dtype=np.float32))
-                decoded, _, _ = self.network(chunk)
-                out[start:start + batch] = ((decoded - chunk) ** 2).mean(dim=1).numpy()
+                nll, kl = self.network.losses(chunk)
+                out[start:start + batch] = (nll + kl).numpy()
         return out
 
     def flags(self, x: np.ndarray) -> np.ndarray:
@@ -157,15 +169,12 @@ def train(orders: list[dict], *, history: list[dict] | None = None, epochs: int 
         network.train()
         total = 0.0
         for index in torch.randperm(len(data), generator=generator).split(batch_size):
-            batch = data[index]
-            decoded, mu, log_var = network(batch)
-            reconstruction = ((decoded - batch) ** 2).sum(dim=1).mean()
-            kl = (-0.5 * (1 + log_var - mu ** 2 - log_var.exp()).sum(dim=1)).mean()
-            loss = reconstruction + beta * kl
+            nll, kl = network.losses(data[index])
+            loss = (nll + beta * kl).mean()
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-            total += loss.item() * len(batch)
+            total += loss.item() * len(index)
         loss_value = total / len(data)
         if on_epoch:
             on_epoch(epoch, epochs, loss_value)

@@ -2,18 +2,27 @@
 and each order's validation status in MongoDB.
 
 Local target (opsctl jobs stream start): `python -m order_services.screening.stream`, Spark
-in local mode. A cluster: the same file, unchanged, through spark-submit, e.g.
-    spark-submit --master spark://host:7077 --jars <Kafka source jars> \\
-      --py-files order_services.zip order_services/screening/stream.py
-with the environment below; the model directory is shipped to the executors by the job
-itself (SparkContext.addFile), so it only has to exist where the driver runs.
+in local mode; with `--master spark://HOST:PORT` (or k8s://…) this driver stays local and
+the executors run on that cluster (client mode). Without opsctl: the same file, unchanged,
+through spark-submit, as `opsctl jobs stream submit-command --master URL` prints it:
+    spark-submit --master spark://HOST:PORT --deploy-mode client --name order-screening \\
+      --jars <the Kafka source jars, as SPARK_JARS> \\
+      --conf spark.pyspark.python=<a Python with the services' screening extra> \\
+      <site-packages>/order_services/screening/stream.py
+with the environment below (SPARK_MASTER and SPARK_JARS unset). The executors' Python must
+import order_services (the services with their screening extra on every worker; on
+Kubernetes the order-screening image). The model directory is shipped to the executors by
+the job itself (a zip through SparkContext.addArchive, unpacked there as
+SparkFiles.get(<directory name>)), so it and STATE_DIR only have to exist where the driver
+runs. Both ways run against a standalone cluster in tests/integration/test_screening.py.
 
 Settings (environment): KAFKA_BOOTSTRAP, KAFKA_TOPIC, MODEL_DIR, STATE_DIR (the checkpoint
 lives in STATE_DIR/checkpoint), MONGODB_URL, MONGODB_DB, MONGODB_COLLECTION,
 DEAD_LETTER_COLLECTION, RABBITMQ_HOST, RABBITMQ_PORT, ORDER_EXCHANGE,
 VALIDATION_ROUTING_KEY, TRIGGER_SECONDS, METRICS_PORT, the Vault settings of
 order_services.secrets (MongoDB and RabbitMQ credentials), and optionally SPARK_MASTER
-(default local[*] unless spark-submit set one) and SPARK_JARS (comma-separated).
+(over spark-submit's --master; local[*] without either), SPARK_JARS (comma-separated) and
+PYSPARK_SUBMIT_ARGS (pyspark's own: `--conf KEY=VALUE … pyspark-shell`).
 
 Per micro-batch (foreachBatch, so a restart from the checkpoint replays a batch that did
 not finish): the driver reads the batch's customers' recent orders from MongoDB (the
@@ -31,6 +40,7 @@ import datetime as dt
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -84,7 +94,6 @@ def score_partitions(model_name: str, history: dict[str, list[float]]):
     """The mapInPandas function: scores the Kafka records of a partition."""
 
     def run(frames):
-        import numpy as np
         import pandas as pd
         from pyspark import SparkFiles
 
@@ -96,27 +105,34 @@ def score_partitions(model_name: str, history: dict[str, list[float]]):
         screen = _SCREENS[path]
         clock = features.CustomerClock.from_times(history)
         for frame in frames:
-            out, rows, scored = [], [], []  # scored: the records that have a feature row
+            out, orders, parsed = [], [], []  # parsed: the records that hold an order
             for partition, offset, value, kafka_ts in zip(frame["partition"], frame["offset"], frame["value"],
                                                           frame["timestamp"]):
                 record = {"partition": int(partition), "offset": int(offset), "order_id": None, "score": None,
                           "flagged": None, "error": None, "value": None,
                           "kafka_ms": pd.Timestamp(kafka_ts).timestamp() * 1000}
+                out.append(record)
                 try:
                     order = json.loads(value)
-                    if not isinstance(order, dict) or not order.get("order_id"):
-                        raise features.BadOrder("not an order: order_id is missing")
-                    record["order_id"] = str(order["order_id"])
-                    rows.append(features.vector(order, screen.schema, clock))
-                    scored.append(record)
-                except (ValueError, features.BadOrder) as e:  # JSONDecodeError is a ValueError
-                    record["error"] = str(e) if isinstance(e, features.BadOrder) else f"not JSON: {e}"
-                    record["value"] = value if isinstance(value, str) else None
-                out.append(record)
-            if rows:  # one pass of the network for the whole frame
-                for record, score in zip(scored, screen.scores(np.asarray(rows, dtype=np.float32))):
-                    record["score"] = float(score)
-                    record["flagged"] = record["score"] > screen.threshold
+                except (TypeError, ValueError) as e:  # not JSON, or a record without a value
+                    record.update(error=f"not JSON: {e}", value=value if isinstance(value, str) else None)
+                    continue
+                if not isinstance(order, dict) or not order.get("order_id"):
+                    record.update(error="not an order: order_id is missing", value=value)
+                    continue
+                record["order_id"] = str(order["order_id"])
+                orders.append(order)
+                parsed.append((record, value))
+            if orders:  # the whole frame's features, then one pass of the network
+                rows, bad = features.matrix(orders, screen.schema, clock)
+                refused = dict(bad)
+                scores = iter(screen.scores(rows))
+                for index, (record, value) in enumerate(parsed):
+                    if index in refused:
+                        record.update(error=refused[index], value=value)
+                    else:
+                        record["score"] = float(next(scores))
+                        record["flagged"] = record["score"] > screen.threshold
             yield pd.DataFrame(out, columns=[c.split()[0] for c in RESULT_SCHEMA.split(", ")])
 
     return run
@@ -217,7 +233,7 @@ class Sinks:
 def process_batch(sinks: Sinks, model_name: str, meta: dict):
     from pyspark.sql import functions as F
 
-    window = meta["schema"]["burst_window_s"]
+    window = meta["schema"]["recent_window_s"]
 
     def run(frame, batch_id: int) -> None:
         started = time.monotonic()
@@ -236,6 +252,20 @@ def process_batch(sinks: Sinks, model_name: str, meta: dict):
                      sum(1 for r in rows if r.flagged), sum(1 for r in rows if r.error), time.monotonic() - started)
 
     return run
+
+
+def ship_model(sc, model_dir: str) -> tuple[str, str]:
+    """Ships the model directory to every executor as a zip archive, unpacked there under
+    the directory's name (SparkFiles.get(name)); addFile takes a local directory only in
+    local mode. Returns that name and the temporary folder of the archive."""
+    import pathlib
+    import tempfile
+
+    name = os.path.basename(os.path.normpath(model_dir))
+    folder = tempfile.mkdtemp(prefix="order-screening-model-")
+    archive = shutil.make_archive(os.path.join(folder, name), "zip", root_dir=model_dir)
+    sc.addArchive(f"{pathlib.Path(archive).as_uri()}#{name}")
+    return name, folder
 
 
 def main() -> int:
@@ -266,16 +296,15 @@ def main() -> int:
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # the workers need this job's packages
     builder = SparkSession.builder.appName(name).config("spark.sql.shuffle.partitions", "2") \
         .config("spark.ui.enabled", "false").config("spark.sql.execution.arrow.pyspark.enabled", "true")
+    # No SPARK_MASTER: spark-submit's --master, or its default local[*] (a master set here
+    # would override the one spark-submit was given).
     if os.environ.get("SPARK_MASTER"):
         builder = builder.master(os.environ["SPARK_MASTER"])
-    elif "spark.master" not in os.environ.get("PYSPARK_SUBMIT_ARGS", ""):
-        builder = builder.master("local[*]")
     if os.environ.get("SPARK_JARS"):
         builder = builder.config("spark.jars", os.environ["SPARK_JARS"])
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
-    model_name = os.path.basename(os.path.normpath(settings.model_dir))
-    spark.sparkContext.addFile(settings.model_dir, recursive=True)  # shipped to every executor
+    model_name, shipped = ship_model(spark.sparkContext, settings.model_dir)
 
     sinks = Sinks(settings, secrets)
     serve_metrics(settings.metrics_port)
@@ -296,7 +325,11 @@ def main() -> int:
 
     def stop(*_):
         log.info("stopping after the batch in hand")
-        query.stop()
+        # From another thread: the handler runs in the main thread, inside awaitTermination's
+        # call to the JVM, and a second call on that thread's py4j connection fails (reentrant).
+        import threading
+
+        threading.Thread(target=query.stop, name="stop-query").start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -307,6 +340,7 @@ def main() -> int:
         return 1
     finally:
         spark.stop()
+        shutil.rmtree(shipped, ignore_errors=True)
     return 0
 
 

@@ -33,17 +33,30 @@ def test_pyspark_pinned_by_the_services_is_the_spark_version_of_the_spec():
 
 def test_features_see_the_anomalies_the_generator_injects(orders, normal):
     schema = features.Schema.learn(normal)
-    clock = features.CustomerClock(orders)
+    x, bad = features.matrix(orders, schema)
+    assert not bad and x.shape == (len(orders), len(schema.names))
     column = {name: i for i, name in enumerate(schema.names)}
+    labels = np.array([o["label"] for o in orders])
 
     def typical(kind: str, name: str) -> float:
-        return float(np.median([features.vector(o, schema, clock)[column[name]]
-                                for o in orders if o["label"] == kind]))
+        return float(np.median(x[labels == kind, column[name]]))
 
     assert typical("price_outlier", "max_log_price_ratio") > typical("normal", "max_log_price_ratio") + 2
     assert typical("quantity_spike", "max_log_item_quantity") > typical("normal", "max_log_item_quantity") + 3
     assert typical("category_mismatch", "min_log_pair_share") < typical("normal", "min_log_pair_share") - 3
     assert typical("customer_burst", "log_customer_recent_orders") > typical("normal", "log_customer_recent_orders") + 1
+    assert typical("customer_burst", "log_seconds_since_customer_order") < typical("normal", "log_seconds_since_customer_order") - 2
+
+
+def test_a_customers_recent_orders_and_last_order_count_only_what_came_before():
+    at = lambda seconds: {"created_at": f"2026-01-01T00:{seconds // 60:02d}:{seconds % 60:02d}+00:00"}  # noqa: E731
+    clock = features.CustomerClock([{"customer": {"id": c}, **at(s)} for c, s in
+                                    [("a", 0), ("a", 30), ("a", 59), ("b", 58), ("a", 200)]])
+    when = [features.created_at(at(s)) for s in (59, 60, 100, 59, 59)]
+    recent, gap = clock.before(["a", "a", "a", "b", "new"], np.array(when), 60.0)
+    # a at 59 s: 0 and 30 before it (59 itself is not "before"); at 60 s, 0 has left the window.
+    assert recent.tolist() == [2, 2, 1, 1, 0]
+    assert gap.tolist() == [29.0, 1.0, 41.0, 1.0, 60.0]  # none before: the window
 
 
 @pytest.mark.parametrize("broken,reason", [
