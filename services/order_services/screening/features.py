@@ -142,7 +142,11 @@ class CustomerClock:
     """When each customer ordered: how many orders a customer placed in the window before a
     time, and how long before it the last one was."""
 
-    def __init__(self, orders: Iterable[dict] = ()):
+    def __init__(self, customers: list[str], times: list[float]):
+        self.customers, self.times = customers, times
+
+    @classmethod
+    def from_orders(cls, orders: Iterable[dict]) -> "CustomerClock":
         customers, times = [], []
         for order in orders:
             try:
@@ -151,49 +155,39 @@ class CustomerClock:
                 continue  # scored (and refused) on its own; it just does not count here
             customers.append(customer)
             times.append(when)
-        self.customers, self.times = customers, times
+        return cls(customers, times)
 
     @classmethod
     def from_times(cls, times: dict[str, list[float]]) -> "CustomerClock":
         """A clock from customer → created_at timestamps (the streaming job reads them from the store)."""
-        clock = cls()
-        for customer, stamps in times.items():
-            clock.customers += [customer] * len(stamps)
-            clock.times += stamps
-        return clock
+        return cls([c for c, stamps in times.items() for _ in stamps], [t for stamps in times.values() for t in stamps])
 
     def before(self, customers: list[str], times: np.ndarray, window: float) -> tuple[np.ndarray, np.ndarray]:
         """For each (customer, time): the customer's orders in (time - window, time), and the
         seconds since the customer's last order before `time` (`window` if none in it)."""
-        codes, _ = _factorize(self.customers + customers)
+        import pandas as pd
+
+        if not self.times:
+            return np.zeros(len(times), dtype=np.int64), np.full(len(times), window)
+        codes = pd.factorize(np.asarray(self.customers + customers, dtype=object))[0].astype(np.int64)
         known, asked = codes[:len(self.customers)], codes[len(self.customers):]
         # One sorted integer key per order, customer-major (customer code × the number of
         # distinct instants + the instant's rank), so that one searchsorted answers every
         # customer at once and a key never crosses into the next customer's.
         history_times = np.asarray(self.times, dtype=np.float64)
         instants = np.unique(np.concatenate([history_times, times, times - window]))
-        stride = len(instants)
 
         def key(code, when):
-            return code.astype(np.int64) * stride + np.searchsorted(instants, when)
+            return code * len(instants) + np.searchsorted(instants, when)
 
         order = np.argsort(key(known, history_times), kind="stable")
         history, history_times = key(known, history_times)[order], history_times[order]
-        at = key(asked, times)
-        earlier = np.searchsorted(history, at, side="left")  # orders strictly before `at`
+        earlier = np.searchsorted(history, key(asked, times), side="left")  # orders strictly before
         recent = earlier - np.searchsorted(history, key(asked, times - window), side="right")
         previous = np.maximum(earlier - 1, 0)
-        same_customer = (earlier > 0) & (history[previous] >= asked.astype(np.int64) * stride) if len(history) \
-            else np.zeros(len(at), dtype=bool)
-        gap = np.where(same_customer, times - history_times[previous] if len(history) else window, window)
+        same_customer = (earlier > 0) & (history[previous] >= asked * len(instants))
+        gap = np.where(same_customer, times - history_times[previous], window)
         return recent, np.minimum(gap, window)
-
-
-def _factorize(values: list[str]) -> tuple[np.ndarray, int]:
-    import pandas as pd
-
-    codes, uniques = pd.factorize(np.asarray(values, dtype=object))
-    return codes, len(uniques)
 
 
 def matrix(orders: list[dict], schema: Schema, clock: CustomerClock | None = None
@@ -232,9 +226,7 @@ def matrix(orders: list[dict], schema: Schema, clock: CustomerClock | None = Non
     np.add.at(by_category, (owner, category), 1)  # column -1 (the last): categories never seen
     when = np.asarray(times)
     hour = (when % 86400) / 3600
-    if clock is None:  # the orders are their own history
-        clock = CustomerClock()
-        clock.customers, clock.times = customers, times
+    clock = clock or CustomerClock(customers, times)  # by default the orders are their own history
     recent, gap = clock.before(customers, when, schema.recent_window_s)
     x = np.column_stack([
         np.log1p(np.bincount(owner, weights=prices * quantities, minlength=n)),

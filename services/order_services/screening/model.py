@@ -152,7 +152,7 @@ def train(orders: list[dict], *, history: list[dict] | None = None, epochs: int 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     schema = features.Schema.learn(orders)
-    x, bad = features.matrix(orders, schema, features.CustomerClock(history or orders))
+    x, bad = features.matrix(orders, schema, features.CustomerClock.from_orders(history or orders))
     if len(x) < 50:
         raise ValueError(f"only {len(x)} usable orders to train on ({len(bad)} unusable): need 50 or more")
     order = rng.permutation(len(x))

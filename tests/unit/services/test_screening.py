@@ -50,7 +50,7 @@ def test_features_see_the_anomalies_the_generator_injects(orders, normal):
 
 def test_a_customers_recent_orders_and_last_order_count_only_what_came_before():
     at = lambda seconds: {"created_at": f"2026-01-01T00:{seconds // 60:02d}:{seconds % 60:02d}+00:00"}  # noqa: E731
-    clock = features.CustomerClock([{"customer": {"id": c}, **at(s)} for c, s in
+    clock = features.CustomerClock.from_orders([{"customer": {"id": c}, **at(s)} for c, s in
                                     [("a", 0), ("a", 30), ("a", 59), ("b", 58), ("a", 200)]])
     when = [features.created_at(at(s)) for s in (59, 60, 100, 59, 59)]
     recent, gap = clock.before(["a", "a", "a", "b", "new"], np.array(when), 60.0)
