@@ -20,7 +20,7 @@ from typing import Iterable
 
 import numpy as np
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 RECENT_WINDOW_S = 60.0  # "recent": the customer's orders in the minute before
 
 
@@ -35,18 +35,20 @@ class Schema:
     categories: list[str]
     usual_price: dict[str, float]  # product → median unit price in the training orders
     pair_share: dict[str, float]  # "category/product" → share of the product's sales under it
+    product_share: dict[str, float]  # product → share of all items sold (a frequency encoding)
     version: int = SCHEMA_VERSION
     recent_window_s: float = RECENT_WINDOW_S
     names: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.names = ["log_total", "log_quantity", "items", "max_log_price_ratio", "min_log_price_ratio",
-                      "max_log_item_quantity", "min_log_pair_share", "hour_sin", "hour_cos",
+                      "max_log_item_quantity", "min_log_pair_share", "min_log_product_share", "hour_sin", "hour_cos",
                       "log_customer_recent_orders", "log_seconds_since_customer_order",
                       *(f"share_{c}" for c in self.categories)]
         # Dense lookups for the vectorised features (not saved: derived from the fields above).
         self._products = sorted(self.usual_price)
         self._prices = np.array([self.usual_price[p] for p in self._products] + [np.nan])
+        self._product_shares = np.array([self.product_share.get(p, 0.0) for p in self._products] + [0.0])
         shares = np.zeros((len(self.categories) + 1, len(self._products) + 1))
         for key, share in self.pair_share.items():
             category, _, product = key.partition("/")
@@ -55,7 +57,7 @@ class Schema:
         self._shares = shares  # the last row and column: a category or product never seen
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Schema":
@@ -63,7 +65,8 @@ class Schema:
             raise ValueError(f"feature schema version {data.get('version')} is not {SCHEMA_VERSION}: "
                              "retrain the model (opsctl jobs train-vae)")
         return cls(categories=data["categories"], usual_price=data["usual_price"],
-                   pair_share=data["pair_share"], recent_window_s=data["recent_window_s"])
+                   pair_share=data["pair_share"], product_share=data["product_share"],
+                   recent_window_s=data["recent_window_s"])
 
     @classmethod
     def learn(cls, orders: Iterable[dict]) -> "Schema":
@@ -84,7 +87,8 @@ class Schema:
             by_product[product] += n
         return cls(categories=sorted({c for c, _ in pairs}),
                    usual_price={p: float(np.median(v)) for p, v in prices.items()},
-                   pair_share={f"{c}/{p}": n / by_product[p] for (c, p), n in pairs.items()})
+                   pair_share={f"{c}/{p}": n / by_product[p] for (c, p), n in pairs.items()},
+                   product_share={p: n / sum(by_product.values()) for p, n in by_product.items()})
 
 
 def created_at(order: dict) -> float:
@@ -233,6 +237,7 @@ def matrix(orders: list[dict], schema: Schema, clock: CustomerClock | None = Non
         np.log1p(np.bincount(owner, weights=quantities, minlength=n)),
         count, np.maximum.reduceat(ratio, starts), np.minimum.reduceat(ratio, starts),
         np.log1p(np.maximum.reduceat(quantities, starts)), np.log(np.minimum.reduceat(share, starts) + 1e-3),
+        np.log(np.minimum.reduceat(schema._product_shares[product], starts) + 1e-4),
         np.sin(2 * np.pi * hour / 24), np.cos(2 * np.pi * hour / 24),
         np.log1p(recent), np.log1p(gap),
         by_category[:, :-1] / count[:, None]])

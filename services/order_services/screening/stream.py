@@ -268,11 +268,54 @@ def ship_model(sc, model_dir: str) -> tuple[str, str]:
     return name, folder
 
 
+def warm_up(spark, model_name: str) -> None:
+    """Start the executors' Python workers and load the model in them before the first batch
+    (Spark reuses the workers), so that the first orders do not wait seconds for PyTorch."""
+    slots = spark.sparkContext.defaultParallelism
+    now = dt.datetime.now(dt.timezone.utc)
+    frame = spark.createDataFrame([(i, 0, "{}", now) for i in range(slots)],
+                                  "partition int, offset long, value string, timestamp timestamp")
+    frame.repartition(slots).mapInPandas(score_partitions(model_name, {}), RESULT_SCHEMA).collect()
+
+
+def run_stream(spark, settings: Settings, sinks: Sinks, model_name: str, meta: dict, name: str) -> None:
+    """Serve the metrics and run the query until it stops (SIGTERM, SIGINT) or fails."""
+    from order_services.worker import serve_metrics
+
+    serve_metrics(settings.metrics_port)
+    source = (spark.readStream.format("kafka")
+              .option("kafka.bootstrap.servers", settings.kafka_bootstrap)
+              .option("subscribe", settings.topic)
+              .option("startingOffsets", "earliest")
+              .option("failOnDataLoss", "false")
+              .load()
+              .selectExpr("partition", "offset", "CAST(value AS STRING) AS value", "timestamp"))
+    query = (source.writeStream
+             .foreachBatch(process_batch(sinks, model_name, meta))
+             .option("checkpointLocation", os.path.join(settings.state_dir, "checkpoint"))
+             .trigger(processingTime=f"{settings.trigger_seconds:g} seconds")
+             .start())
+    log.info("%s: %s %s → VAE (threshold %.4f) → %s/%s", name, settings.kafka_bootstrap, settings.topic,
+             meta["threshold"], settings.exchange, settings.routing_key)
+
+    def stop(*_):
+        log.info("stopping after the batch in hand")
+        # From another thread: the handler runs in the main thread, inside awaitTermination's
+        # call to the JVM, and a second call on that thread's py4j connection fails (reentrant).
+        import threading
+
+        threading.Thread(target=query.stop, name="stop-query").start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    query.awaitTermination()
+
+
 def main() -> int:
     logging.basicConfig(stream=sys.stdout, level=os.environ.get("LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pika").setLevel(logging.WARNING)
-    from order_services.worker import ConfigError, serve_metrics
+    from order_services.worker import ConfigError
 
     name = os.environ.get("SERVICE_NAME") or "order-screening"
     try:
@@ -305,44 +348,16 @@ def main() -> int:
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     model_name, shipped = ship_model(spark.sparkContext, settings.model_dir)
-
-    sinks = Sinks(settings, secrets)
-    serve_metrics(settings.metrics_port)
-    source = (spark.readStream.format("kafka")
-              .option("kafka.bootstrap.servers", settings.kafka_bootstrap)
-              .option("subscribe", settings.topic)
-              .option("startingOffsets", "earliest")
-              .option("failOnDataLoss", "false")
-              .load()
-              .selectExpr("partition", "offset", "CAST(value AS STRING) AS value", "timestamp"))
-    query = (source.writeStream
-             .foreachBatch(process_batch(sinks, model_name, meta))
-             .option("checkpointLocation", os.path.join(settings.state_dir, "checkpoint"))
-             .trigger(processingTime=f"{settings.trigger_seconds:g} seconds")
-             .start())
-    log.info("%s: %s %s → VAE (threshold %.4f) → %s/%s", name, settings.kafka_bootstrap, settings.topic,
-             meta["threshold"], settings.exchange, settings.routing_key)
-
-    def stop(*_):
-        log.info("stopping after the batch in hand")
-        # From another thread: the handler runs in the main thread, inside awaitTermination's
-        # call to the JVM, and a second call on that thread's py4j connection fails (reentrant).
-        import threading
-
-        threading.Thread(target=query.stop, name="stop-query").start()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
     try:
-        query.awaitTermination()
-    except Exception as e:  # the query failed: exit non-zero so the supervisor sees it
-        log.error("the streaming query failed: %s", e)
+        warm_up(spark, model_name)  # before the metrics port opens: "running" means ready to score
+        run_stream(spark, settings, Sinks(settings, secrets), model_name, meta, name)
+    except Exception as e:  # the job failed: exit non-zero so the supervisor sees it
+        log.error("the streaming job failed: %s", e)
         return 1
     finally:
         spark.stop()
         shutil.rmtree(shipped, ignore_errors=True)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

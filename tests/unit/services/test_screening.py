@@ -46,6 +46,9 @@ def test_features_see_the_anomalies_the_generator_injects(orders, normal):
     assert typical("category_mismatch", "min_log_pair_share") < typical("normal", "min_log_pair_share") - 3
     assert typical("customer_burst", "log_customer_recent_orders") > typical("normal", "log_customer_recent_orders") + 1
     assert typical("customer_burst", "log_seconds_since_customer_order") < typical("normal", "log_seconds_since_customer_order") - 2
+    unseen = {**normal[0], "items": [{**normal[0]["items"][0], "product": "never sold before"}]}
+    rare = features.matrix([unseen], schema, features.CustomerClock.from_orders(orders))[0][0]
+    assert rare[column["min_log_product_share"]] < typical("normal", "min_log_product_share") - 3
 
 
 def test_a_customers_recent_orders_and_last_order_count_only_what_came_before():
