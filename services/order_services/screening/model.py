@@ -123,13 +123,7 @@ class Screen:
     def load(cls, directory: Path) -> "Screen":
         torch = _torch()
         directory = Path(directory)
-        try:
-            meta = json.loads((directory / "model.json").read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no model in {directory}: train one (opsctl jobs train-vae)") from None
-        if meta.get("artifact_version") != ARTIFACT_VERSION:
-            raise ValueError(f"model artifact version {meta.get('artifact_version')} in {directory} "
-                             f"is not {ARTIFACT_VERSION}: retrain it")
+        meta = read_meta(directory)
         schema = features.Schema.from_dict(meta["schema"])
         arch = meta["architecture"]
         network = _network(len(schema.names), arch["hidden"], arch["latent"])
@@ -140,6 +134,19 @@ class Screen:
         return cls(schema, np.asarray(meta["scaler"]["mean"], dtype=np.float32),
                    np.asarray(meta["scaler"]["scale"], dtype=np.float32), network,
                    float(meta["threshold"]), info)
+
+
+def read_meta(directory: Path) -> dict:
+    """model.json of an artifact this code can score with (else an error that says to retrain)."""
+    try:
+        meta = json.loads((Path(directory) / "model.json").read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no model in {directory}: train one (opsctl jobs train-vae)") from None
+    if meta.get("artifact_version") != ARTIFACT_VERSION:
+        raise ValueError(f"model artifact version {meta.get('artifact_version')} in {directory} "
+                         f"is not {ARTIFACT_VERSION}: retrain it (opsctl jobs train-vae)")
+    features.Schema.from_dict(meta["schema"])  # its version too
+    return meta
 
 
 def train(orders: list[dict], *, history: list[dict] | None = None, epochs: int = 30, seed: int = 7,

@@ -322,10 +322,12 @@ def main() -> int:
         from order_services.secrets import SecretsError, VaultSecrets
 
         settings = Settings.from_env()
+        from order_services.screening.model import read_meta
+
         try:
-            meta = json.loads(open(os.path.join(settings.model_dir, "model.json")).read())
-        except OSError:
-            raise ConfigError(f"no model in {settings.model_dir}: train one first (opsctl jobs train-vae)") from None
+            meta = read_meta(settings.model_dir)
+        except (OSError, ValueError) as e:
+            raise ConfigError(str(e)) from None
         try:
             secrets = VaultSecrets.from_env()
         except SecretsError as e:

@@ -1,6 +1,7 @@
 """The screening model offline: features, deterministic training, the artifact, the jobs."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -150,3 +151,17 @@ def test_the_vae_beats_the_isolation_forest_on_the_generated_anomalies(tmp_path)
     assert code == 0 and overall["kind"] == "all"
     assert overall["vae"]["roc_auc"] > overall["isolation_forest"]["roc_auc"]
     assert overall["vae"]["pr_auc"] > overall["isolation_forest"]["pr_auc"]
+
+
+def test_the_stream_refuses_a_model_of_another_version_and_says_to_retrain(normal, tmp_path):
+    where = model.train(normal, epochs=1).save(tmp_path / "vae")
+    meta = json.loads((where / "model.json").read_text())
+    (where / "model.json").write_text(json.dumps({**meta, "artifact_version": 1}))
+    settings = {"KAFKA_BOOTSTRAP": "127.0.0.1:9", "KAFKA_TOPIC": "orders-topic", "MODEL_DIR": str(where),
+                "STATE_DIR": str(tmp_path), "MONGODB_URL": "mongodb://127.0.0.1:9", "MONGODB_DB": "ecommerce",
+                "MONGODB_COLLECTION": "orders", "RABBITMQ_HOST": "127.0.0.1", "RABBITMQ_PORT": "9",
+                "ORDER_EXCHANGE": "order-exchange", "METRICS_PORT": "9"}
+    result = subprocess.run([sys.executable, "-m", "order_services.screening.stream"], env={**os.environ, **settings},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "configuration error: model artifact version 1" in result.stderr and "retrain it" in result.stderr
