@@ -123,8 +123,7 @@ class Screen:
     def load(cls, directory: Path) -> "Screen":
         torch = _torch()
         directory = Path(directory)
-        meta = read_meta(directory)
-        schema = features.Schema.from_dict(meta["schema"])
+        meta, schema = read_meta(directory)
         arch = meta["architecture"]
         network = _network(len(schema.names), arch["hidden"], arch["latent"])
         network.load_state_dict(torch.load(directory / "model.pt", weights_only=True))
@@ -136,8 +135,9 @@ class Screen:
                    float(meta["threshold"]), info)
 
 
-def read_meta(directory: Path) -> dict:
-    """model.json of an artifact this code can score with (else an error that says to retrain)."""
+def read_meta(directory: Path) -> tuple[dict, features.Schema]:
+    """model.json of an artifact this code can score with, and its feature schema (else an
+    error that says to retrain)."""
     try:
         meta = json.loads((Path(directory) / "model.json").read_text())
     except FileNotFoundError:
@@ -145,8 +145,7 @@ def read_meta(directory: Path) -> dict:
     if meta.get("artifact_version") != ARTIFACT_VERSION:
         raise ValueError(f"model artifact version {meta.get('artifact_version')} in {directory} "
                          f"is not {ARTIFACT_VERSION}: retrain it (opsctl jobs train-vae)")
-    features.Schema.from_dict(meta["schema"])  # its version too
-    return meta
+    return meta, features.Schema.from_dict(meta["schema"])  # checks the schema's version
 
 
 def train(orders: list[dict], *, history: list[dict] | None = None, epochs: int = 30, seed: int = 7,

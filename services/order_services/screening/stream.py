@@ -325,7 +325,7 @@ def main() -> int:
         from order_services.screening.model import read_meta
 
         try:
-            meta = read_meta(settings.model_dir)
+            meta, _ = read_meta(settings.model_dir)
         except (OSError, ValueError) as e:
             raise ConfigError(str(e)) from None
         try:
