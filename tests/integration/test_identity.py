@@ -3,6 +3,7 @@
 import base64
 import json
 import os
+import shutil
 import subprocess
 
 import hvac
@@ -254,6 +255,7 @@ def test_vault_init_with_pgp_keys_encrypts_each_share(tmp_path):
         assert code == 0 and steps["vault"]["state"] == "unchanged"
     finally:
         work.run("down", "--purge", "--yes")
+        shutil.rmtree(work.path, ignore_errors=True)
 
 
 def test_validate_jwt_accepts_real_keycloak_tokens_and_checks_the_role(platform):
