@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from order_services.files import write_atomic
-from order_services.worker import Backoff, ConfigError, Stopping, Unavailable, serve_metrics
+from order_services.worker import Backoff, ConfigError, Stopping, Unavailable, run_worker, serve_metrics
 
 log = logging.getLogger("order_services.cdc_bridge")
 KAFKA_LOG = logging.getLogger("order_services.cdc_bridge.librdkafka")
@@ -534,29 +534,24 @@ def event_time(event: dict) -> float:
     return float(cluster.time) if cluster is not None else time.time()
 
 
-def main() -> int:
-    logging.basicConfig(stream=sys.stdout, level=os.environ.get("LOG_LEVEL", "INFO").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    name = os.environ.get("SERVICE_NAME") or "cdc-bridge"
+def start(name: str) -> int:
+    from order_services.secrets import SecretsError, VaultSecrets
+
+    settings = Settings.from_env()
     try:
-        from order_services.secrets import SecretsError, VaultSecrets
+        vault = VaultSecrets.from_env()
+    except SecretsError as e:
+        raise ConfigError(str(e)) from None
+    bridge = Bridge(settings, vault)
+    signal.signal(signal.SIGTERM, bridge.stop)
+    signal.signal(signal.SIGINT, bridge.stop)
+    log.info("%s starting: %s.%s → Kafka %s at %s", settings.service, settings.database,
+             settings.collection, settings.topic, settings.kafka_bootstrap)
+    return bridge.run()
 
-        settings = Settings.from_env()
-        try:
-            vault = VaultSecrets.from_env()
-        except SecretsError as e:
-            raise ConfigError(str(e)) from None
-        bridge = Bridge(settings, vault)
-        signal.signal(signal.SIGTERM, bridge.stop)
-        signal.signal(signal.SIGINT, bridge.stop)
-        log.info("%s starting: %s.%s → Kafka %s at %s", settings.service, settings.database,
-                 settings.collection, settings.topic, settings.kafka_bootstrap)
-        return bridge.run()
-    except ConfigError as e:
-        print(f"{name}: configuration error: {e}", file=sys.stderr, flush=True)
-        log.error("configuration error: %s", e)
-        return 2
 
+def main() -> int:
+    return run_worker("cdc-bridge", start)
 
 if __name__ == "__main__":
     sys.exit(main())

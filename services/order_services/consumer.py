@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from order_services.worker import Backoff, ConfigError, Stopping, Unavailable, serve_metrics
+from order_services.worker import Backoff, ConfigError, Stopping, Unavailable, run_worker, serve_metrics
 
 log = logging.getLogger("order_services.consumer")
 
@@ -624,31 +624,25 @@ def make_metrics():
     return processed, processing
 
 
-def main() -> int:
-    logging.basicConfig(stream=sys.stdout, level=os.environ.get("LOG_LEVEL", "INFO").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def start(name: str) -> int:
+    from order_services.secrets import SecretsError
+
     logging.getLogger("pika").setLevel(logging.CRITICAL)  # its errors are reported here, once
-    name = os.environ.get("SERVICE_NAME") or "consumer"
+    settings = Settings.from_env()
     try:
-        from order_services.secrets import SecretsError
+        credentials = Credentials()
+    except SecretsError as e:
+        raise ConfigError(str(e)) from None
+    store = (PostgresStore if settings.store == "postgres" else MongoStore)(settings, credentials)
+    consumer = Consumer(settings, credentials, store, make_metrics())
+    signal.signal(signal.SIGTERM, consumer.stop)
+    signal.signal(signal.SIGINT, consumer.stop)
+    log.info("%s starting: %s → %s", settings.service, settings.queue, store.describe())
+    return consumer.run()
 
-        settings = Settings.from_env()
-        try:
-            credentials = Credentials()
-        except SecretsError as e:
-            raise ConfigError(str(e)) from None
-        store = (PostgresStore if settings.store == "postgres" else MongoStore)(settings,
-                                                                                credentials)
-        consumer = Consumer(settings, credentials, store, make_metrics())
-        signal.signal(signal.SIGTERM, consumer.stop)
-        signal.signal(signal.SIGINT, consumer.stop)
-        log.info("%s starting: %s → %s", settings.service, settings.queue, store.describe())
-        return consumer.run()
-    except ConfigError as e:
-        print(f"{name}: configuration error: {e}", file=sys.stderr, flush=True)
-        log.error("configuration error: %s", e)
-        return 2
 
+def main() -> int:
+    return run_worker("consumer", start)
 
 if __name__ == "__main__":
     sys.exit(main())

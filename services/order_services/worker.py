@@ -1,7 +1,10 @@
-"""What the background workers (the consumers, the CDC bridge) share: their error kinds,
-waits between retries, and the metrics endpoint that doubles as readiness."""
+"""What the background workers (the consumers, the CDC bridge, the screening stream) share:
+their main, their error kinds, waits between retries, and the metrics endpoint that
+doubles as readiness."""
 
 from __future__ import annotations
+
+from typing import Callable
 
 
 class ConfigError(Exception):
@@ -39,3 +42,21 @@ def serve_metrics(port: int) -> None:
         start_http_server(port, addr="127.0.0.1")
     except OSError as e:
         raise ConfigError(f"cannot serve metrics on 127.0.0.1:{port}: {e}") from None
+
+
+def run_worker(default_name: str, start: Callable[[str], int]) -> int:
+    """A worker's main: logs to stdout at LOG_LEVEL, then start(its SERVICE_NAME); a
+    ConfigError is a message on stderr and exit code 2, never a retry."""
+    import logging
+    import os
+    import sys
+
+    logging.basicConfig(stream=sys.stdout, level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    name = os.environ.get("SERVICE_NAME") or default_name
+    try:
+        return start(name)
+    except ConfigError as e:
+        print(f"{name}: configuration error: {e}", file=sys.stderr, flush=True)
+        logging.getLogger(name).error("configuration error: %s", e)
+        return 2

@@ -311,30 +311,21 @@ def run_stream(spark, settings: Settings, sinks: Sinks, model_name: str, meta: d
     query.awaitTermination()
 
 
-def main() -> int:
-    logging.basicConfig(stream=sys.stdout, level=os.environ.get("LOG_LEVEL", "INFO").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pika").setLevel(logging.WARNING)
+def start(name: str) -> int:
+    from order_services.screening.model import read_meta
+    from order_services.secrets import SecretsError, VaultSecrets
     from order_services.worker import ConfigError
 
-    name = os.environ.get("SERVICE_NAME") or "order-screening"
+    logging.getLogger("pika").setLevel(logging.WARNING)
+    settings = Settings.from_env()
     try:
-        from order_services.secrets import SecretsError, VaultSecrets
-
-        settings = Settings.from_env()
-        from order_services.screening.model import read_meta
-
-        try:
-            meta, _ = read_meta(settings.model_dir)
-        except (OSError, ValueError) as e:
-            raise ConfigError(str(e)) from None
-        try:
-            secrets = VaultSecrets.from_env()
-        except SecretsError as e:
-            raise ConfigError(str(e)) from None
-    except ConfigError as e:
-        print(f"{name}: configuration error: {e}", file=sys.stderr, flush=True)
-        return 2
+        meta, _ = read_meta(settings.model_dir)
+    except (OSError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    try:
+        secrets = VaultSecrets.from_env()
+    except SecretsError as e:
+        raise ConfigError(str(e)) from None
 
     from pyspark.sql import SparkSession
 
@@ -360,6 +351,13 @@ def main() -> int:
         spark.stop()
         shutil.rmtree(shipped, ignore_errors=True)
     return 0
+
+
+def main() -> int:
+    from order_services.worker import run_worker
+
+    return run_worker("order-screening", start)
+
 
 if __name__ == "__main__":
     sys.exit(main())
