@@ -74,6 +74,8 @@ MAX_BODY_BYTES = 64 * 1024
 IDEMPOTENCY_TTL = 86400          # seconds a key is remembered (contract: idempotency:<key>)
 ORDER_CACHE_TTL = 7 * 86400      # seconds order:<id> is kept; longer than IDEMPOTENCY_TTL
 PUBLISH_TIMEOUT = 10.0           # seconds to wait for the broker's confirm
+RECONNECT_INTERVAL = 1.0         # seconds between attempts to reach a lost broker
+RECOVERY_WAIT = 3.0              # seconds an order waits for a reconnecting broker before a 503
 REDIS_TIMEOUT = 2.0
 CATALOGUE_REFRESH = 300.0        # seconds between catalogue refreshes
 CATALOGUE_RETRY = (2.0, 60.0)    # first and longest delay after a failed refresh
@@ -205,6 +207,7 @@ class AmqpPublisher:
 
         connection = await aio_pika.connect_robust(
             host=host, port=port, login=user, password=password, timeout=10,
+            reconnect_interval=RECONNECT_INTERVAL,
             client_properties={"connection_name": "order-creator"})
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -229,6 +232,13 @@ class AmqpPublisher:
             body, content_type="application/json", delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=document["order_id"],
             priority=amqp_priority(document["total"]) if document["type"] == "priority" else None)
+        if self.channel.is_closed:
+            # Being reopened after a broker restart: each serving process reconnects on its
+            # own, so a short wait turns a blip into a slower 201 rather than a 503.
+            try:
+                await asyncio.wait_for(self.channel.ready(), RECOVERY_WAIT)
+            except asyncio.TimeoutError:
+                raise PublishFailed("the broker is unreachable (reconnecting)") from None
         try:
             confirmation = await self.exchange.publish(
                 message, routing_key=document["type"], mandatory=True, timeout=self.timeout)
