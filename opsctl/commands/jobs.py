@@ -44,6 +44,14 @@ def _existing(path: Path) -> Path:
     return path
 
 
+def _require_model(ctx) -> Path:
+    from opsctl.components import spark
+
+    if not spark.has_model(ctx):
+        raise UsageError(f"no model in {spark.model_dir(ctx)}", "train one first: opsctl jobs train-vae")
+    return spark.model_dir(ctx)
+
+
 def run_job(job: str, *args: str, output: ui.Output, title: str) -> dict:
     """Run one screening job; a progress bar from its epoch events; its result (or OpsError)."""
     argv = [sys.executable, "-m", "order_services.screening", job, *args]
@@ -137,13 +145,8 @@ def score(
 ) -> None:
     """Score orders offline with the platform's model: flagged or not, and why not scored."""
     set_output(output)
-    ctx = context()
-    from opsctl.components import spark
-
+    model = _require_model(context())
     out = out or file.with_name(file.name + ".scores.jsonl")
-    model = spark.model_dir(ctx)
-    if not (model / "model.json").exists():
-        raise UsageError(f"no model in {model}", "train one: opsctl jobs train-vae")
     result = run_job("score", "--data", str(_existing(file)), "--model", str(model), "--out", str(out),
                      output=output, title="scoring")
     ui.render_or_json(output, result, lambda: ui.table(None, ["orders", "scored", "flagged", "unusable", "scores in"], [
@@ -202,8 +205,7 @@ def _start_stream(ctx, placement: tuple[str, dict[str, str]] | None = None):
     from opsctl.components import build, keycloak_realm, spark
     from opsctl.components.services import BundledService
 
-    if not (spark.model_dir(ctx) / "model.json").exists():
-        raise UsageError(f"no model in {spark.model_dir(ctx)}", "train one first: opsctl jobs train-vae")
+    _require_model(ctx)
     build("spark", ctx).check_installed()
     if placement is not None:
         spark.check_reachable(placement[0])

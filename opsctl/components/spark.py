@@ -30,6 +30,10 @@ def model_dir(ctx: Context) -> Path:
     return ctx.state_dir / "models" / "vae"
 
 
+def has_model(ctx: Context) -> bool:
+    return (model_dir(ctx) / "model.json").exists()
+
+
 class Spark(Component):
     def _pyspark_version(self) -> str | None:
         from importlib import metadata
@@ -74,7 +78,7 @@ class Spark(Component):
             return self._health("unhealthy", detail=e.message)
         if not kafka_jars(self.ctx).exists():
             return self._health("unhealthy", detail="the Kafka source jars are not fetched: run opsctl fetch")
-        model = "model trained" if (model_dir(self.ctx) / "model.json").exists() else "no model yet"
+        model = "model trained" if has_model(self.ctx) else "no model yet"
         return self._health("healthy", version=self.spec.version, detail=f"{self._summary()}; {model}")
 
 

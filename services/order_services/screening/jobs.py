@@ -76,22 +76,19 @@ def score(args) -> dict:
 
     screen = model.Screen.load(args.model)
     orders = read_orders(args.data)
-    rows, bad = features.matrix(orders, screen.schema)
-    scores = screen.scores(rows)
-    refused = dict(bad)
-    out, flagged, next_row = [], 0, 0
+    scores, refused = screen.score_orders(orders)
+    out, flagged = [], 0
     for index, order in enumerate(orders):
         record = {"order_id": order.get("order_id") or order.get("_id")}
         if index in refused:
             record.update(flagged=None, error=refused[index])
         else:
-            value = float(scores[next_row])
-            next_row += 1
+            value = float(scores[index])
             record.update(score=round(value, 6), flagged=value > screen.threshold)
             flagged += record["flagged"]
         out.append(json.dumps(record))
     write_atomic(args.out, "\n".join(out) + "\n")
-    return {"orders": len(orders), "scored": len(rows), "flagged": flagged, "unusable": len(bad),
+    return {"orders": len(orders), "scored": len(orders) - len(refused), "flagged": flagged, "unusable": len(refused),
             "threshold": screen.threshold, "out": str(args.out)}
 
 

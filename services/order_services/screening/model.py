@@ -92,8 +92,16 @@ class Screen:
                 out[start:start + batch] = (nll + kl).numpy()
         return out
 
-    def flags(self, x: np.ndarray) -> np.ndarray:
-        return self.scores(x) > self.threshold
+    def score_orders(self, orders: list[dict], clock: features.CustomerClock | None = None
+                     ) -> tuple[np.ndarray, dict[int, str]]:
+        """Each order's score (NaN where it has none), and by index why those have none."""
+        rows, bad = features.matrix(orders, self.schema, clock)
+        refused = dict(bad)
+        scores = np.full(len(orders), np.nan, dtype=np.float32)
+        usable = np.ones(len(orders), dtype=bool)
+        usable[list(refused)] = False
+        scores[usable] = self.scores(rows)
+        return scores, refused
 
     def save(self, directory: Path) -> Path:
         """Write the artifact into `directory` atomically (a temporary sibling renamed)."""

@@ -124,14 +124,12 @@ def score_partitions(model_name: str, history: dict[str, list[float]]):
                 orders.append(order)
                 parsed.append((record, value))
             if orders:  # the whole frame's features, then one pass of the network
-                rows, bad = features.matrix(orders, screen.schema, clock)
-                refused = dict(bad)
-                scores = iter(screen.scores(rows))
+                scores, refused = screen.score_orders(orders, clock)
                 for index, (record, value) in enumerate(parsed):
                     if index in refused:
                         record.update(error=refused[index], value=value)
                     else:
-                        record["score"] = float(next(scores))
+                        record["score"] = float(scores[index])
                         record["flagged"] = record["score"] > screen.threshold
             yield pd.DataFrame(out, columns=[c.split()[0] for c in RESULT_SCHEMA.split(", ")])
 
