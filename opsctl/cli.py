@@ -66,6 +66,11 @@ app.add_typer(config_cmd.app, name="config", rich_help_panel="Configuration")
 
 
 def main() -> None:
+    import os
+
     from opsctl.commands.common import run_cli
 
+    # Everything opsctl writes (.opsctl/: secrets, state, logs, data) is its owner's only;
+    # the processes it starts inherit this.
+    os.umask(0o077)
     sys.exit(run_cli(app))

@@ -6,8 +6,9 @@ import tempfile
 from pathlib import Path
 
 
-def write_atomic(path: Path, data: str | bytes, mode: int = 0o644) -> None:
-    """Replace `path` with `data` in one step: readers see the old or the new file."""
+def write_atomic(path: Path, data: str | bytes, mode: int = 0o600) -> None:
+    """Replace `path` with `data` in one step: readers see the old or the new file.
+    Private by default: what opsctl writes is mostly state, secrets and their neighbours."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = data.encode() if isinstance(data, str) else data
@@ -30,7 +31,7 @@ def write_atomic(path: Path, data: str | bytes, mode: int = 0o644) -> None:
         os.close(folder)
 
 
-def write_json_atomic(path: Path, value, mode: int = 0o644) -> None:
+def write_json_atomic(path: Path, value, mode: int = 0o600) -> None:
     write_atomic(path, json.dumps(value, indent=2, sort_keys=True) + "\n", mode)
 
 

@@ -1,5 +1,6 @@
 """Orders as a client sends them: a generator of realistic orders, with labelled anomalies,
-and an open-loop load generator against the order API (opsctl orders simulate)."""
+and an open-loop load generator against the order API, through the edge like any client
+(opsctl orders simulate)."""
 
 from __future__ import annotations
 

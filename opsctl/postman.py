@@ -144,10 +144,11 @@ def _request(name: str, method: str, path: list[str], *, description: str,
     return {"name": name, "event": [_event("test", tests)], "request": request, "response": []}
 
 
-def collection(order_api_url: str, token_url: str, client_id: str) -> dict:
+def collection(base_url: str, token_url: str, client_id: str) -> dict:
     """A Postman Collection v2.1 of the platform's order APIs.
 
-    The URLs and client id are collection variables (defaults); an environment's
+    base_url is the edge (opsctl.components.nginx.edge_url), which routes each path to its
+    service. The URLs and client id are collection variables (defaults); an environment's
     variables of the same name take precedence. The client secret is never in here.
     """
     items = [
@@ -162,6 +163,8 @@ def collection(order_api_url: str, token_url: str, client_id: str) -> dict:
                  description="One order by id; {{order_id}} is remembered from \"Place an order\"."),
         _request("All products by category", "GET", ["all-products-by-category"],
                  description="The stock catalogue, grouped by category."),
+        _request("Stock categories", "GET", ["stock", "all-categories"],
+                 description="The stock service's categories (the edge routes /stock/ to it)."),
     ]
     return {
         "info": {
@@ -178,7 +181,7 @@ def collection(order_api_url: str, token_url: str, client_id: str) -> dict:
                  "bearer": [{"key": "token", "value": "{{access_token}}", "type": "string"}]},
         "event": [_event("prerequest", PRE_REQUEST_SCRIPT)],
         "variable": [
-            {"key": "base_url", "value": order_api_url, "type": "string"},
+            {"key": "base_url", "value": base_url, "type": "string"},
             {"key": "token_url", "value": token_url, "type": "string"},
             {"key": "client_id", "value": client_id, "type": "string"},
             {"key": "order_id", "value": "", "type": "string"},

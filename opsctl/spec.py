@@ -33,6 +33,18 @@ class Platform(Strict):
     state_dir: str = ".opsctl"
     bind_address: str = "127.0.0.1"
 
+    @model_validator(mode="after")
+    def _loopback_only(self) -> "Platform":
+        """Kafka, Prometheus and nginx have no authentication on the local target: they must
+        never answer on an address other machines can reach."""
+        if self.target == "local" and not _loopback(self.bind_address):
+            raise ValueError(
+                f"bind_address {self.bind_address!r} is not a loopback address: on the local "
+                "target it would expose servers without authentication (Kafka, Prometheus) "
+                "to the network; use 127.0.0.1 (remove bind_address from opsctl.yaml), or the "
+                "kubernetes target to serve other machines")
+        return self
+
 
 class Component(Strict):
     step: Annotated[int, Field(ge=1, le=99)]
@@ -116,6 +128,8 @@ class VaultSettings(Strict):
     auto_init: bool = True
     token_ttl: Duration
     token_max_ttl: Duration
+    # opsctl's own admin token: periodic, renewed by every opsctl run for this long again.
+    admin_token_period: Duration = "720h"
 
     @model_validator(mode="after")
     def _threshold(self) -> "VaultSettings":
@@ -212,6 +226,15 @@ class Spec(Strict):
     def ordered(self) -> list[tuple[str, Component]]:
         """Components in install order."""
         return sorted(self.components.items(), key=lambda item: item[1].step)
+
+
+def _loopback(address: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"
 
 
 def deep_merge(base: Any, override: Any) -> Any:

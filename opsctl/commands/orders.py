@@ -50,11 +50,11 @@ def simulate(
     set_output(output)
     import asyncio
 
+    from opsctl.components.nginx import edge_url
     from opsctl.orders import OrderGenerator, run_load
 
     ctx = context()
-    api = ctx.spec.services["order-creator"]
-    url = f"http://{ctx.host}:{api.port}/orders"
+    url = f"{edge_url(ctx)}/orders"  # as clients send orders: through the edge
     tokens = TokenSource(ctx)
     tokens()  # fail early, clearly, if Keycloak or Vault is not there
     generator = OrderGenerator(ctx.spec.catalogue.products, anomaly_rate, seed)
@@ -77,8 +77,9 @@ def simulate(
             live.start()
         result = asyncio.run(run_load(url, tokens, generator, rate, duration, concurrency, tick))
     except OSError as e:
-        raise OpsError(f"the order API is not reachable at {url}: {e}",
-                       "start it: opsctl services start order-creator")
+        raise OpsError(f"the edge of the order API is not reachable at {url}: {e}",
+                       "start it and the API: opsctl install --only nginx; "
+                       "opsctl services start order-creator")
     finally:
         if live:
             live.stop()
@@ -162,3 +163,101 @@ def export(
     count = export_orders(context(), out)
     ui.render_or_json(output, {"out": str(out), "orders": count},
                       lambda: ui.info(f"{count} orders written to {out}"))
+
+
+# --- dead letters -------------------------------------------------------------------------
+
+dead_letters = typer.Typer(
+    help="Orders a consumer could never store (queue orders-dead-letter): list, show, "
+         "redrive, drop. Without a verb: list.", invoke_without_command=True)
+app.add_typer(dead_letters, name="dead-letters")
+
+IdsArgument = Annotated[list[str], typer.Argument(
+    metavar="ID...", help="Dead-letter ids (the order_id, as `list` shows them).")]
+
+
+def _letters_table(title: str, letters: list[dict]) -> None:
+    ui.table(title, ["id", "type", "from queue", "reason", "dead-lettered at"],
+             [[d["id"], d["type"], d["queue"], d["reason"], d["dead_lettered_at"]]
+              for d in letters])
+
+
+@dead_letters.callback()
+def dead_letters_default(typer_ctx: typer.Context, output: OutputOption = ui.Output.text) -> None:
+    if typer_ctx.invoked_subcommand is None:
+        list_dead_letters(output=output)
+
+
+@dead_letters.command("list")
+def list_dead_letters(
+    limit: Annotated[int, typer.Option(min=1, max=10_000, help="Read at most this many.")] = 10_000,
+    output: OutputOption = ui.Output.text,
+) -> None:
+    """Every dead letter: order id, type, the queue it came from, why, when."""
+    set_output(output)
+    from opsctl import dead_letters as dl
+
+    found = dl.list_letters(context(), limit)
+    if output == ui.Output.json:
+        return ui.print_json(found)
+    if not found["letters"]:
+        return ui.info(f"{found['queue']} is empty")
+    _letters_table(f"{found['count']} dead letter(s) in {found['queue']}"
+                   f"{' (more not shown)' if found['more'] else ''}", found["letters"])
+
+
+@dead_letters.command()
+def show(
+    letter_id: Annotated[str, typer.Argument(metavar="ID", help="A dead-letter id (see list).")],
+    output: OutputOption = ui.Output.text,
+) -> None:
+    """The whole message: its document, properties and headers."""
+    set_output(output)
+    from opsctl import dead_letters as dl
+
+    letters = dl.show(context(), letter_id)
+    if output == ui.Output.json:
+        return ui.print_json(letters if len(letters) > 1 else letters[0])
+    for letter in letters:
+        ui.table(f"dead letter {letter['id']}", ["", "value"], [
+            ["order id", letter["order_id"] or ""], ["type", letter["type"]],
+            ["from queue", letter["queue"]], ["routing key", letter["routing_key"]],
+            ["reason", letter["reason"]], ["dead-lettered at", letter["dead_lettered_at"]],
+            *[[f"property {k}", v] for k, v in letter["properties"].items()],
+            *[[f"header {k}", v] for k, v in letter["headers"].items()]])
+        ui.console.print_json(data=letter["body"]) if not isinstance(letter["body"], str) \
+            else ui.console.print(letter["body"], markup=False)
+
+
+@dead_letters.command()
+def redrive(ids: IdsArgument, output: OutputOption = ui.Output.text) -> None:
+    """Publish them again to order-exchange with their routing key (their type); once the
+    broker confirmed, take them off the dead-letter queue."""
+    set_output(output)
+    from opsctl import dead_letters as dl
+
+    result = dl.redrive(context(), ids)
+    if output == ui.Output.json:
+        return ui.print_json(result)
+    _letters_table(f"{len(result['redriven'])} dead letter(s) redriven to their queue",
+                   result["redriven"])
+    if result["warning"]:
+        ui.info(f"warning: {result['warning']}")
+
+
+@dead_letters.command()
+def drop(
+    ids: IdsArgument,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    output: OutputOption = ui.Output.text,
+) -> None:
+    """Remove them from the dead-letter queue for good (asks first, unless --yes)."""
+    set_output(output)
+    from opsctl import dead_letters as dl
+
+    if not yes and not ui.confirm(f"Drop {len(ids)} dead letter(s) for good: {', '.join(ids)}?"):
+        raise UsageError("dropping deletes the orders for good; nothing was dropped",
+                         "confirm at the prompt, or pass --yes")
+    result = dl.drop(context(), ids)
+    ui.render_or_json(output, result, lambda: _letters_table(
+        f"{len(result['dropped'])} dead letter(s) dropped", result["dropped"]))

@@ -111,21 +111,27 @@ def _report(results, output: ui.Output, ctx) -> None:
 def status(
     output: OutputOption = ui.Output.text,
 ) -> None:
-    """Show every component: target, endpoint, health, version. Exits 3 if any is unhealthy."""
+    """Show every component, bundled service and the streaming job: endpoint, health,
+    version, restarts and last error. Exits 3 if any is unhealthy or down."""
     set_output(output)
     from opsctl.components import infrastructure
+    from opsctl.components.services import BundledService
 
     ctx = context()
-    components = infrastructure(ctx)
-    with ThreadPoolExecutor(max_workers=len(components)) as pool:
+    components = infrastructure(ctx) + [BundledService(name, ctx) for name in ctx.spec.services]
+    with ThreadPoolExecutor(max_workers=8) as pool:
         healths = list(pool.map(lambda c: c.health(), components))
-    rows = [[str(h.step), h.component, h.endpoint, ui.styled(h.health), h.version, h.detail]
-            for h in healths]
-    ui.render_or_json(
-        output, {"target": ctx.target, "components": [asdict(h) for h in healths]},
-        lambda: ui.table(f"target {ctx.target}",
-                         ["#", "component", "endpoint", "health", "version", "detail"], rows),
-    )
+    rows = [[str(h.step), h.component, h.endpoint, ui.styled(h.health), h.version,
+             str(h.restarts or ""), h.detail] for h in healths]
+
+    def render() -> None:
+        ui.table(f"target {ctx.target}",
+                 ["#", "component", "endpoint", "health", "version", "restarts", "detail"], rows)
+        for h in healths:
+            if h.last_error and not h.ok:
+                ui.error(f"{h.component}: {h.last_error}")
+
+    ui.render_or_json(output, {"target": ctx.target, "components": [asdict(h) for h in healths]}, render)
     if not all(h.ok for h in healths):
         raise typer.Exit(UNHEALTHY)
 
@@ -141,6 +147,7 @@ def down(
     from opsctl.components import local_servers
     from opsctl.components.services import BundledService
     from opsctl.engine.state import exclusive
+    from opsctl.targets.local import supervisor
 
     ctx = context()
     if purge and not yes and not ui.confirm(
@@ -155,6 +162,7 @@ def down(
             stopped = dict(zip([s.name for s in services], pool.map(lambda s: s.stop(), services)))
         with ThreadPoolExecutor(max_workers=max(1, len(components))) as pool:
             stopped.update(zip([c.name for c in components], pool.map(lambda c: c.stop(), components)))
+        supervisor.shutdown_all(ctx.state_dir)  # nothing left to supervise
         if purge:
             for component in [*services, *components]:
                 component.purge()

@@ -17,16 +17,17 @@ def export(
 ) -> None:
     """Write a Postman v2.1 collection whose pre-request script fetches a token by itself.
 
-    Pair it with an environment from `opsctl token --postman-env ENV_FILE`.
+    Its requests go to the edge (nginx), which routes them to the services. Pair it with
+    an environment from `opsctl token --postman-env ENV_FILE`.
     """
     set_output(output)
     from opsctl import postman
     from opsctl.components import keycloak_realm
+    from opsctl.components.nginx import edge_url
 
     ctx = context()
-    api = ctx.spec.services["order-creator"]
     postman.write_collection(file, postman.collection(
-        f"http://{ctx.host}:{api.port}", keycloak_realm.token_url(ctx), ctx.spec.names.keycloak.client))
+        edge_url(ctx), keycloak_realm.token_url(ctx), ctx.spec.names.keycloak.client))
     ui.render_or_json(output, {"collection": file},
                       lambda: ui.info(f"collection written: {file}\n"
                                       f"environment: opsctl token --postman-env ENV_FILE"))

@@ -74,7 +74,7 @@ def stop(names: NamesArg = None, output: OutputOption = ui.Output.text) -> None:
 
 @app.command()
 def status(names: NamesArg = None, output: OutputOption = ui.Output.text) -> None:
-    """Endpoint and health of each service. Exits 3 if one is not healthy."""
+    """Endpoint, health and restarts of each service. Exits 3 if one is not healthy."""
     set_output(output)
     from opsctl.components.services import BundledService
 
@@ -83,8 +83,8 @@ def status(names: NamesArg = None, output: OutputOption = ui.Output.text) -> Non
     with ThreadPoolExecutor(max_workers=len(services)) as pool:
         healths = list(pool.map(lambda s: s.health(), services))
     ui.render_or_json(output, {"services": [asdict(h) for h in healths]}, lambda: ui.table(
-        None, ["service", "endpoint", "health", "detail"],
-        [[h.component, h.endpoint, ui.styled(h.health), h.detail] for h in healths]))
+        None, ["service", "endpoint", "health", "restarts", "detail"],
+        [[h.component, h.endpoint, ui.styled(h.health), str(h.restarts or ""), h.detail] for h in healths]))
     if not all(h.ok for h in healths):
         raise typer.Exit(UNHEALTHY)
 

@@ -29,7 +29,8 @@ def token(
         "--decode", help="Print the token's header and claims instead of the token.")] = False,
     postman_env: Annotated[Optional[str], typer.Option(
         "--postman-env", metavar="FILE",
-        help="Create or update this Postman environment (mode 0600) with the token.")] = None,
+        help="Create or update this Postman environment (mode 0600) with the token "
+             "and base_url, the edge.")] = None,
     output: OutputOption = ui.Output.text,
 ) -> None:
     """Get an access token by the client-credentials grant; the client secret comes from Vault."""
@@ -43,12 +44,11 @@ def token(
     access = answer["access_token"]
     if postman_env:
         from opsctl import postman
+        from opsctl.components.nginx import edge_url
 
-        api = ctx.spec.services.get("order-creator")
-        base_url = f"http://{ctx.host}:{api.port}" if api and api.port else ""
         try:
             postman.write_environment(postman_env, postman.environment(
-                f"{ctx.spec.platform.name} ({ctx.target})", base_url,
+                f"{ctx.spec.platform.name} ({ctx.target})", edge_url(ctx),
                 keycloak_realm.token_url(ctx), client, secret, access))
         except (ValueError, OSError) as e:
             raise UsageError(str(e), "or give another --postman-env path")

@@ -80,7 +80,8 @@ def init(
         return
     how = "each encrypted to its PGP key" if keys else "in plain text"
     ui.info(f"Vault initialised: {shares} key shares ({how}), threshold {threshold}.")
-    ui.info(f"Shares and root token saved to {server.init_file} (mode 0600); keep a copy offline.")
+    ui.info(f"Shares saved to {server.init_file} (mode 0600); keep a copy offline. At unseal opsctl "
+            "makes itself an admin token and revokes the root token.")
     if show:
         for i, key in enumerate(record["keys_base64"], 1):
             ui.console.print(f"Unseal key {i}: {key}", markup=False)
@@ -121,7 +122,8 @@ def unseal(
     status = server.seal_status()
     if not status["initialized"]:
         raise OpsError("Vault is not initialised", "run: opsctl vault init")
-    shares = iter(_shares_from(source, server))
+    given = _shares_from(source, server)
+    shares, used = iter(given), []
     while status["sealed"]:
         if source == "prompt":
             import getpass
@@ -133,8 +135,61 @@ def unseal(
                 raise OpsError(f"Vault is still sealed: {status['progress']} of {status['t']} shares "
                                "given and no more to give", "give the remaining shares")
         status = server.submit_share(share)
-    ui.render_or_json(output, {"sealed": False},
-                      lambda: ui.info("Vault is unsealed."))
+        used.append(share)
+    # The first unseal after a PGP init makes opsctl's admin token from these shares.
+    from opsctl.components import vault
+
+    admin = vault.ensure_admin_token(server.ctx, given if source != "prompt" else used)
+    ui.render_or_json(output, {"sealed": False, "admin_token": admin or "unchanged"},
+                      lambda: ui.info("Vault is unsealed." + (f" ({admin})" if admin else "")))
+
+
+@app.command("root-token")
+def root_token(
+    generate: Annotated[bool, typer.Option(
+        "--generate", help="Generate a root token from the unseal key shares and print it.")] = False,
+    source: Annotated[str, typer.Option(
+        "--from", help="file (the init file), stdin (one share a line) or prompt.")] = "file",
+    pgp_key: Annotated[Optional[str], typer.Option(
+        metavar="FILE", help="Encrypt the new root token to this PGP public key.")] = None,
+    output: OutputOption = ui.Output.text,
+) -> None:
+    """A root token, for when one is truly needed: made from the unseal key shares
+    (generate-root) and printed, PGP-encrypted with --pgp-key. opsctl itself works with its
+    admin token, which this also makes again if it has expired. Revoke the root token when
+    done (opsctl revokes every root token when it next makes its admin token)."""
+    set_output(output)
+    if not generate:
+        raise UsageError("opsctl vault root-token only generates a root token, and only with --generate",
+                         "opsctl works with its own admin token; when a root token is truly needed: "
+                         "opsctl vault root-token --generate [--from stdin] [--pgp-key FILE]")
+    if source not in ("file", "stdin", "prompt"):
+        raise UsageError(f"unknown --from '{source}'", "use file, stdin or prompt")
+    if source == "prompt" and not sys.stdin.isatty():
+        raise UsageError("--from prompt needs a terminal", "use --from stdin in scripts")
+    key = _pgp_key(pgp_key) if pgp_key else None
+    server = _server()
+    status = server.seal_status()
+    if not status["initialized"] or status["sealed"]:
+        raise OpsError("Vault is sealed or not initialised", "run: opsctl vault unseal")
+    shares = _shares_from(source, server)
+    if source == "prompt":
+        import getpass
+
+        shares = [getpass.getpass(f"Unseal key share {i + 1}/{status['t']}: ") for i in range(status["t"])]
+    from opsctl.components import vault
+
+    admin = vault.ensure_admin_token(server.ctx, shares)  # an expired one is made again first
+    token = vault.generate_root(server.ctx, shares, key)
+    data = {"root_token": token, "pgp_encrypted": bool(key), "admin_token": admin or "unchanged"}
+    if output == ui.Output.json:
+        ui.print_json(data)
+        return
+    if admin:
+        ui.info(f"opsctl's {admin}.")
+    ui.console.print(f"Root token{' (PGP-encrypted, base64)' if key else ''}: {token}", markup=False)
+    ui.info("Revoke it when done: VAULT_TOKEN=<it> bao token revoke -self"
+            + (" (decrypt it first: base64 -d | gpg -d)" if key else ""))
 
 
 @app.command()

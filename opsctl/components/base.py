@@ -76,6 +76,8 @@ class Health:
     endpoint: str = ""
     version: str = ""
     detail: str = ""
+    restarts: int = 0      # unexpected exits the supervisor restarted since opsctl started it
+    last_error: str = ""   # why it last ended, with the last lines of its log
 
     @property
     def ok(self) -> bool:
@@ -190,6 +192,8 @@ class LocalServer(Component):
     stop_signal = signal.SIGTERM
     stop_timeout = 60.0
     run_as: str | None = None  # system user for servers that refuse to run as root
+    stopped_health = "stopped"          # what a server stopped on purpose counts as (exit 3)
+    never_started_health = "unhealthy"  # and one never installed here
 
     def __init__(self, name: str, ctx: Context):
         super().__init__(name, ctx)
@@ -282,7 +286,8 @@ class LocalServer(Component):
             self.initialise()
             chown_tree(self.home, self.user)
             self.before_start()
-            self.process.start(self.argv(), self.env(), wanted, user=self.user)
+            self.process.start(self.argv(), self.env(), wanted, user=self.user,
+                               stop_signal=self.stop_signal, stop_timeout=self.stop_timeout)
             changed.append("started" if action == "start" else "restarted")
         self.process.wait_ready(self.probe, self.ready_timeout, self.ctx.cancel)
         converged = self.converge()
@@ -293,22 +298,35 @@ class LocalServer(Component):
         return Outcome("changed", f"{', '.join(changed)}: {self.endpoint()}")
 
     def health(self) -> Health:
-        if not self.process.running():
-            installed = self.home.exists()
-            return self._health("stopped" if installed else "unhealthy", endpoint=self.endpoint(),
-                                detail="stopped" if installed else "not installed")
+        endpoint = self.endpoint()
+        supervision = self.process.supervision()
+        restarts, error = supervision["restarts"], supervision["last_error"]
+        if error and supervision["log_tail"]:
+            error = f"{error}\n{supervision['log_tail']}"
+        if supervision["state"] not in ("running", "starting"):
+            if not self.home.exists():
+                never = self.never_started_health
+                return self._health(never, endpoint=endpoint,
+                                    detail="not installed" if never == "unhealthy" else "never started")
+            if supervision["state"] in ("failed", "restarting"):
+                return self._health("unhealthy", endpoint=endpoint, restarts=restarts, last_error=error,
+                                    detail=f"{supervision['state']}: {supervision['last_error']}")
+            return self._health(self.stopped_health, endpoint=endpoint, restarts=restarts,
+                                last_error=error, detail="stopped")
         try:
             if not self.probe():
-                return self._health("unhealthy", endpoint=self.endpoint(), detail="not answering")
+                return self._health("unhealthy", endpoint=endpoint, restarts=restarts,
+                                    last_error=error, detail="not answering")
             ok, detail = self.health_detail()
             version = self.version()
         except Exception as e:  # a health check reports, it never crashes status
-            return self._health("unhealthy", endpoint=self.endpoint(), detail=str(e)[:200])
-        return self._health("healthy" if ok else "unhealthy", endpoint=self.endpoint(),
-                            version=version, detail=detail)
+            return self._health("unhealthy", endpoint=endpoint, restarts=restarts,
+                                last_error=error, detail=str(e)[:200])
+        return self._health("healthy" if ok else "unhealthy", endpoint=endpoint, version=version,
+                            restarts=restarts, last_error=error, detail=detail)
 
     def stop(self) -> bool:
-        return self.process.stop(self.stop_signal, self.stop_timeout)
+        return self.process.stop()
 
     def purge(self) -> None:
         shutil.rmtree(self.home, ignore_errors=True)

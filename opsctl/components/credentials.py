@@ -39,7 +39,8 @@ class ServiceCredentials(ConfigStep):
             for kind in spec.credentials:
                 server = servers.setdefault(kind, build(kind, self.ctx))
                 user, password = wanted[f"{kind}_username"], wanted[f"{kind}_password"]
-                if not server.service_user_ok(user, password):
-                    yield Change("update", f"{kind} user {user}", "created or password reset",
-                                 apply=lambda srv=server, u=user, p=password:
-                                 srv.ensure_service_user(u, p))
+                if not server.service_user_ok(user, password, service):
+                    yield Change("update", f"{kind} user {user}",
+                                 "created, password reset or permissions set",
+                                 apply=lambda srv=server, u=user, p=password, s=service:
+                                 srv.ensure_service_user(u, p, s))

@@ -3,6 +3,11 @@
 A real mongod cannot be installed from the package registries this project may use;
 SecantusDB speaks the MongoDB wire protocol to pymongo, including the replica set
 `rs0` and change streams that the CDC bridge needs.
+
+Authentication is required: opsctl is the admin (`opsctl-admin`, root on admin, its
+password generated into secrets.json); each service logs in as its own user on the
+platform's database with only the actions it needs (SecantusDB grants privileges per
+database, not per collection).
 """
 
 from __future__ import annotations
@@ -12,6 +17,16 @@ import sys
 from opsctl.components.base import LocalServer
 from opsctl.errors import OpsError
 from opsctl.targets.local.process import port_open
+
+ADMIN_USER = "opsctl-admin"
+
+# What each service does in the platform's database (custom roles, created by opsctl).
+# The consumers and the screening job upsert orders (and its dead letters); the CDC bridge
+# reads and watches the change stream.
+SERVICE_ROLES = {
+    "cdc-bridge": ("order-reader", ["find", "changeStream", "killCursors"]),
+}
+DEFAULT_ROLE = ("order-writer", ["find", "insert", "update", "killCursors"])
 
 
 class MongoDB(LocalServer):
@@ -29,38 +44,60 @@ class MongoDB(LocalServer):
         return [sys.executable, "-m", "opsctl.targets.local.secantus_server",
                 "--host", self.ctx.host, "--port", str(self.port("mongo")),
                 "--storage-path", str(self.path("data")),
-                "--replset", self.ctx.spec.names.mongodb.replica_set]
+                "--replset", self.ctx.spec.names.mongodb.replica_set, "--admin-user", ADMIN_USER]
+
+    def env(self) -> dict[str, str]:
+        return {"SECANTUS_ADMIN_PASSWORD": self.ctx.secret("mongodb", "admin_password")}
 
     def endpoint(self) -> str:
         return f"mongodb://{self.ctx.host}:{self.port('mongo')}"
 
     def client(self, user: str | None = None, password: str | None = None):
+        """A client as `user` (a service user, on the platform's database), else as the admin."""
         from pymongo import MongoClient
 
         names = self.ctx.spec.names.mongodb
+        if user is None:
+            user, password, source = ADMIN_USER, self.ctx.secret("mongodb", "admin_password"), "admin"
+        else:
+            source = names.database
         return MongoClient(f"{self.endpoint()}/?replicaSet={names.replica_set}", username=user,
-                           password=password, authSource=names.database,
+                           password=password, authSource=source,
                            serverSelectionTimeoutMS=1500, connectTimeoutMS=1000)
 
     # --- service users (see components/credentials.py) ----------------------------
-    def service_user_ok(self, user: str, password: str) -> bool:
+    def _role(self, service: str | None) -> tuple[str, list[str]]:
+        return SERVICE_ROLES.get(service, DEFAULT_ROLE)
+
+    def service_user_ok(self, user: str, password: str, service: str | None = None) -> bool:
+        """The password works and the user holds exactly its service's role, as it should."""
         from pymongo.errors import OperationFailure
 
+        database = self.ctx.spec.names.mongodb.database
         try:
             with self.client(user, password) as client:
-                client[self.ctx.spec.names.mongodb.database].command("ping")
-            return True
+                client[database].command("ping")
         except OperationFailure:
             return False
-
-    def ensure_service_user(self, user: str, password: str) -> None:
-        database = self.ctx.spec.names.mongodb.database
-        roles = [{"role": "readWrite", "db": database}]
+        role, actions = self._role(service)
         with self.client() as client:
             db = client[database]
-            exists = db.command("usersInfo", user)["users"]
-            verb = "updateUser" if exists else "createUser"
-            db.command(verb, user, pwd=password, roles=roles)
+            users = db.command("usersInfo", user)["users"]
+            found = db.command("rolesInfo", role, showPrivileges=True)["roles"]
+        granted = [{"role": r["role"], "db": r["db"]} for r in users[0]["roles"]] if users else []
+        have = sorted(a for p in (found[0].get("privileges") or []) for a in p["actions"]) if found else []
+        return granted == [{"role": role, "db": database}] and have == sorted(actions)
+
+    def ensure_service_user(self, user: str, password: str, service: str | None = None) -> None:
+        database = self.ctx.spec.names.mongodb.database
+        role, actions = self._role(service)
+        privileges = [{"resource": {"db": database, "collection": ""}, "actions": actions}]
+        with self.client() as client:
+            db = client[database]
+            verb = "updateRole" if db.command("rolesInfo", role)["roles"] else "createRole"
+            db.command(verb, role, privileges=privileges, roles=[])
+            verb = "updateUser" if db.command("usersInfo", user)["users"] else "createUser"
+            db.command(verb, user, pwd=password, roles=[{"role": role, "db": database}])
 
     def probe(self) -> bool:
         if not port_open(self.ctx.host, self.port("mongo")):

@@ -1,31 +1,162 @@
-"""nginx (Debian package): the edge, and later the blue/green traffic switch."""
+"""nginx (Debian package): the edge, and later the blue/green traffic switch.
+
+Clients reach the order API and the stock service only through the edge (`edge_url`): it
+cuts off slow and oversized clients before they reach a service, keeps a pool of open
+connections to each service, never sends a POST twice, and answers in JSON when a service
+is down. The services listen on the bind address behind it, on the ports of `services:`.
+"""
 
 from __future__ import annotations
+
+import json
 
 from opsctl import httpclient
 from opsctl.components.base import LocalServer
 from opsctl.targets.local.process import require_binary
+
+# Limits of the edge. A slow client gets HEADER_TIMEOUT for its whole header, and at most
+# BODY_TIMEOUT between two reads of its body; nginx reads the whole body before it passes
+# the request on, so a slow body never holds a service.
+HEADER_TIMEOUT = 5       # seconds
+BODY_TIMEOUT = 5         # seconds
+SEND_TIMEOUT = 10        # seconds between two writes to a client that reads slowly
+MAX_BODY_KIB = 64        # the order API's own limit (order_creator.MAX_BODY_BYTES)
+HEADER_BUFFER = "4k"     # a request with a token fits; longer header lines get...
+LARGE_HEADER_BUFFERS = "4 8k"  # ...these; a line over 8 KiB is refused (431)
+KEEPALIVE_TIMEOUT = 10   # seconds an idle client connection stays open
+KEEPALIVE_REQUESTS = 1000  # requests on one client connection, then it is closed
+KEEPALIVE_TIME = "10m"   # the longest a client connection lives
+# Idle connections to a service are closed before the service closes them itself
+# (uvicorn: 5 s), so that the edge never sends a request on a connection being closed.
+UPSTREAM_KEEPALIVE = 64
+UPSTREAM_IDLE = 2        # seconds
+PROXY_CONNECT_TIMEOUT = 2
+PROXY_TIMEOUT = 30       # seconds between two reads/writes of a service (POST /create of 1000)
+WORKER_CONNECTIONS = 2048
+
+# Public paths of each bundled HTTP service (their routes; /metrics and the rest stay
+# internal). nginx locations: "= /x" exactly /x, "/x/" everything under it.
+ROUTES = {
+    "order-creator": ["= /health", "= /orders", "= /create", "/order/", "= /all-products-by-category"],
+    "stock-service": ["/stock/"],
+}
+
+# What the edge answers itself, as JSON like the services' errors: status -> detail.
+RETRY = ("retry in a moment; a POST with the same Idempotency-Key is never "
+         "placed twice")
+ERRORS = {
+    400: "bad request",
+    408: "the request was not sent in time",
+    413: f"request body larger than {MAX_BODY_KIB} KiB",
+    414: "request line too long",
+    431: "request header too large",
+    500: "internal error at the edge",
+    502: f"the service behind the edge is not answering: {RETRY}",
+    503: f"the service behind the edge is unavailable: {RETRY}",
+    504: f"the service behind the edge did not answer in time: {RETRY}",
+}
+
+
+def edge_url(ctx) -> str:
+    """The URL clients use for the order API and the stock service: the edge."""
+    return f"http://{ctx.host}:{ctx.spec.components['nginx'].ports['http']}"
+
+
+def _json_return(status: int, detail: str) -> str:
+    body = json.dumps({"detail": detail, "request_id": "${edge_request_id}"})
+    return f"return {status} '{body}';"
 
 
 class Nginx(LocalServer):
     def check_installed(self) -> None:
         require_binary("nginx", "apt-get install -y nginx-light")
 
+    def upstreams(self) -> dict[str, int]:
+        """service -> port, for the bundled HTTP services the edge routes to."""
+        return {name: s.port for name, s in self.ctx.spec.services.items()
+                if s.port and name in ROUTES}
+
     def config_files(self) -> dict[str, str]:
-        home = self.home
+        home, host = self.home, self.ctx.host
         temp = "\n".join(f"  {kind}_temp_path {home}/tmp/{kind};"
                          for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        upstreams, routes = [], []
+        for name, port in self.upstreams().items():
+            # Static addresses: nginx starts (and its config is valid) before the services.
+            upstreams.append(f"""  upstream {name} {{
+    server {host}:{port};
+    keepalive {UPSTREAM_KEEPALIVE};
+    keepalive_timeout {UPSTREAM_IDLE}s;
+  }}""")
+            routes += [f"    location {path} {{ proxy_pass http://{name}; }}" for path in ROUTES[name]]
+        headers = "add_header X-Request-ID $edge_request_id always;"
+        errors = []
+        for status, detail in ERRORS.items():
+            extra = " add_header Retry-After 1 always;" if status >= 502 else ""
+            errors.append(f"    location @{status} {{ {headers}{extra} {_json_return(status, detail)} }}")
+        # Named locations: the request keeps its method (an error_page URI would make it GET).
+        error_pages = "\n".join(f"    error_page {s} @{s};" for s in ERRORS if s != 431)
+        nl = "\n"
         return {"nginx.conf": f"""worker_processes 1;
 pid {home}/nginx.pid;
 error_log {home}/logs/error.log info;
-events {{ worker_connections 1024; }}
+events {{ worker_connections {WORKER_CONNECTIONS}; }}
 http {{
-  access_log {home}/logs/access.log;
+  # A client's X-Request-ID when it is a plain token, else a new one: sent on to the
+  # service, returned to the client, and in the access log.
+  map $http_x_request_id $edge_request_id {{
+    "~^[A-Za-z0-9._:-]{{1,128}}$" $http_x_request_id;
+    default $request_id;
+  }}
+  log_format edge escape=json '{{"time": "$time_iso8601", "client": "$remote_addr", '
+    '"request_id": "$edge_request_id", "method": "$request_method", "uri": "$request_uri", '
+    '"status": $status, "bytes": $body_bytes_sent, "request_time": $request_time, '
+    '"upstream": "$upstream_addr", "upstream_status": "$upstream_status", '
+    '"upstream_time": "$upstream_response_time"}}';
+  access_log {home}/logs/access.log edge buffer=64k flush=1s;
 {temp}
+  default_type application/json;
+
+  # Slow and oversized clients.
+  client_header_timeout {HEADER_TIMEOUT}s;
+  client_body_timeout {BODY_TIMEOUT}s;
+  send_timeout {SEND_TIMEOUT}s;
+  client_header_buffer_size {HEADER_BUFFER};
+  large_client_header_buffers {LARGE_HEADER_BUFFERS};
+  client_max_body_size {MAX_BODY_KIB}k;
+  # Bodies and answers stay in memory: the workers need not write under the state folder.
+  client_body_buffer_size {MAX_BODY_KIB}k;
+  proxy_max_temp_file_size 0;
+  keepalive_timeout {KEEPALIVE_TIMEOUT}s;
+  keepalive_requests {KEEPALIVE_REQUESTS};
+  keepalive_time {KEEPALIVE_TIME};
+  reset_timedout_connection on;
+
+  # To the services: kept-alive HTTP/1.1 connections, the client's address and request id.
+  proxy_http_version 1.1;
+  proxy_set_header Connection "";
+  proxy_set_header Host $host;
+  proxy_set_header X-Forwarded-For $remote_addr;
+  proxy_set_header X-Forwarded-Proto $scheme;
+  proxy_set_header X-Request-ID $edge_request_id;
+  proxy_connect_timeout {PROXY_CONNECT_TIMEOUT}s;
+  proxy_send_timeout {PROXY_TIMEOUT}s;
+  proxy_read_timeout {PROXY_TIMEOUT}s;
+  # A request that failed is never sent again (to this or another server): a POST may have
+  # placed its order already; the client retries, with its Idempotency-Key.
+  proxy_next_upstream off;
+
+{nl.join(upstreams)}
+
   server {{
-    listen {self.ctx.host}:{self.port('http')};
+    listen {host}:{self.port('http')};
+    {headers}
+{error_pages}
+    error_page 494 =431 @431;
     location = /healthz {{ default_type text/plain; return 200 "ok\\n"; }}
-    location / {{ return 404; }}
+{nl.join(routes)}
+    location / {{ {_json_return(404, "not found")} }}
+{nl.join(errors)}
   }}
 }}
 """}

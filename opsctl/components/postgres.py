@@ -2,8 +2,9 @@
 
 initdb, postgres and pg_ctl refuse to run as root, so as root the server runs as the
 `postgres` system user. Its data folder must be reachable by that user: when the
-working directory is not (a checkout under /root, say), the data lives in
-/var/lib/opsctl/postgres-<id> instead, and `down --purge` deletes it there too.
+working directory is not (a checkout under /root, say, or a state folder created private,
+0700, as opsctl creates it), the data lives in /var/lib/opsctl/postgres-<id> instead
+(owned by postgres, 0700), and `down --purge` deletes it there too.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from opsctl.components.base import LocalServer
 from opsctl.errors import OpsError
 from opsctl.files import write_atomic
-from opsctl.targets.local.process import chown_tree, port_open
+from opsctl.targets.local.process import Process, chown_tree, port_open
 
 
 EXTERNAL_DATA = Path("/var/lib/opsctl")
@@ -36,7 +37,7 @@ def _unreachable_parent(path: Path, user: str) -> Path | None:
     entry = pwd.getpwnam(user)
     for folder in reversed(path.parents):
         if not folder.exists():
-            return None  # created by us later, with permissions that let it in
+            return folder  # created by us later, private to us (opsctl's umask is 077)
         st = folder.stat()
         bit = 0o100 if st.st_uid == entry.pw_uid else 0o010 if st.st_gid == entry.pw_gid else 0o001
         if not st.st_mode & bit:
@@ -44,9 +45,24 @@ def _unreachable_parent(path: Path, user: str) -> Path | None:
     return None
 
 
+class _InDataFolder(Process):
+    """Started in its data folder: the postgres user cannot enter the private state folder."""
+
+    def __init__(self, name: str, home: Path, data):
+        super().__init__(name, home)
+        self._data = data
+
+    def start(self, *args, cwd: Path | None = None, **kw) -> int:
+        return super().start(*args, cwd=cwd or self._data(), **kw)
+
+
 class Postgres(LocalServer):
     run_as = "postgres"
     stop_signal = signal.SIGINT  # fast shutdown: SIGTERM would wait for every client to leave
+
+    def __init__(self, name, ctx):
+        super().__init__(name, ctx)
+        self.process = _InDataFolder(name, self.home, lambda: self.data)
 
     @property
     def bin(self) -> Path:
@@ -71,11 +87,13 @@ class Postgres(LocalServer):
         data = self.data
         if (data / "PG_VERSION").exists():
             return
-        data.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        data.parent.mkdir(parents=True, exist_ok=True)
+        if data.parent == EXTERNAL_DATA:  # postgres must enter it; each data folder in it is 0700
+            EXTERNAL_DATA.chmod(0o755)
         scratch = data.with_name(data.name + ".initdb")
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(mode=0o700, parents=True)
-        pwfile = self.path("initdb.pw")
+        pwfile = scratch.with_name(scratch.name + ".pw")  # where the postgres user can read it
         write_atomic(pwfile, self.ctx.secret("postgres", "password") + "\n", mode=0o600)
         for path in (scratch, pwfile):
             chown_tree(path, self.user)
@@ -108,7 +126,7 @@ class Postgres(LocalServer):
                                dbname=dbname, connect_timeout=2, autocommit=autocommit)
 
     # --- service users (see components/credentials.py) ----------------------------
-    def service_user_ok(self, user: str, password: str) -> bool:
+    def service_user_ok(self, user: str, password: str, service: str | None = None) -> bool:
         import psycopg
 
         try:
@@ -117,7 +135,7 @@ class Postgres(LocalServer):
         except psycopg.OperationalError:
             return False
 
-    def ensure_service_user(self, user: str, password: str) -> None:
+    def ensure_service_user(self, user: str, password: str, service: str | None = None) -> None:
         """A login role that may use (and create tables in) the platform's database."""
         from psycopg import sql
 

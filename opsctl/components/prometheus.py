@@ -1,4 +1,5 @@
-"""Prometheus (Debian package): scrapes itself and the platform's metrics endpoints."""
+"""Prometheus (Debian package): scrapes itself and the platform's metrics endpoints, and
+evaluates the platform's alerting rules (rules.yml; GET /api/v1/alerts shows the firing ones)."""
 
 from __future__ import annotations
 
@@ -25,15 +26,34 @@ class Prometheus(LocalServer):
             jobs[name] = (f"{host}:{service.port or service.metrics_port}", "/metrics")
         return jobs
 
+    def rules(self) -> dict:
+        """The alerting rules: a dead-lettered order waits for a person (RabbitMQ's per-queue
+        metric, prometheus.return_per_object_metrics in components/rabbitmq.py)."""
+        queue = self.ctx.spec.names.queues.dead_letter
+        return {"groups": [{"name": "order-flow", "rules": [{
+            "alert": "OrdersDeadLettered",
+            "expr": f'sum by (queue) (rabbitmq_queue_messages{{queue="{queue}"}}) > 0',
+            "labels": {"severity": "warning"},
+            "annotations": {
+                "summary": f"{{{{ $value }}}} order(s) in {queue}: a consumer could never store them",
+                "description": "See why and redrive or drop them: opsctl orders dead-letters list",
+            },
+        }]}]}
+
     def config_files(self) -> dict[str, str]:
         config = {
-            "global": {"scrape_interval": "15s", "evaluation_interval": "15s"},
+            # Rules are evaluated every 5 s, so an alert shows within seconds of its cause.
+            "global": {"scrape_interval": "15s", "evaluation_interval": "5s"},
+            "rule_files": [str(self.path("rules.yml"))],
             "scrape_configs": [
-                {"job_name": job, "metrics_path": path, "static_configs": [{"targets": [target]}]}
+                {"job_name": job, "metrics_path": path, "static_configs": [{"targets": [target]}],
+                 # RabbitMQ's queue depths feed the dead-letter alert: scraped more often.
+                 **({"scrape_interval": "5s"} if job == "rabbitmq" else {})}
                 for job, (target, path) in self._targets().items()
             ],
         }
-        return {"prometheus.yml": yaml.safe_dump(config, sort_keys=False)}
+        return {"prometheus.yml": yaml.safe_dump(config, sort_keys=False),
+                "rules.yml": yaml.safe_dump(self.rules(), sort_keys=False)}
 
     def argv(self) -> list[str]:
         return ["prometheus", f"--config.file={self.path('prometheus.yml')}",

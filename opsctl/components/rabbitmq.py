@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 import secrets
 from pathlib import Path
 
@@ -132,27 +133,53 @@ class RabbitMQ(LocalServer):
         return True, f"management http://{self.ctx.host}:{self.port('management')}"
 
     # --- service users (see components/credentials.py) ----------------------------
-    def service_user_ok(self, user: str, password: str) -> bool:
+    def permissions(self, service: str | None) -> dict[str, str]:
+        """What a service may do on the vhost, as RabbitMQ's regular expressions: only what
+        its code does. No service configures anything (the topology is opsctl's; passive
+        declares need no permission). The order creator publishes to order-exchange; a
+        consumer reads its queue, puts a retry copy back through the default exchange
+        (`amq.default` to RabbitMQ's permissions) and publishes dead letters to orders-dlx;
+        the screening job publishes held orders to order-exchange (routing key validation)."""
+        names = self.ctx.spec.names
+        ex, q = names.exchanges, names.queues
+        queues = {"premium-consumer": q.priority, "regular-consumer": q.regular,
+                  "digital-consumer": q.digital}
+
+        def only(*resources: str) -> str:
+            return "^(" + "|".join(re.escape(r) for r in resources) + ")$"
+
+        nothing = {"configure": "^$", "write": "^$", "read": "^$"}
+        if service == "order-creator" or service == "order-screening":
+            return {**nothing, "write": only(ex.orders)}
+        if service in queues:
+            return {**nothing, "write": only("amq.default", ex.dead_letter), "read": only(queues[service])}
+        return nothing
+
+    def service_user_ok(self, user: str, password: str, service: str | None = None) -> bool:
         """The user exists with this password (checked against its salted SHA-256 hash:
-        service users have no management tag, so they cannot log in to the API)."""
+        service users have no management tag, so they cannot log in to the API) and holds
+        exactly its service's permissions."""
         try:
             info = self._api(f"users/{user}")
+            granted = self._api(f"permissions/%2F/{user}")
         except httpclient.HTTPError as e:
             if e.status == 404:
                 return False
             raise
         raw = base64.b64decode(info.get("password_hash", ""))
         salt, digest = raw[:4], raw[4:]
+        wanted = self.permissions(service)
         return info.get("hashing_algorithm") == "rabbit_password_hashing_sha256" and \
-            hashlib.sha256(salt + password.encode()).digest() == digest
+            hashlib.sha256(salt + password.encode()).digest() == digest and \
+            {k: granted.get(k) for k in wanted} == wanted
 
-    def ensure_service_user(self, user: str, password: str) -> None:
+    def ensure_service_user(self, user: str, password: str, service: str | None = None) -> None:
         base = f"http://{self.ctx.host}:{self.port('management')}/api"
         admin = self.credentials()
         httpclient.request("PUT", f"{base}/users/{user}", {"password": password, "tags": ""},
                            auth=admin)
-        httpclient.request("PUT", f"{base}/permissions/%2F/{user}",
-                           {"configure": ".*", "write": ".*", "read": ".*"}, auth=admin)
+        httpclient.request("PUT", f"{base}/permissions/%2F/{user}", self.permissions(service),
+                           auth=admin)
 
     def stop(self) -> bool:
         stopped = super().stop()

@@ -52,19 +52,39 @@ class Redis(LocalServer):
             return False
 
     # --- service users (see components/credentials.py) ----------------------------
-    def service_user_ok(self, user: str, password: str) -> bool:
+    @staticmethod
+    def acl(service: str | None) -> tuple[list[str], list[str]]:
+        """(key patterns, commands) a service may use: only what its code does. The order
+        creator reads and writes order:<id>, idempotency:<key> and unconfirmed:<id>; a
+        consumer marks order:<id> dead-lettered (one SET). Any other service: PING only."""
+        if service == "order-creator":
+            return ["~order:*", "~idempotency:*", "~unconfirmed:*"], ["-@all", "+get", "+set",
+                                                                      "+del", "+ping"]
+        if service in ("premium-consumer", "regular-consumer", "digital-consumer"):
+            return ["~order:*"], ["-@all", "+set", "+ping"]
+        return [], ["-@all", "+ping"]
+
+    def service_user_ok(self, user: str, password: str, service: str | None = None) -> bool:
+        """The user logs in with this password and holds exactly its service's ACL."""
         import redis
 
         try:
-            return bool(self._client(user, password).ping())
+            if not self._client(user, password).ping():
+                return False
         except redis.AuthenticationError:
             return False
+        granted = self._client().execute_command("ACL", "GETUSER", user) or {}
+        text = lambda key: (granted.get(key) or b"").decode().split()  # noqa: E731
+        keys, commands = self.acl(service)
+        return (set(text(b"keys")) == set(keys) and set(text(b"commands")) == set(commands)
+                and not text(b"channels"))
 
-    def ensure_service_user(self, user: str, password: str) -> None:
-        """An ACL user with everything but administration, saved to the ACL file."""
+    def ensure_service_user(self, user: str, password: str, service: str | None = None) -> None:
+        """An ACL user with its service's keys and commands (acl), saved to the ACL file."""
+        keys, commands = self.acl(service)
         admin = self._client()
-        admin.execute_command("ACL", "SETUSER", user, "reset", "on", f">{password}", "~*", "&*",
-                              "+@all", "-@admin", "-@dangerous")
+        admin.execute_command("ACL", "SETUSER", user, "reset", "on", f">{password}",
+                              "resetchannels", *keys, *commands)
         admin.execute_command("ACL", "SAVE")
 
     def version(self) -> str:

@@ -72,6 +72,7 @@ def environment(ctx: Context, name: str, client_secret: str) -> dict[str, str]:
     if stock and stock.port:
         env["STOCK_URL"] = f"http://{host}:{stock.port}"
         env["STOCK_SERVICE_AUDIENCE"] = names.keycloak.stock_api_audience
+        env["STOCK_SERVICE_ROLE"] = names.keycloak.service_role  # what the caller's account holds
     ports = _ports(ctx, name)
     if "http" in ports:
         env.update(HTTP_HOST=host, HTTP_PORT=str(ports["http"]))
@@ -81,6 +82,7 @@ def environment(ctx: Context, name: str, client_secret: str) -> dict[str, str]:
              "digital-consumer": names.queues.digital}.get(name)
     if queue:
         env["QUEUE"] = queue
+        env["DEAD_LETTER_EXCHANGE"] = names.exchanges.dead_letter  # where a consumer dead-letters
         env["MONGODB_COLLECTION"] = (names.mongodb.digital_orders if name == "digital-consumer"
                                      else names.mongodb.orders)
     if name == "cdc-bridge":
@@ -106,6 +108,14 @@ class BundledService(LocalServer):
 
     def _component_spec(self) -> ComponentSpec:
         return ComponentSpec(step=STEP, version="bundled", ports=_ports(self.ctx, self.name))
+
+    # Never started (installed with --skip services) is not down; stopped or failed is. The
+    # streaming job, started on demand, is not down when stopped either.
+    never_started_health = "n/a"
+
+    @property
+    def stopped_health(self) -> str:
+        return "stopped" if self.ctx.spec.services[self.name].autostart else "n/a"
 
     def port_setting(self, key: str) -> str:
         field = "port" if key == "http" else "metrics_port"

@@ -165,6 +165,10 @@ def driver_env(ctx: Context) -> dict[str, str]:
 
     placement = stream_placement(ctx)
     env = {"SPARK_MASTER": placement["master"], "SPARK_JARS": ",".join(str(j) for j in job_jars(ctx))}
+    if placement["master"].startswith("local"):
+        # Nothing outside this machine talks to a local-mode driver: Spark takes its host,
+        # and so spark.driver.bindAddress (RPC, block manager), from SPARK_LOCAL_IP.
+        env["SPARK_LOCAL_IP"] = ctx.host
     if "spark.pyspark.python" in placement["conf"]:  # the executors' Python: pyspark reads it from here
         env["PYSPARK_PYTHON"] = placement["conf"]["spark.pyspark.python"]
     if placement["conf"]:  # read by pyspark when it starts the driver's JVM

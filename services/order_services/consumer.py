@@ -12,12 +12,21 @@ Delivery rules:
   committed, or the MongoDB write acknowledged with {w: majority, j: true}. Writes are
   idempotent by order_id (INSERT … ON CONFLICT DO NOTHING; upsert with $setOnInsert), so a
   redelivered message is stored once.
-- A message that can never succeed (not JSON, not an object, no order_id) is rejected
-  without requeue: RabbitMQ dead-letters it to orders-dlx → orders-dead-letter.
-- A message the store refuses is retried: a copy (header x-attempts + 1) is published to the
-  same queue with publisher confirms and only then is the original acknowledged; the try
-  number DELIVERY_ATTEMPTS is rejected without requeue (dead-lettered) instead. Retries wait
-  with an exponential backoff.
+- A message that can never succeed is dead-lettered at once, without any wait: not JSON, not
+  an object, no order_id; or data the store refuses (PostgreSQL refusing a \u0000 in jsonb,
+  MongoDB an invalid document). The consumer publishes it itself to DEAD_LETTER_EXCHANGE
+  (orders-dlx → orders-dead-letter) with publisher confirms, the original properties and
+  headers x-dead-letter-reason, x-dead-letter-queue (where it came from),
+  x-dead-letter-routing-key (its type), x-dead-lettered-at (ISO time) and
+  x-dead-lettered-by (this service), and only then acknowledges the original. Without
+  DEAD_LETTER_EXCHANGE (or if that publish fails) it rejects the message without requeue and
+  RabbitMQ dead-letters it (header x-death, no reason). The order's Redis entry
+  order:<order_id> then says "status": "dead-lettered" with "dead_letter_reason"; Redis
+  being down does not hold dead-lettering up (logged, and Redis is left alone for a while).
+- A store refusal that is not about the data (a missing permission, a failing trigger)
+  is retried: a copy (header x-attempts + 1) is published to the same queue
+  with publisher confirms and only then is the original acknowledged; the try number
+  DELIVERY_ATTEMPTS is dead-lettered instead. Retries wait with an exponential backoff.
 - A store that cannot be reached costs no attempts: the messages in hand stay unacknowledged
   while the consumer backs off (up to a few seconds) and reconnects, then writes them.
 - RabbitMQ going away (a restart) means reconnect with backoff; unacknowledged messages are
@@ -54,6 +63,13 @@ HEARTBEAT = 30       # seconds
 RETRY_BACKOFF = (0.25, 5.0)       # failed messages: first wait, cap (seconds)
 UNAVAILABLE_BACKOFF = (0.5, 5.0)  # unreachable store: first wait, cap
 RECONNECT_BACKOFF = (0.5, 10.0)   # RabbitMQ or start-up failures: first wait, cap
+REDIS_TIMEOUT = 1.0               # seconds; the dead-letter mark must not hold the queue up
+REDIS_PAUSE = 30.0                # seconds Redis is left alone after it failed
+ORDER_CACHE_TTL = 7 * 86400       # as the order creator's order:<id>
+# MongoDB write errors that say nothing about the data: a concurrent upsert of the same
+# _id (11000), a write conflict (112), a time limit (50), or the server shutting down or
+# stepping down mid-write.
+MONGO_PASSING = {11000, 112, 50, 91, 189, 10107, 11600, 11602, 13435, 13436}
 TABLE = "priority_orders"
 
 
@@ -62,7 +78,12 @@ class StoreUnavailable(Unavailable):
 
 
 class StoreRefused(Exception):
-    """The store refused the write of these documents (data error): the messages are retried."""
+    """The store refused the write of these documents. `permanent`: because of the data
+    (it never will take it: dead-letter at once); else for a passing reason (retried)."""
+
+    def __init__(self, message: str, permanent: bool) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 def one_line(error: BaseException) -> str:
@@ -86,6 +107,8 @@ class Settings:
     rabbitmq_port: int
     attempts: int
     metrics_port: int
+    dead_letter_exchange: str = ""  # "": reject, and let the queue's own dead-lettering act
+    redis: dict = field(default_factory=dict)      # host, port
     postgres: dict = field(default_factory=dict)   # host, port, dbname
     mongodb: dict = field(default_factory=dict)    # url, db, collection
 
@@ -120,6 +143,8 @@ class Settings:
             service=service, store=store, queue=env["QUEUE"],
             rabbitmq_host=env["RABBITMQ_HOST"], rabbitmq_port=number("RABBITMQ_PORT"),
             attempts=number("DELIVERY_ATTEMPTS"), metrics_port=number("METRICS_PORT"),
+            dead_letter_exchange=env.get("DEAD_LETTER_EXCHANGE", ""),
+            redis={"host": env.get("REDIS_HOST"), "port": env.get("REDIS_PORT")},
             postgres={"host": env.get("POSTGRES_HOST"), "port": env.get("POSTGRES_PORT"),
                       "dbname": env.get("POSTGRES_DB")},
             mongodb={"url": env.get("MONGODB_URL"), "db": env.get("MONGODB_DB"),
@@ -171,6 +196,8 @@ class Delivery:
     body: bytes
     redelivered: bool
     document: dict | None = None
+    exchange: str = ""
+    routing_key: str = ""
 
     @property
     def tries_before(self) -> int:
@@ -255,7 +282,11 @@ class PostgresStore:
             if self.conn.closed or self.conn.broken:
                 self.close()
                 raise StoreUnavailable(f"{self.describe()}: {one_line(e)}") from e
-            raise StoreRefused(one_line(e)) from e
+            # Class 22 (data exception: \u0000 in jsonb, a bad number) and 23 (integrity) are
+            # about the data; anything else (a permission, a trigger) may pass. (Serialization
+            # failures and deadlocks are OperationalErrors: held above, as an outage.)
+            raise StoreRefused(one_line(e), isinstance(
+                e, (psycopg.errors.DataError, psycopg.errors.IntegrityError))) from e
         inserted = {row[0] for row in rows}
         result = []
         for document in documents:
@@ -341,16 +372,19 @@ class MongoStore:
             if details.get("writeConcernErrors"):
                 raise StoreUnavailable(f"{self.describe()}: durability not confirmed: "
                                        f"{details['writeConcernErrors'][0].get('errmsg')}") from e
-            raise StoreRefused(f"{self.describe()}: "
-                               f"{(details.get('writeErrors') or [{}])[0].get('errmsg', e)}") from e
+            error = (details.get("writeErrors") or [{}])[0]
+            raise StoreRefused(f"{self.describe()}: {error.get('errmsg', e)}",
+                               error.get("code") not in MONGO_PASSING) from e
         except (ConnectionFailure, WTimeoutError, ExecutionTimeout) as e:
             self.close()
             raise StoreUnavailable(f"{self.describe()}: {one_line(e)}") from e
-        except (InvalidDocument, OperationFailure) as e:
-            if isinstance(e, OperationFailure) and e.code in (13, 18):  # unauthorised
+        except InvalidDocument as e:  # refused by the driver itself: it can never be written
+            raise StoreRefused(one_line(e), True) from e
+        except OperationFailure as e:
+            if e.code in (13, 18):  # unauthorised
                 self.close()
                 raise StoreUnavailable(f"{self.describe()}: {one_line(e)}") from e
-            raise StoreRefused(one_line(e)) from e
+            raise StoreRefused(one_line(e), False) from e
         except PyMongoError as e:
             self.close()
             raise StoreUnavailable(f"{self.describe()}: {one_line(e)}") from e
@@ -365,6 +399,41 @@ class MongoStore:
         self.client = self.collection = None
 
 
+class OrderStatus:
+    """The order's entry in Redis (order:<order_id>, which GET /order/{id} answers), marked
+    dead-lettered. Best effort: Redis down, or no Redis credentials, never holds the queue up."""
+
+    def __init__(self, settings: Settings, credentials: Credentials):
+        self.settings, self.credentials = settings, credentials
+        self.client = None
+        self.paused_until = 0.0
+
+    def dead_lettered(self, document: dict, reason: str, at: str) -> None:
+        order_id = document["order_id"]
+        if not self.settings.redis.get("host") or time.monotonic() < self.paused_until:
+            log.warning("order %s dead-lettered; its Redis entry is not marked (Redis %s)",
+                        order_id, "not configured" if not self.settings.redis.get("host")
+                        else "failed recently")
+            return
+        entry = {**document, "status": "dead-lettered", "dead_letter_reason": reason,
+                 "dead_lettered_at": at}
+        try:
+            if self.client is None:
+                import redis
+
+                user, password = self.credentials.get("redis")
+                self.client = redis.Redis(
+                    host=self.settings.redis["host"], port=int(self.settings.redis["port"]),
+                    username=user, password=password, socket_timeout=REDIS_TIMEOUT,
+                    socket_connect_timeout=REDIS_TIMEOUT)
+            self.client.set(f"order:{order_id}", json.dumps(entry), ex=ORDER_CACHE_TTL)
+        except Exception as e:  # Redis down, refusing, or no credentials in Vault
+            self.paused_until = time.monotonic() + REDIS_PAUSE
+            self.client = None
+            log.warning("order %s dead-lettered, but its Redis entry could not be marked (%s); "
+                        "Redis is left alone for %.0fs", order_id, one_line(e), REDIS_PAUSE)
+
+
 # --- the consumer -----------------------------------------------------------------------
 class Consumer:
     def __init__(self, settings: Settings, credentials: Credentials, store, metrics):
@@ -375,6 +444,8 @@ class Consumer:
         self.buffer: list[Delivery] = []
         self.retry_backoff = Backoff(*RETRY_BACKOFF)
         self.metrics_started = False
+        self.dead_letter_exchange = settings.dead_letter_exchange
+        self.status = OrderStatus(settings, credentials)
 
     # --- life cycle ---------------------------------------------------------------------
     def stop(self, signum=None, frame=None) -> None:
@@ -464,6 +535,18 @@ class Consumer:
         self.channel.confirm_delivery()  # the copies put back for another try are confirmed
         self.channel.basic_qos(prefetch_count=PREFETCH)
         self.buffer = []
+        self.dead_letter_exchange = self.settings.dead_letter_exchange
+        if self.dead_letter_exchange:
+            try:  # passive: the topology is opsctl's; a publish to a missing one closes the channel
+                self.channel.exchange_declare(self.dead_letter_exchange, passive=True)
+            except pika.exceptions.ChannelClosedByBroker as e:
+                log.error("dead-letter exchange %s: %s %s (run: opsctl queues apply); messages "
+                          "that cannot be stored are rejected to the queue's own dead-lettering",
+                          self.dead_letter_exchange, e.reply_code, e.reply_text)
+                self.dead_letter_exchange = ""
+                self.channel = self.connection.channel()
+                self.channel.confirm_delivery()
+                self.channel.basic_qos(prefetch_count=PREFETCH)
         self.channel.basic_consume(self.settings.queue, self.on_message, auto_ack=False)
         log.info("connected to RabbitMQ %s:%d, consuming %s (prefetch %d)",
                  self.settings.rabbitmq_host, self.settings.rabbitmq_port, self.settings.queue,
@@ -479,7 +562,8 @@ class Consumer:
                 pass
 
     def on_message(self, channel, method, properties, body) -> None:
-        self.buffer.append(Delivery(method.delivery_tag, properties, body, method.redelivered))
+        self.buffer.append(Delivery(method.delivery_tag, properties, body, method.redelivered,
+                                    exchange=method.exchange, routing_key=method.routing_key))
 
     def consume(self) -> None:
         while not self.stopping:
@@ -517,8 +601,12 @@ class Consumer:
         results = self.write(good)
         failed = []
         for delivery, result in zip(good, results):
-            if isinstance(result, str):
-                failed.append((delivery, result))
+            if isinstance(result, StoreRefused):
+                if result.permanent:  # a data error: no wait, no retry, never stored
+                    self.dead_letter(delivery, f"the store refuses it: {result}")
+                    self.processing.observe(time.monotonic() - started)
+                else:
+                    failed.append((delivery, str(result)))
                 continue
             self.channel.basic_ack(delivery.tag)
             self.processed.labels("stored" if result else "duplicate").inc()
@@ -535,9 +623,9 @@ class Consumer:
             self.retry(delivery, reason)
             self.processing.observe(time.monotonic() - started)
 
-    def write(self, good: list[Delivery]) -> list[bool | str]:
-        """True (stored) / False (duplicate) / an error message, per delivery. While the store
-        is unreachable, waits and tries again (the messages stay unacknowledged)."""
+    def write(self, good: list[Delivery]) -> list[bool | StoreRefused]:
+        """True (stored) / False (duplicate) / the store's refusal, per delivery. While the
+        store is unreachable, waits and tries again (the messages stay unacknowledged)."""
         backoff = Backoff(*UNAVAILABLE_BACKOFF)
         held = False
         while True:
@@ -550,14 +638,14 @@ class Consumer:
                     return results
                 except StoreRefused as e:
                     if len(good) == 1:
-                        return [str(e)]
+                        return [e]
                     # Find which message is refused: one by one, the others go through.
-                    results: list[bool | str] = []
+                    results: list[bool | StoreRefused] = []
                     for delivery in good:
                         try:
                             results.append(self.store.write([delivery.document])[0])
                         except StoreRefused as single:
-                            results.append(str(single))
+                            results.append(single)
                     return results
             except StoreUnavailable as e:
                 delay = backoff.next()
@@ -570,9 +658,47 @@ class Consumer:
                     pass  # the next write says so again, after the next wait
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """To DEAD_LETTER_EXCHANGE with the reason in its headers, confirmed, then the original
+        acknowledged; the order's Redis entry says so."""
+        import pika
+
         log.warning("dead-lettering message %s: %s", self.describe(delivery), reason)
-        self.channel.basic_reject(delivery.tag, requeue=False)
+        at = dt.datetime.now(dt.timezone.utc).isoformat()
+        published = False
+        if self.dead_letter_exchange:
+            headers = {**(delivery.properties.headers or {}), "x-dead-letter-reason": reason[:1000],
+                       "x-dead-letter-queue": self.settings.queue,
+                       "x-dead-letter-routing-key": delivery.routing_key,
+                       "x-dead-lettered-at": at, "x-dead-lettered-by": self.settings.service}
+            try:
+                self.channel.basic_publish(self.dead_letter_exchange, delivery.routing_key,
+                                           delivery.body, self.copy(delivery, headers),
+                                           mandatory=True)
+                published = True
+            except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as e:
+                log.error("could not publish message %s to %s (%s): rejected instead",
+                          self.describe(delivery), self.dead_letter_exchange, e)
+        if published:
+            self.channel.basic_ack(delivery.tag)
+        else:
+            self.channel.basic_reject(delivery.tag, requeue=False)
         self.processed.labels("dead_lettered").inc()
+        if delivery.document:
+            self.status.dead_lettered(delivery.document, reason, at)
+
+    @staticmethod
+    def copy(delivery: Delivery, headers: dict):
+        """The delivery's properties with these headers (user_id left out: the broker checks
+        it is ours)."""
+        import pika
+
+        props = delivery.properties
+        return pika.BasicProperties(
+            content_type=props.content_type, content_encoding=props.content_encoding,
+            headers=headers, delivery_mode=props.delivery_mode or 2, priority=props.priority,
+            correlation_id=props.correlation_id, reply_to=props.reply_to,
+            expiration=props.expiration, message_id=props.message_id, timestamp=props.timestamp,
+            type=props.type, app_id=props.app_id)
 
     def retry(self, delivery: Delivery, reason: str) -> None:
         import pika
@@ -581,15 +707,7 @@ class Consumer:
         if tries >= self.settings.attempts:
             self.dead_letter(delivery, f"try {tries} of {self.settings.attempts} failed: {reason}")
             return
-        props = delivery.properties
-        headers = dict(props.headers or {})
-        headers["x-attempts"] = tries
-        copy = pika.BasicProperties(
-            content_type=props.content_type, content_encoding=props.content_encoding,
-            headers=headers, delivery_mode=props.delivery_mode or 2, priority=props.priority,
-            correlation_id=props.correlation_id, reply_to=props.reply_to,
-            expiration=props.expiration, message_id=props.message_id, timestamp=props.timestamp,
-            type=props.type, app_id=props.app_id)  # user_id: the broker checks it is ours
+        copy = self.copy(delivery, {**(delivery.properties.headers or {}), "x-attempts": tries})
         try:
             self.channel.basic_publish("", self.settings.queue, delivery.body, copy,
                                        mandatory=True)

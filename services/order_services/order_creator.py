@@ -18,14 +18,21 @@ Every route but /health and /metrics needs a token accepted by JWTValidator.from
 What a client can rely on:
 - 201 means the broker confirmed the order (persistent, routed to its queue): it will be
   processed. 503 means it was not accepted: retry (with the same Idempotency-Key, safely).
+  When the broker may have it all the same (its confirm timed out, the connection dropped
+  after sending), the key stays bound to that order_id (the 503 names it) and a retry with
+  the key publishes that same document again: never a second order.
 - 4xx (a bad token, a bad or oversized body, a reused key) means nothing was published.
+  The body is parsed strictly: a duplicate JSON key, a control or invisible format character
+  in a text field, a name made only of invisible characters, a price under 0.01 or with
+  more than two decimals are each a 422 naming the field; two Idempotency-Key headers a 400.
 - The Redis copy (`order:<order_id>`) is a cache: a failure to write it is logged and does
   not turn an accepted order into an error.
 
 Settings (environment): HTTP_HOST, HTTP_PORT, RABBITMQ_HOST, RABBITMQ_PORT, ORDER_EXCHANGE,
 REDIS_HOST, REDIS_PORT, STOCK_URL; the Vault settings of order_services.secrets
 (credentials rabbitmq_* and redis_*) and OIDC_TOKEN_URL/OIDC_CLIENT_ID/OIDC_CLIENT_SECRET,
-which also give the token this service shows the stock service. Optional: WEB_CONCURRENCY,
+which also give the token this service shows the stock service. Optional: HTTP_LIMIT_CONCURRENCY
+and HTTP_KEEPALIVE_SECONDS (order_services.bodies.server_limits), and WEB_CONCURRENCY,
 the number of serving processes (default 2, 1 on a one-core machine): one Python process
 tops out near one core, 750-810 orders/s on the 2-core development machine with RabbitMQ,
 Redis and the load generator (wrk, 32 connections) beside it; two reached 1,135-1,170/s.
@@ -46,7 +53,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -61,16 +68,17 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from order_services.auth import AuthError, JWTValidator, add_auth_error_handler, require_token
+from order_services.bodies import (MAX_BODY_BYTES, BodyLimit, parse_body, server_limits,
+                                   storable, visible)
 from order_services.secrets import KeycloakToken, VaultSecrets
 
 log = logging.getLogger("order_creator")
 
-MAX_BODY_BYTES = 64 * 1024
 IDEMPOTENCY_TTL = 86400          # seconds a key is remembered (contract: idempotency:<key>)
 ORDER_CACHE_TTL = 7 * 86400      # seconds order:<id> is kept; longer than IDEMPOTENCY_TTL
 PUBLISH_TIMEOUT = 10.0           # seconds to wait for the broker's confirm
@@ -110,18 +118,35 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
+def _cents(price: float) -> float:
+    # 1e-300 would pass "greater than 0" and make a total of 0.00.
+    if float(f"{price:.2f}") != price:
+        raise PydanticCustomError("price_precision", "a price has at most two decimals (cents), "
+                                  "not {price}", {"price": repr(price)})
+    return price
+
+
+# Text a store can hold and a person can read: no control or invisible format characters
+# (order_services.bodies); a name or id must show something.
+Text = Annotated[str, AfterValidator(storable)]
+Name = Annotated[str, AfterValidator(storable), AfterValidator(visible)]
+Price = Annotated[float, Field(ge=0.01, le=100_000), AfterValidator(_cents)]
+
+
 class Customer(_Strict):
-    id: str = Field(min_length=1, max_length=64, pattern=r"\S")
-    name: str = Field(min_length=1, max_length=200, pattern=r"\S")
-    email: str | None = Field(default=None, max_length=254,
-                              pattern=r"^[^@\s]{1,64}@[^@\s.]+(\.[^@\s.]+)+$")
+    id: Name = Field(min_length=1, max_length=64, pattern=r"\S")
+    name: Name = Field(min_length=1, max_length=200, pattern=r"\S")
+    email: Text | None = Field(default=None, max_length=254,
+                               pattern=r"^[^@\s]{1,64}@[^@\s.]+(\.[^@\s.]+)+$")
 
 
 class Item(_Strict):
-    product: str = Field(min_length=1, max_length=100, pattern=r"\S")
-    category: str = Field(min_length=1, max_length=50, pattern=r"\S")
+    # Odd products, categories and prices stay acceptable: the AI screening holds them for
+    # a person. Only what no store (or person) can take is refused here.
+    product: Name = Field(min_length=1, max_length=100, pattern=r"\S")
+    category: Name = Field(min_length=1, max_length=50, pattern=r"\S")
     quantity: int = Field(ge=1, le=1000)
-    price: float = Field(gt=0, le=100_000)
+    price: Price
 
 
 class Order(_Strict):
@@ -152,45 +177,17 @@ def amqp_priority(total: float) -> int:
     return max(1, min(10, 1 + int(2 * math.log10(max(total, 1.0)))))
 
 
-def parse_body(model: type[BaseModel], body: bytes) -> BaseModel:
-    """The body validated as `model`, or FastAPI's RequestValidationError (rendered as 422,
-    the same shape as FastAPI's own: each error's loc starts with "body")."""
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as exc:
-        errors = []
-        for error in exc.errors(include_url=False):
-            error = {**error, "loc": ("body", *error["loc"])}
-            ctx = error.get("ctx")
-            if error["type"] == "json_invalid":
-                error["msg"] = f"malformed JSON: {(ctx or {}).get('error', error['msg'])}"
-                error["input"] = None  # the broken text is not echoed back
-            else:
-                error["input"] = _json_safe(error.get("input"))
-                if ctx:  # plain values (limits, patterns); anything else is shown as text
-                    error["ctx"] = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                    for k, v in ctx.items()}
-            errors.append(error)
-        raise RequestValidationError(errors) from None
-
-
-def _json_safe(value: Any) -> Any:
-    """The input echoed in an error, renderable as JSON: the parser takes NaN and Infinity
-    (which a model then refuses), but a JSON answer cannot carry them."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 # -- the broker ----------------------------------------------------------------------------
 
 
 class PublishFailed(Exception):
-    """The broker did not take the order; the message says why, for the client."""
+    """The broker did not take the order; the message says why, for the client. `certain`:
+    the broker cannot have it (not connected before sending, unroutable, refused); else
+    (a confirm that timed out, the connection lost after sending) it may have it all the same."""
+
+    def __init__(self, message: str, certain: bool) -> None:
+        super().__init__(message)
+        self.certain = certain
 
 
 class AmqpPublisher:
@@ -238,21 +235,26 @@ class AmqpPublisher:
             try:
                 await asyncio.wait_for(self.channel.ready(), RECOVERY_WAIT)
             except asyncio.TimeoutError:
-                raise PublishFailed("the broker is unreachable (reconnecting)") from None
+                raise PublishFailed("the broker is unreachable (reconnecting)", True) from None
         try:
             confirmation = await self.exchange.publish(
                 message, routing_key=document["type"], mandatory=True, timeout=self.timeout)
         except aiormq.exceptions.PublishError:
             raise PublishFailed(f"the broker could not route a {document['type']} order: no queue "
-                                f"is bound for it on {self.exchange.name}") from None
+                                f"is bound for it on {self.exchange.name}", True) from None
         except aiormq.exceptions.DeliveryError as exc:
-            raise PublishFailed(f"the broker refused the order ({exc.frame.name if exc.frame else exc})") from None
+            raise PublishFailed(f"the broker refused the order ({exc.frame.name if exc.frame else exc})",
+                                True) from None
+        except aiormq.exceptions.ChannelInvalidStateError as exc:  # closed before anything was sent
+            raise PublishFailed(f"the broker is unreachable ({exc})", True) from None
         except asyncio.TimeoutError:
-            raise PublishFailed(f"the broker did not confirm the order within {self.timeout:g} s") from None
-        except Exception as exc:  # connection or channel down, being recovered
-            raise PublishFailed(f"the broker is unreachable ({type(exc).__name__})") from None
+            raise PublishFailed(f"the broker did not confirm the order within {self.timeout:g} s",
+                                False) from None
+        except Exception as exc:  # connection or channel lost, maybe after the message went out
+            raise PublishFailed(f"the connection to the broker was lost ({type(exc).__name__})",
+                                False) from None
         if not isinstance(confirmation, Basic.Ack):
-            raise PublishFailed("the broker did not acknowledge the order")
+            raise PublishFailed("the broker did not acknowledge the order", True)
 
     async def close(self) -> None:
         await self.connection.close()
@@ -336,54 +338,6 @@ def fake_order(products: dict[str, list[dict[str, Any]]], rng: random.Random) ->
         "items": items, "type": rng.choice(["priority", "regular", "digital"])})
 
 
-# -- the body limit ---------------------------------------------------------------------------
-
-
-class BodyLimit:
-    """413 for a request body over `limit` bytes, before anything parses it: at once from
-    Content-Length, or while a chunked body streams in."""
-
-    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                if not value.isdigit():
-                    return await self._refuse(send, 400, "invalid Content-Length")
-                if int(value) > self.limit:
-                    ORDERS_REJECTED.labels("too_large").inc()
-                    return await self._refuse(send, 413, self._message())
-        received = 0
-
-        async def limited() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    ORDERS_REJECTED.labels("too_large").inc()
-                    # An HTTPException: FastAPI lets it through its body reading, and its
-                    # exception handler renders the 413 before any route code runs.
-                    raise HTTPException(413, self._message())
-            return message
-
-        await self.app(scope, limited, send)
-
-    def _message(self) -> str:
-        return f"request body larger than {self.limit // 1024} KiB"
-
-    @staticmethod
-    async def _refuse(send: Send, status: int, detail: str) -> None:
-        body = json.dumps({"detail": detail}).encode()
-        await send({"type": "http.response.start", "status": status, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
-
-
 # -- the app ----------------------------------------------------------------------------------
 
 
@@ -402,31 +356,48 @@ class OrderService:
 
     async def place(self, order: Order, key: str | None) -> Response:
         order_id = str(uuid.uuid4())
+        again = None
         if key is not None:
-            replay = await self._claim(key, order_id, order)
-            if replay is not None:
-                return replay
-        document = order_document(order, order_id)
-        body = json.dumps(document).encode()
+            again = await self._claim(key, order_id, order)
+            if isinstance(again, Response):
+                return again
+        if again is not None:  # an earlier try's order that the broker may have: the same again
+            body, document = again, json.loads(again)
+            order_id = document["order_id"]
+        else:
+            document = order_document(order, order_id)
+            body = json.dumps(document).encode()
         try:
             await self.publisher.publish(document, body)
         except PublishFailed as exc:
             ORDERS_REJECTED.labels("broker_unavailable").inc()
             log.warning("order %s not accepted: %s", order_id, exc)
+            if key is None:
+                return _json({"detail": f"order not accepted, retry later: {exc}"}, 503,
+                             {"Retry-After": "1"})
+            if exc.certain and not again:
+                await self._release(key)  # the broker cannot have it: a retry starts afresh
+                return _json({"detail": f"order not accepted, retry later: {exc}"}, 503,
+                             {"Retry-After": "1"})
+            # The broker may have it: the key stays bound to this order_id, and a retry with
+            # it sends this same document again (the consumers store an order_id once).
+            await self._unconfirmed(order_id, body)
+            return _json({"detail": f"order not confirmed, retry with the same Idempotency-Key "
+                                    f"(it sends this same order again, never a second one): {exc}",
+                          "order_id": order_id}, 503, {"Retry-After": "1"})
+        except BaseException:  # cancelled (shutdown) mid-publish: the broker may have it
             if key is not None:
-                await self._release(key)
-            return _json({"detail": f"order not accepted, retry later: {exc}"}, 503,
-                         {"Retry-After": "1"})
-        except BaseException:  # cancelled (shutdown): let a retry with this key go through
-            if key is not None:
-                asyncio.ensure_future(self._release(key))
+                asyncio.ensure_future(self._unconfirmed(order_id, body))
             raise
-        ORDERS_ACCEPTED.labels(order.type).inc()
+        ORDERS_ACCEPTED.labels(document["type"]).inc()
         await self._cache(order_id, body)
+        if again:
+            await self._forget_unconfirmed(order_id)
         return _json(None, 201, {"Location": f"/order/{order_id}"}, raw=body)
 
-    async def _claim(self, key: str, order_id: str, order: Order) -> Response | None:
-        """None when this request owns the key now; else the answer to a repeat."""
+    async def _claim(self, key: str, order_id: str, order: Order) -> Response | bytes | None:
+        """None when this request owns the key now; the body of an earlier try's order that
+        was never confirmed (to publish again); else the answer to a repeat."""
         name = f"idempotency:{key}"
         try:
             for _ in range(3):  # the key may expire between SET NX and GET: claim again
@@ -439,25 +410,43 @@ class OrderService:
                 raise RuntimeError("idempotency key kept changing")
             first = first.decode() if isinstance(first, bytes) else first
             cached = await self.redis.get(f"order:{first}")
+            unconfirmed = None if cached is not None else await self.redis.get(f"unconfirmed:{first}")
         except Exception as exc:
             ORDERS_REJECTED.labels("idempotency_unavailable").inc()
             log.warning("idempotency store unavailable: %s", exc)
             return _json({"detail": "the idempotency store (Redis) is unavailable; nothing was "
                                     "published, retry later"}, 503, {"Retry-After": "1"})
-        if cached is None:
+        if cached is None and unconfirmed is None:
             ORDERS_REJECTED.labels("idempotency_conflict").inc()
             return _json({"detail": "a request with this Idempotency-Key is still in flight "
                                     "(or its order is no longer cached); retry later",
                           "order_id": first}, 409, {"Retry-After": "1"})
-        document = json.loads(cached)
+        raw = cached if cached is not None else unconfirmed
+        raw = raw if isinstance(raw, bytes) else raw.encode()
+        document = json.loads(raw)
         asked = {"type": order.type, "customer": order.customer.model_dump(exclude_none=True),
                  "items": [item.model_dump() for item in order.items]}
         if any(document.get(k) != v for k, v in asked.items()):
             ORDERS_REJECTED.labels("idempotency_conflict").inc()
             return _json({"detail": "this Idempotency-Key was used for a different order; "
                                     "use a new key for a new order", "order_id": first}, 422)
+        if cached is None:
+            return raw
         return _json(None, 201, {"Idempotent-Replayed": "true", "Location": f"/order/{first}"},
-                     raw=cached if isinstance(cached, bytes) else cached.encode())
+                     raw=raw)
+
+    async def _unconfirmed(self, order_id: str, body: bytes) -> None:
+        try:
+            await self.redis.set(f"unconfirmed:{order_id}", body, ex=IDEMPOTENCY_TTL)
+        except Exception as exc:  # the key stays bound all the same: never a second order
+            log.warning("order %s unconfirmed and not kept in Redis (a retry with its key gets "
+                        "409 until the key expires): %s", order_id, exc)
+
+    async def _forget_unconfirmed(self, order_id: str) -> None:
+        try:
+            await self.redis.delete(f"unconfirmed:{order_id}")
+        except Exception as exc:
+            log.warning("could not remove unconfirmed:%s (it expires by itself): %s", order_id, exc)
 
     async def _release(self, key: str) -> None:
         try:
@@ -551,7 +540,8 @@ def create_app(service: OrderService,
                   description="The order API: orders validated, then published to RabbitMQ "
                               "with publisher confirms.")
     add_auth_error_handler(app)
-    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES,
+                       refused=lambda: ORDERS_REJECTED.labels("too_large").inc())
     claims_of = Depends(authenticate)  # a default, not Annotated: annotations are strings here
 
     async def checked_body(request: Request, model: type[BaseModel]) -> BaseModel:
@@ -590,8 +580,12 @@ def create_app(service: OrderService,
         """One order; 201 with its document once the broker confirmed it."""
         started = time.perf_counter()
         try:
-            key = request.headers.get("idempotency-key")
+            keys = request.headers.getlist("idempotency-key")
             order = await checked_body(request, Order)
+            if len(keys) > 1:  # which one would count? Neither: say so
+                ORDERS_REJECTED.labels("invalid").inc()
+                raise HTTPException(400, f"{len(keys)} Idempotency-Key headers: send one")
+            key = keys[0] if keys else None
             if key is not None and not _IDEMPOTENCY_KEY.fullmatch(key):
                 ORDERS_REJECTED.labels("invalid").inc()
                 raise RequestValidationError([{
@@ -745,6 +739,7 @@ def main() -> None:
     configure_logging()
     try:
         env = _settings()
+        limits = server_limits()
         JWTValidator.from_env()
         vault = VaultSecrets.from_env()
     except RuntimeError as exc:  # StartupError, and the helpers' missing-variable errors
@@ -766,7 +761,8 @@ def main() -> None:
     try:
         uvicorn.run("order_services.order_creator:build_app", factory=True, host=env["HTTP_HOST"],
                     port=env["HTTP_PORT"], workers=workers, log_config=None, access_log=False,
-                    server_header=False, backlog=4096)
+                    server_header=False, backlog=4096, http="order_services.bodies:IdleBoundedHttp",
+                    **limits)
     finally:
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -19,7 +19,10 @@ each other's rows in opposite orders; if any row was not updated, nothing is kep
 
 Settings (environment): HTTP_HOST, HTTP_PORT, POSTGRES_HOST, POSTGRES_PORT, POSTGRES_DB;
 the Vault settings of order_services.secrets (credentials postgres_username/_password);
-token validation: OIDC_ISSUER, OIDC_AUDIENCE, OIDC_CLIENT (+ the optional STOCK_* below).
+token validation: OIDC_ISSUER, OIDC_AUDIENCE, OIDC_CLIENT, OIDC_REQUIRED_ROLE (+ the optional
+STOCK_* of StockAuth); HTTP_LIMIT_CONCURRENCY, HTTP_KEEPALIVE_SECONDS (order_services.bodies).
+Bodies as the order API's: at most 64 KiB (413), strict JSON (a duplicate key is a 422), no
+control or invisible format characters in the text fields.
 """
 
 from __future__ import annotations
@@ -27,24 +30,25 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import os
 import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from order_services.auth import AuthError, JWTValidator, add_auth_error_handler, bearer_token
+from order_services.bodies import (MAX_BODY_BYTES, BodyLimit, json_safe, parse_body, server_limits,
+                                   storable, visible)
 from order_services.secrets import VaultSecrets
 
 log = logging.getLogger("stock_service")
@@ -88,30 +92,37 @@ def port_env(name: str) -> int:
 
 
 class StockAuth:
-    """Who may call the stock service's routes (all but /health and /metrics).
+    """Who may call the stock service's routes (all but /health and /metrics): a valid token
+    of the realm is not enough, it must hold a role.
 
-    The rule, in order:
-    1. A token of the realm (OIDC_ISSUER, RS256, unexpired) for the order API's audience
-       (OIDC_AUDIENCE): people and the Postman client. When STOCK_REQUIRED_ROLE is set,
-       the token must also hold that role of client OIDC_CLIENT; unset (the default), any
-       such token will do. OIDC_REQUIRED_ROLE, the order API's role, is NOT required here:
-       reading the catalogue is not placing an order.
-    2. A token of a bundled service that calls this one: a token of the same realm whose
-       `azp` (the client it was issued to) is in STOCK_SERVICE_CLIENTS (comma-separated,
-       default "order-creator"), for audience STOCK_SERVICE_AUDIENCE (default "stock-api",
-       which the realm's service scope adds to the services' client-credentials tokens).
+    1. People and the Postman client: a token of the realm (OIDC_ISSUER, RS256, unexpired)
+       for the order API's audience (OIDC_AUDIENCE) that holds role STOCK_REQUIRED_ROLE (by
+       default OIDC_REQUIRED_ROLE, the order API's own) of client OIDC_CLIENT: whoever may
+       place orders may read the catalogue, a token without the role may not.
+    2. A bundled service that calls this one: a token of the same realm whose `azp` (the
+       client it was issued to) is in STOCK_SERVICE_CLIENTS (comma-separated, default
+       "order-creator"), for audience STOCK_SERVICE_AUDIENCE (default "stock-api", which the
+       realm's service scope adds to the services' client-credentials tokens), holding role
+       STOCK_SERVICE_ROLE (default "vault-reader", the role each service account holds) of
+       its own client.
     Anything else: 401 for a missing or invalid token, 403 for a valid token of the realm
-    that is not allowed (a missing role, or another service's token).
+    that is not allowed (a missing role, or another service's token). No role configured
+    at all is a setting error: the service does not start.
     """
 
     def __init__(self, people: JWTValidator, services: JWTValidator | None,
-                 service_clients: frozenset[str]) -> None:
+                 service_clients: frozenset[str], service_role: str = "vault-reader") -> None:
         self.people, self.services, self.service_clients = people, services, service_clients
+        self.service_role = service_role
 
     @classmethod
     def from_env(cls) -> StockAuth:
         people = JWTValidator.from_env()  # OIDC_ISSUER, OIDC_AUDIENCE, OIDC_JWKS_URL, OIDC_CLIENT
-        people.required_role = os.environ.get("STOCK_REQUIRED_ROLE") or None
+        people.required_role = (os.environ.get("STOCK_REQUIRED_ROLE")
+                                or os.environ.get("OIDC_REQUIRED_ROLE") or None)
+        if people.required_role is None:
+            raise SettingsError("no role to require of callers: set OIDC_REQUIRED_ROLE "
+                                "(or STOCK_REQUIRED_ROLE)")
         people.required_scope = None
         clients = frozenset(c.strip() for c in
                             os.environ.get("STOCK_SERVICE_CLIENTS", "order-creator").split(",")
@@ -121,7 +132,8 @@ class StockAuth:
             services = JWTValidator(
                 issuer=people.issuer, jwks_url=people.jwks_url,
                 audience=os.environ.get("STOCK_SERVICE_AUDIENCE") or "stock-api")
-        return cls(people, services, clients)
+        return cls(people, services, clients,
+                   os.environ.get("STOCK_SERVICE_ROLE") or "vault-reader")
 
     def validate(self, token: str) -> dict[str, Any]:
         try:
@@ -133,9 +145,17 @@ class StockAuth:
                 claims = self.services.validate(token)
             except AuthError:
                 raise refused from None  # invalid for both: the people's answer says why
-            if claims.get("azp") not in self.service_clients:
+            client = claims.get("azp")
+            if client not in self.service_clients:
                 raise AuthError(403, "insufficient_scope",
-                                f"client {claims.get('azp')} may not call the stock service",
+                                f"client {client} may not call the stock service",
+                                self.people.realm) from None
+            access = claims.get("resource_access")
+            own = access.get(client) if isinstance(access, dict) else None
+            held = own.get("roles") if isinstance(own, dict) else None
+            if not isinstance(held, list) or self.service_role not in held:
+                raise AuthError(403, "insufficient_scope",
+                                f"role {self.service_role} of client {client} required",
                                 self.people.realm) from None
             return claims
 
@@ -148,15 +168,19 @@ class StockAuth:
 # -- bodies --------------------------------------------------------------------------------
 
 
+# As the order API's: text a store can hold and a person can read (order_services.bodies).
+Name = Annotated[str, AfterValidator(storable), AfterValidator(visible)]
+
+
 class ReservationItem(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    product: str = Field(min_length=1, max_length=100)
+    product: Name = Field(min_length=1, max_length=100)
     quantity: int = Field(gt=0, le=1_000_000)
 
 
 class ReservationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    order_id: str = Field(min_length=1, max_length=100, pattern=r"\S")
+    order_id: Name = Field(min_length=1, max_length=100, pattern=r"\S")
     items: list[ReservationItem] = Field(min_length=1, max_length=100)
 
 
@@ -271,16 +295,6 @@ class _NotReserved(Exception):
         self.product = product
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 # -- the app ---------------------------------------------------------------------------------
 
 
@@ -289,12 +303,13 @@ def create_app(store: StockStore, authenticate: Callable[[Request], Awaitable[di
     app = FastAPI(title="stock-service", version="1.0", lifespan=lifespan,
                   description="The stock catalogue and reservations (PostgreSQL).")
     add_auth_error_handler(app)
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI's own handler, except that an echoed NaN or Infinity (which the JSON
         # parser takes) is shown as text: as a number it would make the answer a 500.
-        return JSONResponse({"detail": jsonable_encoder(_json_safe(exc.errors()))}, 422)
+        return JSONResponse({"detail": jsonable_encoder(json_safe(exc.errors()))}, 422)
     claims_of = Depends(authenticate)  # a default, not Annotated: annotations are strings here
 
     @app.get("/health", include_in_schema=False)
@@ -328,9 +343,13 @@ def create_app(store: StockStore, authenticate: Callable[[Request], Awaitable[di
         return JSONResponse({"category": category, "products": [
             {"product": p, "price": price, "quantity": q} for _, p, price, q in rows]})
 
-    @app.post("/stock/reservations", status_code=201)
-    async def reserve(body: ReservationRequest, claims: dict = claims_of) -> JSONResponse:
+    @app.post("/stock/reservations", status_code=201, openapi_extra={"requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": ReservationRequest.model_json_schema()}}}})
+    async def reserve(request: Request, claims: dict = claims_of) -> JSONResponse:
         started = time.perf_counter()
+        # Parsed here, after the token (the dependency): strict JSON, no duplicate keys.
+        body = parse_body(ReservationRequest, await request.body())
         try:
             try:
                 status, answer = await store.reserve(body.order_id, body.items)
@@ -369,6 +388,7 @@ async def serve() -> int:
         http_port, pg_port = port_env("HTTP_PORT"), port_env("POSTGRES_PORT")
         authenticate = StockAuth.from_env()
         vault = VaultSecrets.from_env()
+        limits = server_limits()
     except (SettingsError, RuntimeError) as exc:
         log.error("cannot start: %s", exc)
         return 2
@@ -425,7 +445,8 @@ async def serve() -> int:
 
     app = create_app(store, authenticate, lifespan)
     config = uvicorn.Config(app, host=env["HTTP_HOST"], port=http_port, log_config=None,
-                            http="httptools", server_header=False, access_log=True)
+                            http="order_services.bodies:IdleBoundedHttp", server_header=False,
+                            access_log=True, **limits)
     server = uvicorn.Server(config)
     log.info("stock-service on http://%s:%s (PostgreSQL %s:%s/%s)", env["HTTP_HOST"], http_port,
              env["POSTGRES_HOST"], pg_port, env["POSTGRES_DB"])

@@ -56,6 +56,9 @@ def port_override(components: list[str] | None = None) -> dict:
     return override
 
 
+LIVE_WORKDIRS: list["Workdir"] = []  # their servers' logs go into a failed test's report
+
+
 class Workdir:
     """A working directory with its own opsctl.yaml, and a way to run the real CLI in it."""
 
@@ -63,6 +66,21 @@ class Workdir:
         self.path = path
         path.mkdir(parents=True, exist_ok=True)
         self.write_config(override)
+        LIVE_WORKDIRS.append(self)
+
+    def logs(self) -> list[Path]:
+        """Every log of its servers, services, jobs and supervisor, and of the tests' own
+        service processes."""
+        state = self.path / ".opsctl"
+        found = [*state.glob("local/*/logs/*.log"), *state.glob("local/supervisor/*.log"),
+                 *self.path.glob("*.log")]
+        return sorted(p for p in found if p.is_file())
+
+    def remove(self) -> None:
+        """Purge its servers and delete it; the logs of a failed test are kept first."""
+        self.run("down", "--purge", "--yes", timeout=300)
+        LIVE_WORKDIRS.remove(self)
+        shutil.rmtree(self.path, ignore_errors=True)
 
     def write_config(self, override: dict) -> None:
         self.config = override
@@ -126,8 +144,7 @@ def platform():
     code, steps = work.steps("--skip", "services")
     work.first_install = (code, steps)
     yield work
-    work.run("down", "--purge", "--yes", timeout=300)
-    shutil.rmtree(work.path, ignore_errors=True)
+    work.remove()
 
 
 @pytest.fixture
@@ -135,8 +152,37 @@ def workdir():
     """A second, empty working directory (ports free) for tests that need their own servers."""
     work = Workdir(reachable_dir("opsctl-work-"), port_override())
     yield work
-    work.run("down", "--purge", "--yes", timeout=300)
-    shutil.rmtree(work.path, ignore_errors=True)
+    work.remove()
+
+
+KEPT_LOGS = REPO / ".opsctl" / "test-logs"  # git-ignored
+TAIL_LINES = 25
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report ends with the last lines of every log of the platforms it
+    used, and the logs are copied to .opsctl/test-logs/<test>/ before any purge."""
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed or not LIVE_WORKDIRS:
+        return
+    kept = KEPT_LOGS / item.nodeid.replace("/", "_").replace("::", "-")[:150]
+    tails = []
+    for work in LIVE_WORKDIRS:
+        for log in work.logs():
+            relative = log.relative_to(work.path)
+            try:
+                lines = log.read_text(errors="replace").rstrip().splitlines()
+                (kept / work.path.name / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(log, kept / work.path.name / relative)
+            except OSError:
+                continue
+            if lines:
+                tails.append(f"--- {work.path.name}/{relative} (last {min(TAIL_LINES, len(lines))} "
+                             f"of {len(lines)} lines)\n" + "\n".join(lines[-TAIL_LINES:]))
+    if tails:
+        report.sections.append(("server logs", f"all of them in {kept}\n" + "\n".join(tails)))
 
 
 def workdir_context(work: Workdir):

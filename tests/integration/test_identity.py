@@ -3,7 +3,6 @@
 import base64
 import json
 import os
-import shutil
 import subprocess
 
 import hvac
@@ -29,8 +28,9 @@ def vault_client(platform, token: str | None = None) -> hvac.Client:
 
 
 def root(platform) -> hvac.Client:
-    record = json.loads((platform.path / ".opsctl" / "vault-init.json").read_text())
-    return vault_client(platform, record["root_token"])
+    """Vault as opsctl administers it: with its admin token (the root token is revoked)."""
+    record = json.loads((platform.path / ".opsctl" / "vault-admin.json").read_text())
+    return vault_client(platform, record["token"])
 
 
 def keycloak_url(platform) -> str:
@@ -249,13 +249,25 @@ def test_vault_init_with_pgp_keys_encrypts_each_share(tmp_path):
         plain = [subprocess.run(["gpg", "--batch", "--decrypt"], input=base64.b64decode(k), env=env,
                                 check=True, capture_output=True).stdout.decode().strip()
                  for k in record["keys_base64"]]
+        # The root token is encrypted too (to the first key): no plain secret is kept.
+        assert record["root_token_pgp_encrypted"] and not record["root_token"].startswith("s.")
+        init_root = subprocess.run(["gpg", "--batch", "--decrypt"], input=base64.b64decode(record["root_token"]),
+                                   env=env, check=True, capture_output=True).stdout.decode().strip()
+        subprocess.run(["gpgconf", "--kill", "gpg-agent"], env=env, capture_output=True)
         unsealed = work.run("vault", "unseal", "--from", "stdin", stdin="\n".join(plain) + "\n")
         assert unsealed.returncode == 0, unsealed.stderr
+        assert "admin token created, root token revoked" in unsealed.stderr
+        # opsctl made its admin token from the shares given; the init's root token is revoked.
+        admin = json.loads((work.path / ".opsctl" / "vault-admin.json").read_text())["token"]
+        client = hvac.Client(url=f"http://127.0.0.1:{work.port('vault', 'http')}", token=admin)
+        assert client.auth.token.lookup_self()["data"]["policies"] == ["opsctl-admin"]
+        with pytest.raises(hvac.exceptions.Forbidden):
+            hvac.Client(url=client.url, token=init_root).auth.token.lookup_self()
+        assert "root_token" not in json.loads((work.path / ".opsctl" / "vault-init.json").read_text())
         code, steps = work.steps("--only", "vault")
         assert code == 0 and steps["vault"]["state"] == "unchanged"
     finally:
-        work.run("down", "--purge", "--yes")
-        shutil.rmtree(work.path, ignore_errors=True)
+        work.remove()
 
 
 def test_validate_jwt_accepts_real_keycloak_tokens_and_checks_the_role(platform):

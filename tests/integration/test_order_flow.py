@@ -72,7 +72,9 @@ def test_each_order_type_reaches_its_store_and_regular_orders_reach_kafka(flow):
             what="the priority order in PostgreSQL")
     assert row[0]["total"] == priority["total"]
 
-    with MongoClient(f"mongodb://127.0.0.1:{flow.port('mongodb', 'mongo')}/?replicaSet=rs0") as mongo:
+    with MongoClient(f"mongodb://127.0.0.1:{flow.port('mongodb', 'mongo')}/?replicaSet=rs0",
+                     username="opsctl-admin", password=flow.admin_secret("mongodb", "admin_password"),
+                     authSource="admin") as mongo:
         db = mongo.ecommerce
         assert wait_for(lambda: db.orders.find_one({"_id": regular["order_id"]}), what="the regular order")
         assert wait_for(lambda: db.digital_orders.find_one({"_id": digital["order_id"]}), what="the digital order")
@@ -199,7 +201,9 @@ def test_no_accepted_order_is_lost_when_workers_die_and_rabbitmq_restarts_under_
                                       [priority]).fetchone()[0] == len(priority),
                  120, what=f"{len(priority)} priority orders in PostgreSQL")
 
-    with MongoClient(f"mongodb://127.0.0.1:{flow.port('mongodb', 'mongo')}/?replicaSet=rs0") as mongo:
+    with MongoClient(f"mongodb://127.0.0.1:{flow.port('mongodb', 'mongo')}/?replicaSet=rs0",
+                     username="opsctl-admin", password=flow.admin_secret("mongodb", "admin_password"),
+                     authSource="admin") as mongo:
         for collection, ids in ((mongo.ecommerce.orders, regular), (mongo.ecommerce.digital_orders, digital)):
             wait_for(lambda: len(stored(collection, ids)) == len(ids), 120,
                      what=f"{len(ids)} orders in {collection.name}")

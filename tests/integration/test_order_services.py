@@ -338,6 +338,19 @@ BAD = [
     ("no items", _with("items", []), 422, "items"),
     ("unknown field", {**ORDER, "discount": 10}, 422, "discount"),
     ("oversized body", _with("customer.name", "n" * 70_000), 413, "64 KiB"),
+    ("NUL in the name (jsonb refuses it)", _with("customer.name", "Ada\u0000Lovelace"), 422,
+     "text_unstorable"),
+    ("bidi override in the product", _with("items.0.product", "Lap\u202etop"), 422,
+     "text_unstorable"),
+    ("an id of zero-width spaces", _with("customer.id", "\u200b\u200b"), 422, "text_unstorable"),
+    ("an id of Hangul fillers", _with("customer.id", "\u3164"), 422, "text_invisible"),
+    ("a price of 1e-300 (a total of 0.00)", _with("items.1.price", 1e-300), 422, "price"),
+    ("a price with three decimals", _with("items.1.price", 40.001), 422, "price_precision"),
+    ("duplicate key: type twice", json.dumps(ORDER)[:-1].encode() + b', "type": "regular"}', 422,
+     "json_duplicate_key"),
+    ("duplicate key inside customer",
+     json.dumps(ORDER).replace('"id": "c-1042"', '"id": "c-1042", "id": "c-1"').encode(), 422,
+     "json_duplicate_key"),
 ]
 
 
@@ -349,6 +362,63 @@ def test_bad_input_is_a_clear_4xx_and_publishes_nothing(orders, people, rabbit, 
                           headers={**people, "Content-Type": "application/json"})
     assert response.status_code == status, response.text
     assert named in response.text
+    assert queue_depths(rabbit) == {"priority": 0, "regular": 0, "digital": 0}
+
+
+def test_two_idempotency_key_headers_are_a_400(orders, people, rabbit):
+    response = httpx.post(f"{orders.url}/orders", content=json.dumps(ORDER).encode(), headers=[
+        *people.items(), ("Content-Type", "application/json"),
+        ("Idempotency-Key", f"a-{uuid.uuid4()}"), ("Idempotency-Key", f"b-{uuid.uuid4()}")])
+    assert response.status_code == 400, response.text
+    assert "Idempotency-Key" in response.json()["detail"]
+    assert queue_depths(rabbit) == {"priority": 0, "regular": 0, "digital": 0}
+
+
+def rabbitmqctl(platform, *args: str) -> None:
+    from opsctl.components import build
+    from opsctl.components.rabbitmq import SCRIPTS
+    from tests.integration.conftest import workdir_context
+
+    server = build("rabbitmq", workdir_context(platform))
+    result = subprocess.run([str(SCRIPTS / "rabbitmqctl"), *args], env={**os.environ, **server.env()},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_an_unconfirmed_order_keeps_its_key_and_the_retry_sends_the_same_order(
+        topology, orders, people, rabbit, redis_admin):
+    """The broker blocks publishers (a memory alarm): the confirm times out, the broker may
+    take the order later all the same. The key stays bound to that order_id, and the retry
+    publishes the same order (same order_id): never a second order."""
+    key = f"blocked-{uuid.uuid4()}"
+    headers = {**people, "Idempotency-Key": key}
+    rabbitmqctl(topology, "set_vm_memory_high_watermark", "0")
+    try:
+        started = time.monotonic()
+        first = httpx.post(f"{orders.url}/orders", json=ORDER, headers=headers, timeout=60)
+        assert first.status_code == 503, first.text
+        assert time.monotonic() - started < 20
+        order_id = first.json()["order_id"]
+        assert "same Idempotency-Key" in first.json()["detail"]
+        assert redis_admin.get(f"idempotency:{key}").decode() == order_id  # still bound
+    finally:
+        rabbitmqctl(topology, "set_vm_memory_high_watermark", "0.4")
+    retry = None
+    for _ in range(20):  # until the broker reads again
+        retry = httpx.post(f"{orders.url}/orders", json=ORDER, headers=headers, timeout=60)
+        if retry.status_code == 201:
+            break
+        assert retry.status_code == 503 and retry.json()["order_id"] == order_id, retry.text
+        time.sleep(1)
+    assert retry.status_code == 201, retry.text
+    assert retry.json()["order_id"] == order_id
+    time.sleep(1)  # the blocked first copy, if the broker took it, is in the queue by now
+    messages = drain(rabbit, QUEUES["priority"])
+    assert 1 <= len(messages) <= 2  # maybe twice, always one order (consumers store it once)
+    assert {json.loads(body)["order_id"] for _, _, body in messages} == {order_id}
+    again = httpx.post(f"{orders.url}/orders", json=ORDER, headers=headers, timeout=30)
+    assert again.status_code == 201 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.json()["order_id"] == order_id
     assert queue_depths(rabbit) == {"priority": 0, "regular": 0, "digital": 0}
 
 
@@ -495,14 +565,68 @@ def test_catalogue_routes(topology, stock, people):
     assert set(everything["toys"][0]) == {"product", "price", "quantity"}
 
 
-def test_who_may_call_the_stock_service(topology, stock):
+def test_who_may_call_the_stock_service(topology, stock, roleless):
     url = f"{stock.url}/stock/all-categories"
     assert httpx.get(url).status_code == 401
+    # A valid token of the realm for the order API, without the role: not enough.
+    refused = httpx.get(url, headers={"Authorization": f"Bearer {roleless}"})
+    assert refused.status_code == 403, refused.text
+    assert refused.json()["error_description"] == "role create-orders-client-role required"
+    assert httpx.get(url, headers={"Authorization": f"Bearer {token(topology)}"}).status_code == 200
     creator = {"Authorization": f"Bearer {token(topology, '--client', 'order-creator')}"}
     assert httpx.get(url, headers=creator).status_code == 200  # the catalogue's one caller
     consumer = {"Authorization": f"Bearer {token(topology, '--client', 'premium-consumer')}"}
     refused = httpx.get(url, headers=consumer)
     assert refused.status_code == 403 and "premium-consumer" in refused.json()["error_description"]
+
+
+@pytest.mark.parametrize("what, body, status, named", [
+    ("NUL in the order_id", b'{"order_id": "test-\\u0000", "items": [{"product": "Novel", '
+                            b'"quantity": 1}]}', 422, "text_unstorable"),
+    ("bidi override in the product", '{"order_id": "test-x", "items": [{"product": '
+                                     '"Nov\u202eel", "quantity": 1}]}'.encode(), 422,
+     "text_unstorable"),
+    ("duplicate key", b'{"order_id": "test-x", "items": [{"product": "Novel", "quantity": 1, '
+                      b'"quantity": 1000000}]}', 422, "json_duplicate_key"),
+    ("oversized body", json.dumps({"order_id": "test-x", "items": [
+        {"product": "n" * 90, "quantity": 1}] * 800}).encode(), 413, "64 KiB"),
+], ids=lambda v: v if isinstance(v, str) and len(v) < 60 else None)
+def test_a_bad_reservation_body_is_refused_and_reserves_nothing(stock, people, pg_admin, what,
+                                                               body, status, named):
+    before = quantity(pg_admin, "Novel")
+    response = httpx.post(f"{stock.url}/stock/reservations", content=body,
+                          headers={**people, "Content-Type": "application/json"})
+    assert response.status_code == status, response.text
+    assert named in response.text
+    assert quantity(pg_admin, "Novel") == before
+
+
+def test_the_services_bound_what_one_client_holds(topology, stock):
+    """Connections in flight (HTTP_LIMIT_CONCURRENCY) and idle ones (HTTP_KEEPALIVE_SECONDS),
+    on a second stock service with small limits: a direct client cannot exhaust it."""
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    env = {**service_env(topology, "stock-service"), "HTTP_PORT": str(port),
+           "HTTP_LIMIT_CONCURRENCY": "3", "HTTP_KEEPALIVE_SECONDS": "2"}
+    small = Service(topology, "stock-service-small", "order_services.stock_service", env).start()
+    try:
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        try:
+            time.sleep(0.2)
+            full = httpx.get(f"{small.url}/health", timeout=5)
+            assert full.status_code == 503, full.text  # over the limit: refused, not queued
+            for s in idle:  # connections that send nothing are closed after the timeout
+                s.settimeout(10)
+                assert s.recv(1) == b""
+        finally:
+            for s in idle:
+                s.close()
+        assert httpx.get(f"{small.url}/health", timeout=5).status_code == 200
+    finally:
+        small.stop()
+    bad = run_to_exit("order_services.stock_service", {**env, "HTTP_LIMIT_CONCURRENCY": "lots"})
+    assert bad.returncode == 2 and "HTTP_LIMIT_CONCURRENCY" in bad.stdout + bad.stderr
 
 
 def test_concurrent_reservations_never_oversell(stock, people, pg_admin, test_product):

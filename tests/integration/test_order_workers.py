@@ -375,32 +375,74 @@ def test_malformed_message_is_dead_lettered_and_the_consumer_keeps_going(workers
     letters = dead_letters(rabbit, 2)
     assert {body for _, body in letters} == {b"{this is not json",
                                             json.dumps({"type": "regular", "total": 1}).encode()}
+    reasons = set()
     for props, _ in letters:
-        death = props.headers["x-death"][0]
-        assert death["queue"] == "regular-orders" and death["reason"] == "rejected"
+        assert props.headers["x-dead-letter-queue"] == "regular-orders"
+        assert props.headers["x-dead-letter-routing-key"] == "regular"
+        reasons.add(props.headers["x-dead-letter-reason"].split(":")[0])
+    assert reasons == {"not JSON", "no order_id (a non-empty string); it can never be stored"}
     assert worker.metric('messages_processed_total{result="dead_lettered"}') == 2
     assert worker.process.poll() is None
 
 
-def test_message_the_store_refuses_is_retried_then_dead_lettered(workers, rabbit, postgres):
-    """PostgreSQL's jsonb refuses \\u0000: the message is tried DELIVERY_ATTEMPTS times,
-    with a growing wait, then dead-lettered; the orders around it are stored."""
+def test_data_the_store_refuses_is_dead_lettered_at_once(workers, rabbit, postgres):
+    """PostgreSQL's jsonb refuses \\u0000: that is the data, not an outage; the message is
+    dead-lettered at once (no tries, no wait for the queue), the orders around it stored."""
     worker = workers("premium-consumer")
-    attempts = int(worker.env["DELIVERY_ATTEMPTS"])
     poison = order("priority")
     poison["customer"]["name"] = "Ada\u0000Lovelace"
     before, after = order("priority"), order("priority")
     started = time.monotonic()
     for document in (before, poison, after):
         publish(rabbit, document)
-    [(props, body)] = dead_letters(rabbit, 1, timeout=90)
+    [(props, body)] = dead_letters(rabbit, 1, timeout=30)
     took = time.monotonic() - started
     assert json.loads(body)["order_id"] == poison["order_id"]
-    assert props.headers["x-attempts"] == attempts - 1
-    assert props.headers["x-death"][0]["queue"] == "priority-orders"
+    assert "x-attempts" not in props.headers
+    assert props.headers["x-dead-letter-queue"] == "priority-orders"
+    assert "Unicode" in props.headers["x-dead-letter-reason"]
     assert props.message_id == poison["order_id"] and props.priority == 5
+    assert took < 1.5, f"{took:.2f}s: the queue waited for a message that can never be stored"
+    wait_for(lambda: len(priority_rows(postgres, [before["order_id"], after["order_id"]])) == 2,
+             what="the orders around it stored")
+    assert not priority_rows(postgres, [poison["order_id"]])
+    assert worker.metric('messages_processed_total{result="retried"}') == 0
+    assert worker.metric('messages_processed_total{result="dead_lettered"}') == 1
+
+
+def test_a_passing_store_refusal_is_retried_then_dead_lettered(topology, workers, rabbit,
+                                                               postgres):
+    """A refusal that is not about the data (here a missing permission, from a trigger made
+    for the test) is tried DELIVERY_ATTEMPTS times with a growing wait, then
+    dead-lettered with the reason; the orders around it are stored."""
+    import psycopg
+
+    worker = workers("premium-consumer")  # it creates the table
+    attempts = int(worker.env["DELIVERY_ATTEMPTS"])
+    unlucky, before, after = order("priority"), order("priority"), order("priority")
+    admin = psycopg.connect(host="127.0.0.1", port=topology.port("postgres", "postgres"),
+                            dbname="orders", user="postgres", autocommit=True,
+                            password=topology.admin_secret("postgres", "password"))
+    admin.execute("CREATE OR REPLACE FUNCTION test_refuse() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                  "BEGIN IF NEW.order_id = TG_ARGV[0] THEN RAISE EXCEPTION 'no' USING "
+                  "ERRCODE = '42501'; END IF; RETURN NEW; END $$")
+    admin.execute(f"CREATE TRIGGER test_refuse BEFORE INSERT ON priority_orders FOR EACH ROW "
+                  f"EXECUTE FUNCTION test_refuse('{unlucky['order_id']}')")
+    try:
+        started = time.monotonic()
+        for document in (before, unlucky, after):
+            publish(rabbit, document)
+        [(props, body)] = dead_letters(rabbit, 1, timeout=90)
+        took = time.monotonic() - started
+    finally:
+        admin.execute("DROP TRIGGER IF EXISTS test_refuse ON priority_orders")
+        admin.close()
+    assert json.loads(body)["order_id"] == unlucky["order_id"]
+    assert props.headers["x-attempts"] == attempts - 1
+    assert props.headers["x-dead-letter-reason"].startswith(f"try {attempts} of {attempts} failed")
+    assert "InsufficientPrivilege" in props.headers["x-dead-letter-reason"]
     assert took > 1.5, f"the {attempts} tries took only {took:.2f}s: no backoff"
-    rows = priority_rows(postgres, [before["order_id"], poison["order_id"], after["order_id"]])
+    rows = priority_rows(postgres, [before["order_id"], unlucky["order_id"], after["order_id"]])
     assert set(rows) == {before["order_id"], after["order_id"]}
     assert worker.metric('messages_processed_total{result="retried"}') == attempts - 1
     assert worker.metric('messages_processed_total{result="dead_lettered"}') == 1

@@ -140,3 +140,12 @@ def test_stream_start_on_a_bad_master_or_property_is_exit_2_before_anything_runs
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert "spark://HOST:PORT" in result.stderr or "--conf" in result.stderr
     assert not (cwd / ".opsctl" / "local").exists()
+
+
+def test_non_loopback_bind_address_is_exit_2_and_says_what_to_do(cwd):
+    (cwd / "opsctl.yaml").write_text("platform:\n  bind_address: 0.0.0.0\n")
+    result = opsctl(cwd, "install", "--dry-run")
+    assert result.returncode == 2
+    assert "bind_address '0.0.0.0' is not a loopback address" in result.stderr
+    assert "use 127.0.0.1" in result.stderr and "Traceback" not in result.stderr
+    assert not (cwd / ".opsctl").exists()  # refused before anything was written

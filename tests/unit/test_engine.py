@@ -168,6 +168,12 @@ def test_postgres_data_moves_out_of_a_folder_its_user_cannot_enter(ctx):
         ctx.state_dir = private / ".opsctl"
         assert Postgres("postgres", ctx).data.parent == EXTERNAL_DATA
         private.chmod(0o755)
+        # A state folder yet to be made is made private (umask 077): out too.
+        assert Postgres("postgres", ctx).data.parent == EXTERNAL_DATA
+        # One made open by an older opsctl keeps its data where it is.
+        (private / ".opsctl" / "local").mkdir(mode=0o755, parents=True)
+        for folder in (private / ".opsctl", private / ".opsctl" / "local"):
+            folder.chmod(0o755)
         assert Postgres("postgres", ctx).data == private / ".opsctl" / "local" / "postgres" / "data"
     finally:
         shutil.rmtree(top)

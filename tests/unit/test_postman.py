@@ -69,6 +69,7 @@ def test_collection_has_the_order_api_routes(coll):
         ("POST", "{{base_url}}/create"),
         ("GET", "{{base_url}}/order/{{order_id}}"),
         ("GET", "{{base_url}}/all-products-by-category"),
+        ("GET", "{{base_url}}/stock/all-categories"),
         ("GET", "{{base_url}}/health"),
     }
 

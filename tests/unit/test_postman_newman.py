@@ -120,6 +120,8 @@ class FakeOrderApi(ThreadingHTTPServer):
                 if self.path == "/all-products-by-category":
                     return self._send(200, {"electronics": ["Wireless Mouse"],
                                             "stationery": ["Notebook A5"]})
+                if self.path == "/stock/all-categories":
+                    return self._send(200, {"categories": ["electronics", "stationery"]})
                 if self.path.startswith("/order/"):
                     order = server.orders.get(self.path[len("/order/"):])
                     return self._send(200, order) if order else self._send(404, {"error": "no such order"})
@@ -209,14 +211,14 @@ def test_every_request_passes_and_the_token_is_fetched_once(tmp_path, platform):
     assert run["failures"] == [], _explain(proc)
     stats = run["stats"]
     # newman's JSON report also lists the token request, under the item that made it.
-    assert len({e["item"]["id"] for e in run["executions"]}) == 5
+    assert len({e["item"]["id"] for e in run["executions"]}) == 6
     # newman counts the pre-request script's token request too.
-    assert stats["requests"]["total"] == 5 + 1 and stats["requests"]["failed"] == 0
-    assert stats["assertions"]["total"] >= 5 and stats["assertions"]["failed"] == 0
+    assert stats["requests"]["total"] == 6 + 1 and stats["requests"]["failed"] == 0
+    assert stats["assertions"]["total"] >= 6 and stats["assertions"]["failed"] == 0
     assert stats["prerequestScripts"]["failed"] == 0 and stats["testScripts"]["failed"] == 0
     codes = {e["item"]["name"]: e["response"]["code"] for e in run["executions"]}
     assert codes == {"Health": 200, "Place an order": 201, "Generate sample orders": 201,
-                     "Get an order": 200, "All products by category": 200}
+                     "Get an order": 200, "All products by category": 200, "Stock categories": 200}
     for e in run["executions"]:
         assert all(not a.get("error") for a in e.get("assertions", [])), e["item"]["name"]
 
@@ -230,7 +232,7 @@ def test_every_request_passes_and_the_token_is_fetched_once(tmp_path, platform):
     (token,) = kc.issued
     auths = {path: auth for _, path, auth in api.seen}
     assert auths["/health"] is None
-    assert [a for m, p, a in api.seen if p != "/health"] == [f"Bearer {token}"] * 4
+    assert [a for m, p, a in api.seen if p != "/health"] == [f"Bearer {token}"] * 5
     # "Get an order" fetched the order that "Place an order" created.
     (order_id,) = api.orders
     assert ("GET", f"/order/{order_id}", f"Bearer {token}") in api.seen
@@ -247,10 +249,10 @@ def test_a_wrong_client_secret_fails_the_run_with_the_token_endpoint_status(tmp_
     failures = [(f["source"]["name"], f["error"]["message"]) for f in run["failures"]]
     assert failures == [(name, expected) for name in
                         ("Place an order", "Generate sample orders", "Get an order",
-                         "All products by category")], _explain(proc)
+                         "All products by category", "Stock categories")], _explain(proc)
     # Each authenticated request tried the grant once and was then skipped, not sent
     # without a token; the open health check still ran.
-    assert len(kc.calls) == 4 and kc.issued == set()
+    assert len(kc.calls) == 5 and kc.issued == set()
     assert [(m, p) for m, p, _ in api.seen] == [("GET", "/health")]
     assert "wrong-secret" not in proc.stdout  # the secret is not echoed
 
@@ -271,8 +273,8 @@ def test_a_token_about_to_expire_is_fetched_again(tmp_path, platform):
     kc, api = platform(expires_in=20)
     proc, report = run_newman(tmp_path, kc, api)
     assert proc.returncode == 0, _explain(proc)
-    assert len(kc.calls) == 4  # not for the open health check
-    assert len({a for _, p, a in api.seen if p != "/health"}) == 4
+    assert len(kc.calls) == 5  # not for the open health check
+    assert len({a for _, p, a in api.seen if p != "/health"}) == 5
 
 
 def test_a_given_token_without_expiry_is_used_as_it_is(tmp_path, platform):

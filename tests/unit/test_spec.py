@@ -98,3 +98,17 @@ def test_error_from_default_file_names_default_file(workdir, monkeypatch, tmp_pa
     with pytest.raises(UsageError) as info:
         spec.load()
     assert f"{broken}: components.postgres.step" in info.value.message
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "192.168.1.10", "::", "example.org"])
+def test_non_loopback_bind_address_is_refused_on_the_local_target(workdir, address):
+    err = error_of(workdir, f"platform:\n  bind_address: '{address}'\n")
+    assert "opsctl.yaml: platform:" in err.message
+    assert f"bind_address '{address}' is not a loopback address" in err.message
+    assert "use 127.0.0.1" in err.message
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+def test_loopback_bind_address_is_accepted(workdir, address):
+    (workdir / "opsctl.yaml").write_text(f"platform:\n  bind_address: '{address}'\n")
+    assert spec.load().platform.bind_address == address

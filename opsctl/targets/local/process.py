@@ -1,51 +1,28 @@
-"""Supervision of the real local servers: start detached, track, probe, stop.
+"""The local target's processes: each one a program of the state folder's supervisord
+(opsctl.targets.local.supervisor), which restarts it when it exits unexpectedly.
 
-Each server has a folder `.opsctl/local/<component>/` with its pid file, logs and data.
-The pid file records the process start time too, so a recycled pid is never mistaken
-for our server.
+Each server has a folder `.opsctl/local/<component>/` with its logs and data, and a record
+of how it was started (`<name>.run.json`: the configuration fingerprint, the command, when).
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import pwd
 import shutil
 import signal
 import socket
-import subprocess
 import time
 from pathlib import Path
 from typing import Callable
 
 from opsctl.errors import OpsError
 from opsctl.files import read_json, write_json_atomic
+from opsctl.targets.local import supervisor
 
 
 class Interrupted(Exception):
     """The run was cancelled (Ctrl-C) while this step waited."""
-
-
-def _start_time(pid: int) -> str | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # Field 22 (starttime) counts from after the command name, which may hold spaces.
-    fields = stat.rsplit(")", 1)[1].split()
-    return fields[19] if len(fields) > 19 else None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError as e:
-        return e.errno == errno.EPERM
-    # A zombie child of ours counts as dead.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def port_free(host: str, port: int) -> bool:
@@ -97,23 +74,23 @@ def chown_tree(path: Path, user: str | None) -> None:
 
 
 class Process:
-    """One supervised server process, known by its pid file."""
+    """One supervised process, known to supervisord by its name."""
 
     def __init__(self, name: str, home: Path):
         self.name = name
         self.home = home
-        self.pidfile = home / f"{name}.pid.json"
+        self.supervisor = supervisor.for_home(home)
+        self.record_file = home / f"{name}.run.json"
         self.logfile = home / "logs" / f"{name}.log"
 
     def record(self) -> dict:
-        return read_json(self.pidfile, default={}) or {}
+        return read_json(self.record_file, default={}) or {}
 
     def pid(self) -> int | None:
-        rec = self.record()
-        pid = rec.get("pid")
-        if not pid or not _alive(pid) or _start_time(pid) != rec.get("start_time"):
+        info = self.supervisor.info(self.name)
+        if not info or info["statename"] not in supervisor.RUNNING_STATES:
             return None
-        return pid
+        return info["pid"] or None
 
     def running(self) -> bool:
         return self.pid() is not None
@@ -123,41 +100,60 @@ class Process:
         return self.record().get("fingerprint")
 
     def start(self, argv: list[str], env: dict[str, str], fingerprint: str,
-              user: str | None = None, cwd: Path | None = None) -> int:
+              user: str | None = None, cwd: Path | None = None,
+              stop_signal: int = signal.SIGTERM, stop_timeout: float = 60) -> int:
         self.logfile.parent.mkdir(parents=True, exist_ok=True)
         chown_tree(self.logfile.parent, user)
-        full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", **env}
         with open(self.logfile, "ab") as log:
             log.write(f"\n--- opsctl start {time.strftime('%Y-%m-%dT%H:%M:%S')}: "
                       f"{' '.join(argv)}\n".encode())
-            log.flush()
-            try:
-                proc = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    env=full_env, cwd=cwd or self.home, start_new_session=True,
-                    user=user, group=pwd.getpwnam(user).pw_gid if user else None,
-                )
-            except OSError as e:
-                raise OpsError(f"cannot start {self.name}: {argv[0]}: {e.strerror}",
-                               "run scripts/setup to install it")
-        write_json_atomic(self.pidfile, {"pid": proc.pid, "start_time": _start_time(proc.pid),
-                                         "fingerprint": fingerprint, "argv": argv})
-        return proc.pid
+        full_env = {"PATH": os.environ.get("PATH", os.defpath), "LANG": "C.UTF-8", **env}
+        started_at = time.time()
+        pid = self.supervisor.start(self.name, argv, full_env, self.logfile, cwd or self.home, user,
+                                    signal.Signals(stop_signal).name.removeprefix("SIG"), stop_timeout)
+        write_json_atomic(self.record_file, {"fingerprint": fingerprint, "argv": argv,
+                                             "started_at": started_at}, mode=0o600)
+        return pid
 
     def wait_ready(self, probe: Callable[[], bool], timeout: float, cancel) -> None:
         deadline = time.monotonic() + timeout
+        first = self.pid()
         while True:
             if cancel.is_set():
                 raise Interrupted()
             if probe():
                 return
-            if not self.running():
+            if self.pid() != first:  # it exited; supervisord may be restarting it: stop that
+                self.stop()
                 raise OpsError(f"{self.name} exited during start-up:\n{self.log_tail()}",
                                f"read the whole log: {self.logfile}")
             if time.monotonic() > deadline:
                 raise OpsError(f"{self.name} was not ready after {timeout:.0f}s:\n{self.log_tail()}",
                                f"read the whole log: {self.logfile}")
             time.sleep(0.25)
+
+    def supervision(self) -> dict:
+        """What the supervisor knows: state (running, starting, restarting, failed, stopped),
+        restarts since opsctl started it, and the last error with the log's last lines."""
+        info = self.supervisor.info(self.name)
+        since = self.record().get("started_at", 0)
+        events = self.supervisor.exits_since(self.name, since)
+        restarts = sum(1 for e in events if e["event"] == "exited")
+        failures = [e for e in events if e["event"] == "failed"]
+        state = (info or {}).get("statename", "STOPPED")
+        if state in supervisor.FAILED_STATES or (failures and state not in supervisor.RUNNING_STATES):
+            shown = "failed" if state != "BACKOFF" else "restarting"
+        else:
+            shown = {"RUNNING": "running", "STARTING": "starting"}.get(state, "stopped")
+        last_error = ""
+        if failures and shown == "failed":
+            last_error = failures[-1]["reason"]
+        elif info and info.get("spawnerr"):
+            last_error = info["spawnerr"]
+        elif events and events[-1]["event"] == "exited":
+            last_error = f"exited unexpectedly at {time.strftime('%H:%M:%S', time.localtime(events[-1]['time']))}"
+        return {"state": shown, "restarts": restarts, "last_error": last_error,
+                "log_tail": self.log_tail(10) if shown in ("failed", "restarting") else ""}
 
     def log_tail(self, lines: int = 15) -> str:
         try:
@@ -166,28 +162,8 @@ class Process:
             return "  (no log)"
         return "\n".join("  | " + line for line in text)
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> bool:
-        """Signal, wait, then SIGKILL the whole group. True if something was running."""
-        pid = self.pid()
-        if pid is None:
-            self.pidfile.unlink(missing_ok=True)
-            return False
-        os.kill(pid, sig)
-        deadline = time.monotonic() + timeout
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if _alive(pid):
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self._reap(pid)
-        self.pidfile.unlink(missing_ok=True)
-        return True
-
-    @staticmethod
-    def _reap(pid: int) -> None:
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
+    def stop(self, sig: int | None = None, timeout: float | None = None) -> bool:
+        """Stop it with the signal and grace period it was started with, then SIGKILL to the
+        whole group; supervisord does not restart a process it was told to stop. True if
+        something was running."""
+        return self.supervisor.stop(self.name)

@@ -51,6 +51,7 @@ log = logging.getLogger("order_screening")
 RESULT_SCHEMA = ("partition int, offset long, order_id string, score double, flagged boolean, "
                  "error string, value string, kafka_ms double")
 _SCREENS: dict = {}  # model directory → Screen, once per Python worker
+PUBLISH_PATIENCE = 120.0  # seconds a batch waits for a lost RabbitMQ before it fails
 
 
 @dataclass
@@ -161,17 +162,57 @@ class Sinks:
         return self._mongo[self.settings.database]
 
     def channel(self):
-        if self._channel is None or self._channel.is_closed:
+        """The confirming channel, opened when needed. Between batches nothing serves the
+        connection's heartbeats, so the broker may have dropped it while the stream was idle:
+        that shows here, as the error a publish would meet, and the caller reconnects."""
+        if self._channel is None or self._channel.is_closed or not self._connection.is_open:
             import pika
 
+            self.close_broker()
             creds = self.secrets.read()
             self._connection = pika.BlockingConnection(pika.ConnectionParameters(
                 host=self.settings.rabbitmq_host, port=self.settings.rabbitmq_port,
                 credentials=pika.PlainCredentials(creds["rabbitmq_username"], creds["rabbitmq_password"]),
-                heartbeat=30))
+                heartbeat=30, connection_attempts=1, socket_timeout=5,
+                client_properties={"connection_name": "order-screening"}))
             self._channel = self._connection.channel()
             self._channel.confirm_delivery()
+        self._connection.process_data_events(time_limit=0)
         return self._channel
+
+    def close_broker(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None and connection.is_open:
+            try:
+                connection.close()
+            except Exception:
+                pass
+
+    def publish(self, messages: list[tuple[str, bytes]]) -> None:
+        """Publish the flagged orders with confirms; a lost broker (a restart, a connection
+        dropped while idle) is reconnected with a backoff for up to PUBLISH_PATIENCE seconds,
+        then the batch fails (and is replayed from the checkpoint when the job restarts). A
+        message published twice that way carries the same message_id (its order_id)."""
+        import pika.exceptions
+
+        deadline, delay = time.monotonic() + PUBLISH_PATIENCE, 0.5
+        while True:
+            try:
+                channel = self.channel()
+                for order_id, body in messages:
+                    channel.basic_publish(
+                        self.settings.exchange, self.settings.routing_key, body,
+                        pika.BasicProperties(content_type="application/json", delivery_mode=2,
+                                             message_id=order_id), mandatory=True)
+                return
+            except (pika.exceptions.AMQPError, OSError) as e:
+                self.close_broker()
+                if isinstance(e, pika.exceptions.UnroutableError) or time.monotonic() > deadline:
+                    raise
+                log.warning("RabbitMQ connection lost (%s: %s); publishing %d flagged order(s) "
+                            "again in %.1f s", type(e).__name__, e, len(messages), delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def history(self, customers: list[str], since: dt.datetime) -> dict[str, list[float]]:
         """created_at of these customers' orders since `since` (seconds since the epoch)."""
@@ -188,7 +229,6 @@ class Sinks:
         return found
 
     def write(self, rows: list, batch_id: int, threshold: float, model_version: str) -> None:
-        import pika
         from pymongo import UpdateOne
 
         db = self.mongo()
@@ -197,25 +237,25 @@ class Sinks:
         done = {d["_id"] for d in orders.find({"_id": {"$in": [r.order_id for r in good]},
                                                 "validation.status": {"$exists": True}}, {"_id": 1})}
         now = dt.datetime.now(dt.timezone.utc)
-        updates = []
+        updates, flagged = [], []
         for r in good:
             if r.order_id in done:
                 continue  # screened already: a replayed batch, or the same order twice on the topic
             done.add(r.order_id)
             status = "held" if r.flagged else "passed"
             if r.flagged:
-                body = json.dumps({"order_id": r.order_id, "score": r.score, "threshold": threshold,
-                                   "model": model_version, "flagged_at": now.isoformat()}).encode()
-                self.channel().basic_publish(
-                    self.settings.exchange, self.settings.routing_key, body,
-                    pika.BasicProperties(content_type="application/json", delivery_mode=2,
-                                         message_id=r.order_id), mandatory=True)
-                self.flagged.inc()
-                self.latency.observe(max(0.0, time.time() - r.kafka_ms / 1000))
+                flagged.append((r, json.dumps({
+                    "order_id": r.order_id, "score": r.score, "threshold": threshold,
+                    "model": model_version, "flagged_at": now.isoformat()}).encode()))
             updates.append(UpdateOne({"_id": r.order_id}, {"$set": {"validation": {
                 "status": status, "score": r.score, "threshold": threshold, "model": model_version,
                 "batch": batch_id, "screened_at": now,
                 "kafka_at": dt.datetime.fromtimestamp(r.kafka_ms / 1000, dt.timezone.utc)}}}))
+        if flagged:
+            self.publish([(r.order_id, body) for r, body in flagged])
+            self.flagged.inc(len(flagged))
+            for r, _ in flagged:
+                self.latency.observe(max(0.0, time.time() - r.kafka_ms / 1000))
         if updates:
             orders.bulk_write(updates, ordered=False)
         self.scored.inc(len(updates))

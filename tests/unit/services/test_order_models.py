@@ -44,7 +44,9 @@ class FakePublisher:
     async def publish(self, document: dict, body: bytes) -> None:
         assert json.loads(body) == document
         if self.fail:
-            raise PublishFailed(self.fail)
+            # As AmqpPublisher: a timeout or a lost connection leaves the outcome uncertain.
+            raise PublishFailed(self.fail, certain="confirm" not in self.fail
+                                and "lost" not in self.fail)
         self.published.append(document)
 
 
@@ -156,9 +158,18 @@ BAD_BODIES = [
      "int_type"),
     ("quantity a boolean", with_change("items.0.quantity", True), ["body", "items", 0, "quantity"],
      "int_type"),
-    ("price zero", with_change("items.1.price", 0), ["body", "items", 1, "price"], "greater_than"),
+    ("price zero", with_change("items.1.price", 0), ["body", "items", 1, "price"],
+     "greater_than_equal"),
     ("price negative", with_change("items.1.price", -5.0), ["body", "items", 1, "price"],
-     "greater_than"),
+     "greater_than_equal"),
+    ("price 1e-300 (a total of 0.00)", with_change("items.1.price", 1e-300),
+     ["body", "items", 1, "price"], "greater_than_equal"),
+    ("price under a cent", with_change("items.1.price", 0.009), ["body", "items", 1, "price"],
+     "greater_than_equal"),
+    ("price with three decimals", with_change("items.1.price", 39.995),
+     ["body", "items", 1, "price"], "price_precision"),
+    ("price a float artefact", with_change("items.1.price", 0.1 + 0.2),
+     ["body", "items", 1, "price"], "price_precision"),
     ("price over 100000", with_change("items.1.price", 100000.01), ["body", "items", 1, "price"],
      "less_than_equal"),
     ("price a string", with_change("items.1.price", "39.99"), ["body", "items", 1, "price"],
@@ -174,6 +185,30 @@ BAD_BODIES = [
      "missing"),
     ("item extra field", with_change("items.0.discount", 5), ["body", "items", 0, "discount"],
      "extra_forbidden"),
+    ("NUL in the name", with_change("customer.name", "Ada\u0000Lovelace"),
+     ["body", "customer", "name"], "text_unstorable"),
+    ("escape character in the id", with_change("customer.id", "c-\u001b[31m1"),
+     ["body", "customer", "id"], "text_unstorable"),
+    ("DEL in the product", with_change("items.0.product", "Lap\u007ftop"),
+     ["body", "items", 0, "product"], "text_unstorable"),
+    ("newline in the category", with_change("items.0.category", "home\nware"),
+     ["body", "items", 0, "category"], "text_unstorable"),
+    ("bidi override in the name", with_change("customer.name", "Ada \u202eecalevoL"),
+     ["body", "customer", "name"], "text_unstorable"),
+    ("zero-width space in the product", with_change("items.1.product", "At\u200blas"),
+     ["body", "items", 1, "product"], "text_unstorable"),
+    ("zero-width joiner in the email", with_change("customer.email", "ada\u200d@example.org"),
+     ["body", "customer", "email"], "text_unstorable"),
+    ("byte order mark in the id", with_change("customer.id", "\ufeffc-1042"),
+     ["body", "customer", "id"], "text_unstorable"),
+    ("name only of ideographic spaces", with_change("customer.name", "\u3000\u3000"),
+     ["body", "customer", "name"], "string_pattern_mismatch"),
+    ("id only of Hangul fillers", with_change("customer.id", "\u3164\u3164"),
+     ["body", "customer", "id"], "text_invisible"),
+    ("name only of combining marks", with_change("customer.name", "\u0301\u0308"),
+     ["body", "customer", "name"], "text_invisible"),
+    ("product only of blank braille", with_change("items.0.product", "\u2800"),
+     ["body", "items", 0, "product"], "text_invisible"),
     ("type unknown", with_change("type", "express"), ["body", "type"], "literal_error"),
     ("type in capitals", with_change("type", "PRIORITY"), ["body", "type"], "literal_error"),
     ("type missing", with_change("type", DELETE), ["body", "type"], "missing"),
@@ -203,6 +238,60 @@ def test_malformed_json_is_a_422_that_says_so(api, raw):
     assert error["type"] == "json_invalid" and error["loc"] == ["body"]
     assert error["msg"].startswith("malformed JSON")
     assert api.publisher.published == []
+
+
+def test_a_lone_surrogate_is_refused_as_malformed_json(api):
+    response = post(api, json.dumps(with_change("customer.name", "Ada\ud800")))
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["type"] == "json_invalid"
+    assert api.publisher.published == []
+
+
+@pytest.mark.parametrize("raw, loc", [
+    (b'{"customer": {"id": "c-1", "name": "Ada"}, "items": [{"product": "Lamp", "category": '
+     b'"home", "quantity": 1, "price": 35.0}], "type": "regular", "type": "priority"}', ["body", "type"]),
+    (b'{"customer": {"id": "c-1", "name": "Ada", "id": "c-2"}, "items": [{"product": "Lamp", '
+     b'"category": "home", "quantity": 1, "price": 35.0}], "type": "regular"}', ["body", "customer", "id"]),
+    (b'{"customer": {"id": "c-1", "name": "Ada"}, "items": [{"product": "Lamp", "category": '
+     b'"home", "quantity": 1, "price": 35.0}, {"product": "Tea", "category": "grocery", '
+     b'"quantity": 1, "price": 10.0, "price": 0.01}], "type": "regular"}', ["body", "items", 1, "price"]),
+], ids=["top level", "inside customer", "inside the second item"])
+def test_a_duplicate_json_key_is_a_422_naming_it(api, raw, loc):
+    response = post(api, raw)
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["type"] == "json_duplicate_key" and error["loc"] == loc
+    assert repr(loc[-1]) in error["msg"]
+    assert api.publisher.published == []
+
+
+def test_a_duplicate_key_in_create_is_refused_too(api):
+    response = api.post("/create", content=b'{"number_of_orders": 1, "number_of_orders": 1000}',
+                        headers={"Content-Type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "number_of_orders"]
+    assert api.publisher.published == []
+
+
+def test_odd_prices_and_categories_stay_acceptable_for_the_screening(api):
+    odd = with_change("items.0.category", "weapons")
+    odd["items"][0]["price"] = 0.01
+    odd["items"][1]["price"] = 99999.99
+    response = post(api, odd)
+    assert response.status_code == 201, response.text
+    assert response.json()["total"] == round(0.01 + 3 * 99999.99, 2)
+    # Text that is merely unusual is fine: accents, scripts, emoji, a non-breaking space.
+    fine = with_change("customer.name", "Zoë\u00a0Ōkubo 李 🙂")
+    assert post(api, fine).status_code == 201
+
+
+def test_two_idempotency_key_headers_are_a_400(api):
+    response = api.post("/orders", content=json.dumps(ORDER),
+                        headers=[("Content-Type", "application/json"),
+                                 ("Idempotency-Key", "order-1"), ("Idempotency-Key", "order-2")])
+    assert response.status_code == 400, response.text
+    assert "Idempotency-Key" in response.json()["detail"]
+    assert api.publisher.published == [] and api.redis.data == {}
 
 
 @pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity"])
@@ -342,13 +431,55 @@ def test_a_repeat_while_the_first_is_in_flight_is_a_409(api):
 
 
 def test_a_failed_publish_releases_the_key_so_that_a_retry_succeeds(api):
-    api.publisher.fail = "the broker did not confirm the order within 10 s"
+    api.publisher.fail = "the broker could not route a priority order"  # certain: not taken
     assert post(api, ORDER, **{"Idempotency-Key": "order-42"}).status_code == 503
     assert "idempotency:order-42" not in api.redis.data
     api.publisher.fail = None
     retry = post(api, ORDER, **{"Idempotency-Key": "order-42"})
     assert retry.status_code == 201 and "Idempotent-Replayed" not in retry.headers
     assert len(api.publisher.published) == 1
+
+
+@pytest.mark.parametrize("failure", ["the broker did not confirm the order within 10 s",
+                                     "the connection to the broker was lost (ConnectionError)"])
+def test_an_uncertain_publish_keeps_the_key_and_a_retry_sends_the_same_order(api, failure):
+    api.publisher.fail = failure
+    first = post(api, ORDER, **{"Idempotency-Key": "order-42"})
+    assert first.status_code == 503 and first.headers["Retry-After"]
+    order_id = first.json()["order_id"]
+    assert "same Idempotency-Key" in first.json()["detail"]
+    assert api.redis.data["idempotency:order-42"] == order_id.encode()  # still bound
+    # Still uncertain on the next try: the same order again, still bound.
+    second = post(api, ORDER, **{"Idempotency-Key": "order-42"})
+    assert second.status_code == 503 and second.json()["order_id"] == order_id
+    api.publisher.fail = None
+    retry = post(api, ORDER, **{"Idempotency-Key": "order-42"})
+    assert retry.status_code == 201, retry.text
+    assert retry.json()["order_id"] == order_id
+    assert [d["order_id"] for d in api.publisher.published] == [order_id]
+    assert api.get(f"/order/{order_id}").json() == retry.json()
+    assert f"unconfirmed:{order_id}" not in api.redis.data
+    # From then on, a plain replay; another order with the key is refused.
+    assert post(api, ORDER, **{"Idempotency-Key": "order-42"}).headers["Idempotent-Replayed"] == "true"
+    assert post(api, with_change("type", "regular"),
+                **{"Idempotency-Key": "order-42"}).status_code == 422
+    assert len(api.publisher.published) == 1
+
+
+def test_an_unconfirmed_order_is_not_resent_for_a_different_body(api):
+    api.publisher.fail = "the broker did not confirm the order within 10 s"
+    assert post(api, ORDER, **{"Idempotency-Key": "order-42"}).status_code == 503
+    api.publisher.fail = None
+    other = post(api, with_change("type", "digital"), **{"Idempotency-Key": "order-42"})
+    assert other.status_code == 422 and "different order" in other.json()["detail"]
+    assert api.publisher.published == []
+
+
+def test_an_uncertain_publish_without_a_key_is_a_plain_503(api):
+    api.publisher.fail = "the broker did not confirm the order within 10 s"
+    response = post(api, ORDER)
+    assert response.status_code == 503 and "order_id" not in response.json()
+    assert api.redis.data == {}
 
 
 @pytest.mark.parametrize("body, loc", [
