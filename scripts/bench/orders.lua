@@ -1,4 +1,5 @@
--- wrk script for POST /orders (scripts/bench/orders.py drives it).
+-- wrk script for POST /orders at the edge, as clients send them (scripts/bench/orders.py
+-- drives it and gives wrk the URL).
 -- Environment: TOKEN (a bearer token), DELAY_MS (each connection's pause before a request:
 -- connections / rate × 1000 paces the run at about that rate; 0 = as fast as the API
 -- answers), IDEMPOTENCY (1 = a fresh Idempotency-Key on every request).

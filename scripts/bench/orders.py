@@ -1,16 +1,20 @@
 #!/usr/bin/env python3
 """Benchmarks of the order flow on the local target, all on this machine's cores:
 
-1. accepted orders per second through POST /orders (token validation, publisher
-   confirms, the Redis cache), driven by wrk (scripts/bench/orders.lua) with --connections
-   for --duration seconds, without and with an Idempotency-Key on every request;
+1. accepted orders per second through POST /orders at the edge, first with the whole
+   platform on as users run it (every worker, the CDC bridge, the screening stream; and how
+   long they take to catch up after the load), then with the workers and the stream stopped (nginx in front of the API:
+   token validation, publisher confirms, the Redis cache), driven by wrk
+   (scripts/bench/orders.lua) with --connections for --duration seconds, without and with an
+   Idempotency-Key on every request;
 2. p50/p99 latency at half the accepted rate (wrk paced by the script);
 3. end-to-end latency of regular orders: API accepted (created_at) → MongoDB → CDC →
    Kafka (the record's broker timestamp).
 
 Installs the whole platform with its services in a fresh working directory on free
-ports, then purges it. Needs wrk (scripts/setup installs it).
-Usage: .venv/bin/python scripts/bench/orders.py [--connections 32] [--duration 20]
+ports, then purges it. Needs wrk (scripts/setup installs it). Clients use the edge, so the
+numbers include it; --direct posts to the API's own port instead, to see what the edge costs.
+Usage: .venv/bin/python scripts/bench/orders.py [--connections 32] [--duration 20] [--direct]
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import argparse
 import datetime
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -28,6 +31,8 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from books import caught_up, everything_on  # noqa: E402
 from tests.integration.conftest import Workdir, port_override, reachable_dir  # noqa: E402
 
 
@@ -38,10 +43,18 @@ def people_token(work: Workdir) -> str:
     return work.run("token", "-o", "json", check_json=True).json["access_token"]
 
 
+DIRECT = False  # --direct: bypass the edge
+
+
 def orders_url(work: Workdir) -> str:
+    """POST /orders as clients reach it: at the edge (with --direct, the API's own port)."""
+    from opsctl.components.nginx import edge_url
     from tests.integration.conftest import workdir_context
 
-    return f"http://127.0.0.1:{workdir_context(work).spec.services['order-creator'].port}/orders"
+    ctx = workdir_context(work)
+    if DIRECT:
+        return f"http://{ctx.host}:{ctx.spec.services['order-creator'].port}/orders"
+    return f"{edge_url(ctx)}/orders"
 
 
 def wrk(work: Workdir, connections: int, duration: float, rate: float = 0, idempotency: bool = False) -> dict:
@@ -100,18 +113,30 @@ def purge_order_queues(work: Workdir) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--duration", type=float, default=20)
+    global DIRECT
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
+    parser.add_argument("--duration", type=float, default=20, help="seconds of each wrk run (default 20)")
+    parser.add_argument("--direct", action="store_true",
+                        help="post to the order API's own port, bypassing the edge (nginx)")
     args = parser.parse_args()
+    DIRECT = args.direct
     work = Workdir(reachable_dir("opsctl-bench-"), port_override())
     try:
-        install = work.run("install")
-        if install.returncode != 0:
-            sys.exit(install.stderr)
-        # The API alone: the workers would share the same two cores with it.
-        work.run("services", "stop", *WORKERS)
+        everything_on(work)
+        print(f"POST {orders_url(work)} ({'direct, no edge' if DIRECT else 'through the edge'})",
+              file=sys.stderr)
+        # As users run it: every worker, the CDC bridge and the screening stream on.
         wrk(work, args.connections, 3)  # warm-up
+        caught_up(work, 0)
+        on_peak = wrk(work, args.connections, args.duration)
+        on_peak["caught_up_s"], _ = caught_up(work, 0)
+        on_half = wrk(work, args.connections, args.duration, rate=round(on_peak["accepted_per_s"] / 2))
+        on_half["caught_up_s"], books_then = caught_up(work, 0)
+        # The API alone: the workers and the stream would share the same two cores with it.
+        work.run("jobs", "stream", "stop")
+        work.run("services", "stop", *WORKERS)
         purge_order_queues(work)
         peak = wrk(work, args.connections, args.duration)
         purge_order_queues(work)
@@ -122,19 +147,25 @@ def main() -> None:
         work.run("services", "start", *WORKERS)
         e2e = end_to_end(work, 200)
     finally:
-        work.run("down", "--purge", "--yes", timeout=300)
-        shutil.rmtree(work.path, ignore_errors=True)
+        work.remove()
     q = lambda xs, p: sorted(xs)[min(len(xs) - 1, int(p * len(xs)))] * 1000  # noqa: E731
-    print(json.dumps({"peak": peak, "idempotency_keys": keyed, "half": half}, indent=1), file=sys.stderr)
+    print(json.dumps({"everything_on": {"peak": on_peak, "half": on_half, "books": books_then},
+                      "api_alone": {"peak": peak, "idempotency_keys": keyed, "half": half}}, indent=1),
+          file=sys.stderr)
 
     def row(what: str, run: dict) -> str:
+        lag = (f"; consumers and stream caught up {run['caught_up_s']:.1f} s after the load"
+               if "caught_up_s" in run else "")
         return (f"| {what} | **{run['accepted_per_s']:.0f} accepted/s** ({run['requests']} in "
                 f"{run['duration_s']:.1f} s, {run['non_2xx']} not 2xx, {run['socket_errors']} socket "
-                f"errors); p50 {run['p50_ms']:.1f} ms, p99 {run['p99_ms']:.1f} ms |")
+                f"errors); p50 {run['p50_ms']:.1f} ms, p99 {run['p99_ms']:.1f} ms{lag} |")
 
     print("| what | result |")
     print("|---|---|")
-    print(row(f"as fast as it answers, {args.connections} connections", peak))
+    via = "direct to the API" if DIRECT else "through the edge"
+    print(row(f"everything on, as fast as it answers, {args.connections} connections, {via}", on_peak))
+    print(row(f"everything on, paced for half that ({round(on_peak['accepted_per_s'] / 2)}/s)", on_half))
+    print(row(f"workers and stream stopped, as fast as it answers, {args.connections} connections, {via}", peak))
     print(row("the same, a new Idempotency-Key on every request", keyed))
     print(row(f"paced for half the peak ({round(peak['accepted_per_s'] / 2)}/s)", half))
     if e2e:

@@ -70,7 +70,8 @@ def stream(rate: float, duration: float) -> dict:
         sent = work.run("orders", "simulate", "--rate", str(rate), "--duration", str(duration),
                         "--anomaly-rate", "0.05", "-o", "json", check_json=True).json
         db = MongoClient(f"mongodb://127.0.0.1:{work.port('mongodb', 'mongo')}/?replicaSet=rs0",
-                         tz_aware=True)["ecommerce"]
+                         username="opsctl-admin", password=work.admin_secret("mongodb", "admin_password"),
+                         authSource="admin", tz_aware=True)["ecommerce"]
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and db.orders.count_documents({"validation": {"$exists": False}}):
             time.sleep(1)
