@@ -213,17 +213,19 @@ def test_keep_alive_connections_end_after_their_request_limit(platform):
     with socket.create_connection(edge_address(platform)) as sock:
         sock.settimeout(10)
         f, answered, closing = sock.makefile("rb"), 0, None
-        for _ in range(nginx.KEEPALIVE_REQUESTS + 1):
-            try:
-                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: edge\r\n\r\n")
-            except OSError:
-                break
+        while closing != "close" and answered <= nginx.KEEPALIVE_REQUESTS:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: edge\r\n\r\n")
             response = read_response(f)
             if response is None:
                 break
             answered += 1
             closing = response[1].get("connection")
-    assert answered == nginx.KEEPALIVE_REQUESTS and closing == "close"
+        assert answered == nginx.KEEPALIVE_REQUESTS and closing == "close"
+        try:  # and the edge closed its side after that answer
+            rest = f.read(1)
+        except ConnectionResetError:
+            rest = b""
+        assert rest == b""
 
 
 def test_an_idle_keep_alive_connection_is_closed_after_the_keepalive_timeout(platform):

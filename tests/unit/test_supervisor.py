@@ -126,3 +126,17 @@ def test_a_changed_program_is_replaced_and_shutdown_stops_everything(local):
     wait_for(lambda: "601" in Path(f"/proc/{second}/cmdline").read_text(), 10, "the new command")
     assert supervisor.shutdown_all(local.parent)
     assert not Path(f"/proc/{second}").exists() and worker.pid() is None
+
+
+def test_a_program_that_exits_while_starting_is_reported_at_once_with_its_log(local):
+    from opsctl.errors import OpsError
+
+    worker = program(local, "crash")
+    start(worker, "echo 'listen: address already in use' >&2; exit 1")
+    started = time.monotonic()
+    with pytest.raises(OpsError) as raised:
+        worker.wait_ready(lambda: False, 60, threading.Event())
+    assert time.monotonic() - started < 10  # not the whole ready timeout
+    assert "exited during start-up" in raised.value.message
+    assert "address already in use" in raised.value.message
+    assert worker.pid() is None  # and not left restarting

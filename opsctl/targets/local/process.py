@@ -123,7 +123,8 @@ class Process:
                 raise Interrupted()
             if probe():
                 return
-            if self.pid() != first:  # it exited; supervisord may be restarting it: stop that
+            now = self.pid()
+            if now is None or now != first:  # it exited; supervisord may be restarting it: stop that
                 self.stop()
                 raise OpsError(f"{self.name} exited during start-up:\n{self.log_tail()}",
                                f"read the whole log: {self.logfile}")

@@ -191,7 +191,8 @@ files = {_ini_value(str(self.programs))}/*.ini
 
     def start(self, name: str, argv: list[str], env: dict[str, str], logfile: Path, cwd: Path,
               user: str | None, stop_signal: str, stop_seconds: float) -> int:
-        """(Re)define program `name` and start it; its pid."""
+        """(Re)define program `name` and start it; its pid, or 0 when it already exited (the
+        caller's readiness wait reports that, with the log)."""
         self.ensure()
         lines = [f"[program:{name}]",
                  f"command={_ini_value(shlex.join(argv))}",
@@ -232,10 +233,15 @@ files = {_ini_value(str(self.programs))}/*.ini
             info = self.info(name) or {}
             if info.get("pid"):
                 return info["pid"]
-            if info.get("statename") in ("FATAL", "BACKOFF", "EXITED") or time.monotonic() > deadline:
-                spawnerr = info.get("spawnerr") or info.get("statename", "no answer")
-                raise OpsError(f"cannot start {name}: {argv[0]}: {spawnerr}",
+            if info.get("spawnerr"):  # the command itself could not be run
+                self.stop(name)
+                raise OpsError(f"cannot start {name}: {argv[0]}: {info['spawnerr']}",
                                "run scripts/setup to install it")
+            if info.get("statename") in ("FATAL", "BACKOFF", "EXITED"):
+                return 0
+            if time.monotonic() > deadline:
+                raise OpsError(f"supervisord did not start {name} within 10 s",
+                               f"read its log: {self.log}")
             time.sleep(0.05)
 
     def stop(self, name: str) -> bool:

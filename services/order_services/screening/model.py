@@ -34,7 +34,11 @@ ARTIFACT_VERSION = 2
 def _torch():
     import torch
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # OMP_NUM_THREADS when set (the streaming job sets 1: Spark already runs a Python worker
+    # per core), else up to 2 threads for a job that runs alone (training, batch scoring).
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0
+                          else max(1, min(2, os.cpu_count() or 1)))
     return torch
 
 

@@ -52,6 +52,7 @@ RESULT_SCHEMA = ("partition int, offset long, order_id string, score double, fla
                  "error string, value string, kafka_ms double")
 _SCREENS: dict = {}  # model directory → Screen, once per Python worker
 PUBLISH_PATIENCE = 120.0  # seconds a batch waits for a lost RabbitMQ before it fails
+MAX_RECORDS_PER_BATCH = 2000
 
 
 @dataclass
@@ -326,6 +327,9 @@ def run_stream(spark, settings: Settings, sinks: Sinks, model_name: str, meta: d
               .option("subscribe", settings.topic)
               .option("startingOffsets", "earliest")
               .option("failOnDataLoss", "false")
+              # A job catching up (a first start on a full topic, a restart after a while)
+              # goes in steady batches, not one that holds every record at once.
+              .option("maxOffsetsPerTrigger", MAX_RECORDS_PER_BATCH)
               .load()
               .selectExpr("partition", "offset", "CAST(value AS STRING) AS value", "timestamp"))
     query = (source.writeStream
@@ -368,6 +372,9 @@ def start(name: str) -> int:
     from pyspark.sql import SparkSession
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # the workers need this job's packages
+    # One PyTorch (OpenMP) thread per Python worker: Spark runs a worker per core already, and
+    # more threads than cores spin-wait against each other and the platform's servers.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     builder = SparkSession.builder.appName(name).config("spark.sql.shuffle.partitions", "2") \
         .config("spark.ui.enabled", "false").config("spark.sql.execution.arrow.pyspark.enabled", "true")
     # No SPARK_MASTER: spark-submit's --master, or its default local[*] (a master set here

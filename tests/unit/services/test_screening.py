@@ -165,3 +165,14 @@ def test_the_stream_refuses_a_model_of_another_version_and_says_to_retrain(norma
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     assert "configuration error: model artifact version 1" in result.stderr and "retrain it" in result.stderr
+
+
+def test_torch_uses_the_threads_omp_num_threads_allows(monkeypatch):
+    """The streaming job sets OMP_NUM_THREADS=1 (a Python worker per core already); a job
+    alone takes up to 2."""
+    from order_services.screening import model
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert model._torch().get_num_threads() == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert model._torch().get_num_threads() == max(1, min(2, os.cpu_count() or 1))
