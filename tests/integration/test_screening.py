@@ -80,7 +80,7 @@ def test_flagged_orders_are_held_for_validation_as_offline_scoring_flags_them(sc
     # run, most of them flagged: they are unlike the training orders), screened in batches
     # of 2,000 first: minutes on a busy machine.
     wait_for(lambda: db.orders.count_documents({"validation.status": {"$exists": True}})
-             >= db.orders.count_documents({}) >= stored, 900, interval=1, what="every order screened")
+             >= db.orders.count_documents({}) >= stored, 480, interval=1, what="every order screened")
     held = {d["_id"] for d in db.orders.find({"validation.status": "held"}, {"_id": 1})}
     ours = {d["_id"] for d in db.orders.find({"customer.name": {"$regex": "^Customer "}}, {"_id": 1})}
     assert 0 < len(held & ours) < len(ours) / 2, f"{len(held & ours)} of {len(ours)} flagged: expected a few"
