@@ -15,6 +15,7 @@ import pytest
 from opsctl import httpclient
 from tests.integration.conftest import workdir_context
 from tests.integration.helpers import wait_for
+from tests.integration.test_identity import pgp_key
 
 pytestmark = pytest.mark.integration
 
@@ -290,14 +291,7 @@ def test_root_token_is_generated_only_when_asked(platform, tmp_path):
     assert vault(platform, token).auth.token.lookup_self()["data"]["policies"] == ["root"]
     vault(platform, token).auth.token.revoke_self()
 
-    gnupg = tmp_path / "gnupg"
-    gnupg.mkdir(mode=0o700)
-    env = {**os.environ, "GNUPGHOME": str(gnupg)}
-    subprocess.run(["gpg", "--batch", "--passphrase", "", "--quick-gen-key", "root@example.org",
-                    "rsa2048", "encrypt", "never"], env=env, check=True, capture_output=True)
-    public = tmp_path / "key.gpg"
-    public.write_bytes(subprocess.run(["gpg", "--export", "root@example.org"], env=env, check=True,
-                                      capture_output=True).stdout)
+    env, public = pgp_key(tmp_path, "root@example.org")
     shares = json.loads((state(platform) / "vault-init.json").read_text())["keys_base64"][:3]
     made = platform.run("vault", "root-token", "--generate", "--from", "stdin", "--pgp-key", str(public),
                         "-o", "json", check_json=True, stdin="\n".join(shares) + "\n")

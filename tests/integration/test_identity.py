@@ -223,15 +223,22 @@ def test_sealed_vault_wrong_share_is_reported_and_right_shares_unseal(platform):
     assert platform.run("vault", "status").returncode == 0
 
 
-def test_vault_init_with_pgp_keys_encrypts_each_share(tmp_path):
-    gnupg = tmp_path / "gnupg"
+def pgp_key(folder, email: str) -> tuple[dict, object]:
+    """A fresh GnuPG home in `folder` with an encryption key for `email`: (the environment
+    that uses it, the exported public key file)."""
+    gnupg = folder / "gnupg"
     gnupg.mkdir(mode=0o700)
     env = {**os.environ, "GNUPGHOME": str(gnupg)}
-    subprocess.run(["gpg", "--batch", "--passphrase", "", "--quick-gen-key", "opsctl-test@example.org",
+    subprocess.run(["gpg", "--batch", "--passphrase", "", "--quick-gen-key", email,
                     "rsa2048", "encrypt", "never"], env=env, check=True, capture_output=True)
-    public = tmp_path / "key.gpg"
-    public.write_bytes(subprocess.run(["gpg", "--export", "opsctl-test@example.org"], env=env,
+    public = folder / "key.gpg"
+    public.write_bytes(subprocess.run(["gpg", "--export", email], env=env,
                                       check=True, capture_output=True).stdout)
+    return env, public
+
+
+def test_vault_init_with_pgp_keys_encrypts_each_share(tmp_path):
+    env, public = pgp_key(tmp_path, "opsctl-test@example.org")
 
     override = port_override(["vault"])
     override["vault"] = {"auto_init": False}
