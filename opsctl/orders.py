@@ -5,6 +5,7 @@ and an open-loop load generator against the order API, through the edge like any
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import statistics
 import time
@@ -89,6 +90,9 @@ class LoadResult:
         }
 
 
+CONNECTIONS_PER_POOL = 16
+
+
 async def run_load(url: str, token_source, generator: OrderGenerator, rate: float, duration: float,
                    concurrency: int = 256, on_tick=None) -> LoadResult:
     """Send rate × duration orders, one every 1/rate s (open loop: a slow answer does not
@@ -97,7 +101,10 @@ async def run_load(url: str, token_source, generator: OrderGenerator, rate: floa
 
     result = LoadResult(planned=int(rate * duration))
     slots = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    # Several small pools: httpx looks over every connection of its pool on each request.
+    pools = -(-concurrency // CONNECTIONS_PER_POOL)
+    per_pool = -(-concurrency // pools)
+    limits = httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool)
 
     async def send(client, body: dict) -> None:
         try:
@@ -115,7 +122,9 @@ async def run_load(url: str, token_source, generator: OrderGenerator, rate: floa
         finally:
             slots.release()
 
-    async with httpx.AsyncClient(timeout=10, limits=limits) as client:
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(httpx.AsyncClient(timeout=10, limits=limits))
+                   for _ in range(pools)]
         started = time.perf_counter()
         tasks, next_tick = [], started
         for i in range(result.planned):
@@ -127,7 +136,7 @@ async def run_load(url: str, token_source, generator: OrderGenerator, rate: floa
             if kind != "normal":
                 result.anomalies[kind] = result.anomalies.get(kind, 0) + 1
             result.sent += 1
-            tasks.append(asyncio.create_task(send(client, body)))
+            tasks.append(asyncio.create_task(send(clients[i % pools], body)))
             if on_tick and time.perf_counter() >= next_tick:
                 result.elapsed = time.perf_counter() - started
                 on_tick(result)

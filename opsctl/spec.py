@@ -120,6 +120,9 @@ class Names(Strict):
 
 Duration = Annotated[str, Field(pattern=r"^[0-9]+[smh]$")]
 Credential = Literal["rabbitmq", "postgres", "redis", "mongodb"]
+# Secrets a service shares with systems opsctl does not run (generated into its Vault path):
+# spark_auth_secret, the spark.authenticate secret of the Spark cluster the job runs on.
+SharedSecret = Literal["spark_auth_secret"]
 
 
 class VaultSettings(Strict):
@@ -162,6 +165,7 @@ class ScreeningSettings(Strict):
 class Service(Strict):
     image: str  # its container image: services/images/<image>/Dockerfile
     credentials: list[Credential] = []
+    shared_secrets: list[SharedSecret] = []
     port: Port | None = None  # HTTP services: where the API listens
     metrics_port: Port | None = None  # workers: where /metrics is served
     autostart: bool = True  # started by install and `services start` (else by its own command)

@@ -221,8 +221,10 @@ def stream_start(master: MasterOption = None, conf: ConfOption = None,
 
     With --master spark://… or k8s://… the driver stays here (the order-screening service) \
 and the executors run on that cluster (client mode); the job ships the model to them. The \
-cluster must reach Kafka and this machine (--conf spark.driver.host=ADDRESS), and its Python \
-must have the services' screening extra (--conf spark.pyspark.python=PATH).
+cluster must reach Kafka and this machine (--conf spark.driver.host=ADDRESS), its Python \
+must have the services' screening extra (--conf spark.pyspark.python=PATH), and a standalone \
+cluster must know the job's secret (opsctl jobs stream cluster-conf): every connection is \
+authenticated.
 
     The master and --conf are kept: a restart opsctl makes by itself (jobs train-vae, services \
 start) keeps the job where it runs; a start without --master runs it in local mode again.
@@ -284,6 +286,28 @@ secret (Vault). Stop `opsctl jobs stream` first: both use the same checkpoint an
         ui.console.print("\n".join(lines), markup=False, soft_wrap=True)
 
     ui.render_or_json(output, data, render)
+
+
+@stream_app.command("cluster-conf")
+def stream_cluster_conf(output: OutputOption = ui.Output.text) -> None:
+    """Print the Spark properties a standalone cluster's master and workers need to accept
+    the streaming job: spark.authenticate and the secret the job shares with them (Vault).
+
+    This prints a secret: write it to a file only its owner can read, e.g. \
+`(umask 077; opsctl jobs stream cluster-conf > auth.conf)`, and start the master and each \
+worker with --properties-file auth.conf (or add the lines to their conf/spark-defaults.conf).
+    """
+    set_output(output)
+    from opsctl.components import vault
+
+    ctx = context()
+    secret = (vault.kv_read(ctx, vault.admin(ctx), STREAM) or {}).get("spark_auth_secret")
+    if not secret:
+        raise OpsError(f"Vault holds no spark_auth_secret for {STREAM}",
+                       "run opsctl install (it generates the job's secrets), then this again")
+    properties = {"spark.authenticate": "true", "spark.authenticate.secret": secret}
+    ui.render_or_json(output, {"properties": properties}, lambda: ui.console.print(
+        "\n".join(f"{k} {v}" for k, v in properties.items()), markup=False, soft_wrap=True))
 
 
 @stream_app.command("stop")

@@ -31,8 +31,11 @@ class ServiceCredentials(ConfigStep):
             for kind in spec.credentials:
                 wanted.setdefault(f"{kind}_username", username(service))
                 wanted.setdefault(f"{kind}_password", secrets.token_urlsafe(24))
+            for name in spec.shared_secrets:
+                wanted.setdefault(name, secrets.token_urlsafe(32))
             if wanted != stored:
-                missing = sorted({k.split("_")[0] for k in wanted.keys() - stored.keys()})
+                missing = sorted({k if k in spec.shared_secrets else k.split("_")[0]
+                                  for k in wanted.keys() - stored.keys()})
                 yield Change("create" if not stored else "update",
                              f"credentials of {service} in Vault", ", ".join(missing),
                              apply=lambda s=service, w=wanted: vault.kv_write(self.ctx, client, s, w))

@@ -27,6 +27,7 @@ SERVICE_ROLES = {
     "cdc-bridge": ("order-reader", ["find", "changeStream", "killCursors"]),
 }
 DEFAULT_ROLE = ("order-writer", ["find", "insert", "update", "killCursors"])
+RECENT_ORDERS_INDEX = "customer_recent_orders"
 
 
 class MongoDB(LocalServer):
@@ -98,6 +99,16 @@ class MongoDB(LocalServer):
             db.command(verb, role, privileges=privileges, roles=[])
             verb = "updateUser" if db.command("usersInfo", user)["users"] else "createUser"
             db.command(verb, user, pwd=password, roles=[{"role": role, "db": database}])
+
+    def converge(self) -> str | None:
+        """The index the screening job reads by: a customer's recent orders, in time."""
+        names = self.ctx.spec.names.mongodb
+        with self.client() as client:
+            orders = client[names.database][names.orders]
+            if RECENT_ORDERS_INDEX in orders.index_information():
+                return None
+            orders.create_index([("customer.id", 1), ("created_at", 1)], name=RECENT_ORDERS_INDEX)
+        return f"index {RECENT_ORDERS_INDEX} created"
 
     def probe(self) -> bool:
         if not port_open(self.ctx.host, self.port("mongo")):

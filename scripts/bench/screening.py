@@ -8,8 +8,12 @@
 3. (--stream) The streaming job end to end on the local platform: simulated traffic
    through the API at --rate for --duration s; Kafka record → order screened (p50/p99)
    and API → screened, from each order's validation fields.
+4. (--catch-up N, with --stream) a stopped job catching up: N orders sent (anomaly rate
+   0.3) while it is stopped, then the seconds from `jobs stream start` until every one is
+   screened, and the orders per second that makes.
 
-Usage: .venv/bin/python scripts/bench/screening.py [--orders 20000] [--stream --rate 50 --duration 30]
+Usage: .venv/bin/python scripts/bench/screening.py [--orders 20000]
+       [--stream --rate 50 --duration 30 [--catch-up 10000]]
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from books import books  # noqa: E402
 from tests.integration.conftest import OPSCTL, Workdir, port_override, reachable_dir  # noqa: E402
 
 
@@ -55,7 +61,30 @@ def batch_throughput(folder: Path, count: int = 200_000) -> dict:
             "with_features_per_s": count / (best + featurised)}
 
 
-def stream(rate: float, duration: float) -> dict:
+def unscreened(db) -> int:
+    return db.orders.count_documents({"validation": {"$exists": False}})
+
+
+def catch_up(work: Workdir, db, count: int) -> dict:
+    """Stop the job, send `count` orders as fast as the API takes them, start the job, and
+    time how long it takes to screen them all."""
+    work.run("jobs", "stream", "stop")
+    rate = 200  # about what `orders simulate` sustains on two busy cores
+    work.run("orders", "simulate", "--rate", str(rate), "--duration", str(count / rate), "--anomaly-rate", "0.3",
+             timeout=1800)
+    while books(work)["in_queues"]:
+        time.sleep(0.5)  # the consumers store them
+    waiting, held = unscreened(db), db.orders.count_documents({"validation.status": "held"})
+    started = time.monotonic()
+    assert work.run("jobs", "stream", "start").returncode == 0
+    while unscreened(db) and time.monotonic() - started < 1800:
+        time.sleep(0.5)
+    took = time.monotonic() - started
+    return {"orders": waiting, "seconds": took, "per_s": waiting / took,
+            "flagged": db.orders.count_documents({"validation.status": "held"}) - held, "left": unscreened(db)}
+
+
+def stream(rate: float, duration: float, backlog: int) -> dict:
     from pymongo import MongoClient
 
     from order_services.screening import features
@@ -73,7 +102,7 @@ def stream(rate: float, duration: float) -> dict:
                          username="opsctl-admin", password=work.admin_secret("mongodb", "admin_password"),
                          authSource="admin", tz_aware=True)["ecommerce"]
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and db.orders.count_documents({"validation": {"$exists": False}}):
+        while time.monotonic() < deadline and unscreened(db):
             time.sleep(1)
         kafka, api = [], []
         for doc in db.orders.find({"validation": {"$exists": True}}):
@@ -81,13 +110,14 @@ def stream(rate: float, duration: float) -> dict:
             kafka.append((v["screened_at"] - v["kafka_at"]).total_seconds())
             api.append(v["screened_at"].timestamp() - features.created_at(doc))
         status = work.run("jobs", "stream", "status", "-o", "json", check_json=True).json
+        caught = catch_up(work, db, backlog) if backlog else None
     finally:
         work.run("down", "--purge", "--yes", timeout=300)
         shutil.rmtree(work.path, ignore_errors=True)
     q = lambda xs, p: sorted(xs)[min(len(xs) - 1, int(p * len(xs)))] if xs else None  # noqa: E731
     return {"sent": sent["accepted"], "screened": len(kafka), "flagged": status.get("flagged"),
             "kafka_to_screened_s": {"p50": q(kafka, 0.5), "p99": q(kafka, 0.99)},
-            "api_to_screened_s": {"p50": q(api, 0.5), "p99": q(api, 0.99)}}
+            "api_to_screened_s": {"p50": q(api, 0.5), "p99": q(api, 0.99)}, "catch_up": caught}
 
 
 def main() -> None:
@@ -96,6 +126,7 @@ def main() -> None:
     parser.add_argument("--stream", action="store_true")
     parser.add_argument("--rate", type=float, default=50)
     parser.add_argument("--duration", type=float, default=30)
+    parser.add_argument("--catch-up", type=int, default=0, metavar="N")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="opsctl-bench-screening-"))
     try:
@@ -115,12 +146,16 @@ def main() -> None:
     print(f"batch scoring of {batch['orders']} orders: VAE alone **{batch['model_only_per_s']:,.0f} orders/s**, "
           f"with features from the documents {batch['with_features_per_s']:,.0f} orders/s")
     if args.stream:
-        result = stream(args.rate, args.duration)
+        result = stream(args.rate, args.duration, args.catch_up)
         print(json.dumps(result, indent=1), file=sys.stderr)
         k, a = result["kafka_to_screened_s"], result["api_to_screened_s"]
         print(f"\nstreaming at {args.rate:g}/s for {args.duration:g} s: {result['screened']} of {result['sent']} "
               f"orders screened ({result['flagged']} flagged); Kafka → screened p50 {k['p50']:.2f} s, "
               f"p99 {k['p99']:.2f} s; API → screened p50 {a['p50']:.2f} s, p99 {a['p99']:.2f} s")
+        if result["catch_up"]:
+            c = result["catch_up"]
+            print(f"\ncatching up on {c['orders']:,} orders sent while the job was stopped ({c['flagged']:,} "
+                  f"flagged): **{c['seconds']:.1f} s, {c['per_s']:,.0f} orders/s**; {c['left']} left unscreened")
 
 
 if __name__ == "__main__":

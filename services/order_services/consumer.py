@@ -328,10 +328,12 @@ class MongoStore:
         refresh = False
         for _ in range(2):
             user, password = self.credentials.get("mongodb", refresh=refresh)
+            # No retryable writes: an upsert by order_id is safe to redo anyway (a failed batch
+            # is requeued), and SecantusDB scans its whole record of them on every write.
             client = MongoClient(m["url"], username=user, password=password, authSource=m["db"],
                                  tz_aware=True, serverSelectionTimeoutMS=5000,
                                  connectTimeoutMS=5000, socketTimeoutMS=30000,
-                                 appname=self.settings.service)
+                                 appname=self.settings.service, retryWrites=False)
             try:
                 client[m["db"]].command("ping")
                 break

@@ -25,15 +25,29 @@ LOCAL_SERVERS = ["nginx", "prometheus-grafana", "rabbitmq", "mongodb", "postgres
                  "redis", "kafka", "keycloak"]
 
 
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_ports(count: int) -> list[int]:
-    sockets, ports = [], []
-    for _ in range(count):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        sockets.append(s)
-        ports.append(s.getsockname()[1])
-    for s in sockets:
-        s.close()
+    """Ports free now, below the kernel's ephemeral range: a port picked from that range (what
+    binding port 0 gives) can be the local end of some client's connection by the time a
+    server wants to listen on it, on a machine busy with connections."""
+    import random
+
+    top, ports = _ephemeral_start() - 1, []
+    while len(ports) < count:
+        port = random.randint(10000, top)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        if port not in ports:
+            ports.append(port)
     return ports
 
 

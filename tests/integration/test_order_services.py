@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import service_env
+from tests.integration.conftest import free_ports, service_env
 
 pytestmark = pytest.mark.integration
 
@@ -604,9 +604,7 @@ def test_a_bad_reservation_body_is_refused_and_reserves_nothing(stock, people, p
 def test_the_services_bound_what_one_client_holds(topology, stock):
     """Connections in flight (HTTP_LIMIT_CONCURRENCY) and idle ones (HTTP_KEEPALIVE_SECONDS),
     on a second stock service with small limits: a direct client cannot exhaust it."""
-    with socket.socket() as unused:
-        unused.bind(("127.0.0.1", 0))
-        port = unused.getsockname()[1]
+    port = free_ports(1)[0]
     env = {**service_env(topology, "stock-service"), "HTTP_PORT": str(port),
            "HTTP_LIMIT_CONCURRENCY": "3", "HTTP_KEEPALIVE_SECONDS": "2"}
     small = Service(topology, "stock-service-small", "order_services.stock_service", env).start()

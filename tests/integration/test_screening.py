@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import REPO, cache_dir, free_ports, service_env
+from opsctl.components.services import BundledService
+from tests.integration.conftest import REPO, cache_dir, free_ports, service_env, workdir_context
 from tests.integration.helpers import wait_for
 
 pytestmark = pytest.mark.integration
+STREAM = "order-screening"
 
 
 @pytest.fixture(scope="module")
@@ -131,11 +133,8 @@ def test_soak_idle_minutes_then_traffic_then_the_driver_killed_screens_every_ord
     screened by the same job; then kill -9 of the job's driver while orders keep coming: the
     supervisor restarts it, it goes on from its checkpoint, and no order is screened twice or
     missed."""
-    from opsctl.components.services import BundledService
-    from tests.integration.conftest import workdir_context
-
     db = mongo(screening)
-    stream = BundledService("order-screening", workdir_context(screening))
+    stream = BundledService(STREAM, workdir_context(screening))
     assert screening.run("jobs", "stream", "start").returncode == 0
     wave = ["orders", "simulate", "--rate", "10", "--duration", "3", "--anomaly-rate", "0.3"]
     assert screening.run(*wave, "--seed", "11").returncode == 0  # opens the job's broker connection
@@ -166,12 +165,19 @@ def test_soak_idle_minutes_then_traffic_then_the_driver_killed_screens_every_ord
 
 class SparkCluster:
     """A Spark standalone master and one worker (1 core, 1 GiB) on 127.0.0.1, from the
-    pyspark distribution of this environment."""
+    pyspark distribution of this environment, that authenticate every connection with the
+    secret `opsctl jobs stream cluster-conf` gives (as its help says to set them up)."""
 
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, platform):
         import pyspark
 
         self.home, self.spark_home = home, Path(pyspark.__file__).parent
+        conf = platform.run("jobs", "stream", "cluster-conf")
+        assert conf.returncode == 0, conf.stderr
+        self.secret = conf.stdout.split("spark.authenticate.secret ", 1)[1].strip()
+        self.properties = home / "auth.conf"
+        self.properties.write_text(conf.stdout)
+        self.properties.chmod(0o600)
         self.port, self.ui_port, self.worker_ui_port = free_ports(3)
         self.url = f"spark://127.0.0.1:{self.port}"
         self.work_dir = home / "work"
@@ -187,11 +193,12 @@ class SparkCluster:
 
     def start(self) -> None:
         self._start("master", "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
-                    "--port", str(self.port), "--webui-port", str(self.ui_port))
+                    "--port", str(self.port), "--webui-port", str(self.ui_port),
+                    "--properties-file", str(self.properties))
         wait_for(lambda: self.master().get("status") == "ALIVE", 60, interval=0.5, what="the Spark master")
         self._start("worker", "org.apache.spark.deploy.worker.Worker", self.url, "--host", "127.0.0.1",
                     "--webui-port", str(self.worker_ui_port), "--cores", "1", "--memory", "1g",
-                    "--work-dir", str(self.work_dir))
+                    "--work-dir", str(self.work_dir), "--properties-file", str(self.properties))
         wait_for(lambda: self.master().get("aliveworkers") == 1, 60, interval=0.5, what="the Spark worker")
 
     def _json(self, port: int) -> dict:
@@ -220,8 +227,8 @@ class SparkCluster:
 
 
 @pytest.fixture
-def spark_cluster(tmp_path):
-    cluster = SparkCluster(tmp_path)
+def spark_cluster(tmp_path, screening):
+    cluster = SparkCluster(tmp_path, screening)
     try:
         cluster.start()
         yield cluster
@@ -270,6 +277,12 @@ def test_the_stream_runs_on_a_spark_cluster_with_the_model_shipped_to_its_execut
         assert app["state"] == "RUNNING"
         # The model directory reached the executor through the job (an archive, unpacked there).
         assert list(spark_cluster.work_dir.glob(f"{app['id']}/*/vae/model.json")), "no model on the executor"
+        # The cluster authenticates the job (spark.authenticate): its secret came from Vault
+        # into the driver's JVM, never through an argument or the environment.
+        driver = BundledService(STREAM, workdir_context(screening)).process.pid()
+        for pid in [driver, *children(driver)]:
+            for part in ("cmdline", "environ"):
+                assert spark_cluster.secret.encode() not in Path(f"/proc/{pid}/{part}").read_bytes(), part
         status = screening.run("jobs", "stream", "status", "-o", "json", check_json=True)
         assert status.returncode == 0 and status.json["master"] == spark_cluster.url
         # A restart opsctl makes by itself keeps the job on the cluster: nothing changed.

@@ -28,14 +28,17 @@ Per micro-batch (foreachBatch, so a restart from the checkpoint replays a batch 
 not finish): the driver reads the batch's customers' recent orders from MongoDB (the
 recent-order feature needs them), the executors score with mapInPandas (the model loaded
 once per Python worker), then the driver publishes the flagged orders (publisher
-confirms, message_id = order_id) and sets `validation` on every order. An order whose
-validation is already set is not published again, so a replayed batch flags nothing twice.
+confirms, all in flight at once, message_id = order_id) and sets `validation` on every
+order in one transaction. An order whose validation is already set is not published
+again, so a replayed batch flags nothing twice; a stop (SIGTERM) lets the batch in hand
+finish first, so only a crash leaves one to replay.
 A record that cannot be scored (not JSON, a missing field) goes to DEAD_LETTER_COLLECTION
 with the reason, keyed by topic partition and offset; the stream goes on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -52,7 +55,13 @@ RESULT_SCHEMA = ("partition int, offset long, order_id string, score double, fla
                  "error string, value string, kafka_ms double")
 _SCREENS: dict = {}  # model directory → Screen, once per Python worker
 PUBLISH_PATIENCE = 120.0  # seconds a batch waits for a lost RabbitMQ before it fails
+CONFIRM_TIMEOUT = 30.0  # seconds a publish waits for the broker's confirm
 MAX_RECORDS_PER_BATCH = 2000
+IN_LIST = 25  # values per $in query: SecantusDB takes time that grows with the square of its length
+
+
+def in_chunks(values: list) -> list[list]:
+    return [values[i:i + IN_LIST] for i in range(0, len(values), IN_LIST)]
 
 
 @dataclass
@@ -143,7 +152,7 @@ class Sinks:
 
     def __init__(self, settings: Settings, secrets):
         self.settings, self.secrets = settings, secrets
-        self._mongo = self._channel = self._connection = None
+        self._mongo = None
         from prometheus_client import Counter, Histogram
 
         self.scored = Counter("screening_orders_scored_total", "Orders scored by the VAE")
@@ -159,84 +168,93 @@ class Sinks:
             creds = self.secrets.read()
             self._mongo = MongoClient(self.settings.mongodb_url, username=creds["mongodb_username"],
                                       password=creds["mongodb_password"], authSource=self.settings.database,
-                                      tz_aware=True, serverSelectionTimeoutMS=10000)
+                                      tz_aware=True, serverSelectionTimeoutMS=10000,
+                                      retryWrites=False)  # idempotent writes; see the consumer
         return self._mongo[self.settings.database]
 
-    def channel(self):
-        """The confirming channel, opened when needed. Between batches nothing serves the
-        connection's heartbeats, so the broker may have dropped it while the stream was idle:
-        that shows here, as the error a publish would meet, and the caller reconnects."""
-        if self._channel is None or self._channel.is_closed or not self._connection.is_open:
-            import pika
-
-            self.close_broker()
-            creds = self.secrets.read()
-            self._connection = pika.BlockingConnection(pika.ConnectionParameters(
-                host=self.settings.rabbitmq_host, port=self.settings.rabbitmq_port,
-                credentials=pika.PlainCredentials(creds["rabbitmq_username"], creds["rabbitmq_password"]),
-                heartbeat=30, connection_attempts=1, socket_timeout=5,
-                client_properties={"connection_name": "order-screening"}))
-            self._channel = self._connection.channel()
-            self._channel.confirm_delivery()
-        self._connection.process_data_events(time_limit=0)
-        return self._channel
-
-    def close_broker(self) -> None:
-        connection, self._connection, self._channel = self._connection, None, None
-        if connection is not None and connection.is_open:
-            try:
-                connection.close()
-            except Exception:
-                pass
-
     def publish(self, messages: list[tuple[str, bytes]]) -> None:
-        """Publish the flagged orders with confirms; a lost broker (a restart, a connection
-        dropped while idle) is reconnected with a backoff for up to PUBLISH_PATIENCE seconds,
-        then the batch fails (and is replayed from the checkpoint when the job restarts). A
-        message published twice that way carries the same message_id (its order_id)."""
-        import pika.exceptions
+        """Publish a batch's flagged orders, all in flight at once, and wait for every
+        confirm: one round trip per batch, not one per order. Each batch opens its own
+        connection, so an idle stream holds none for the broker to drop on missed heartbeats.
+        A lost broker (a restart) is retried with a backoff for up to PUBLISH_PATIENCE
+        seconds, then the batch fails and is replayed from the checkpoint when the job
+        restarts. A message published twice that way carries the same message_id (its order_id)."""
+        import asyncio
+
+        from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, DeliveryError
 
         deadline, delay = time.monotonic() + PUBLISH_PATIENCE, 0.5
         while True:
             try:
-                channel = self.channel()
-                for order_id, body in messages:
-                    channel.basic_publish(
-                        self.settings.exchange, self.settings.routing_key, body,
-                        pika.BasicProperties(content_type="application/json", delivery_mode=2,
-                                             message_id=order_id), mandatory=True)
+                asyncio.run(self._publish_confirmed(messages))
                 return
-            except (pika.exceptions.AMQPError, OSError) as e:
-                self.close_broker()
-                if isinstance(e, pika.exceptions.UnroutableError) or time.monotonic() > deadline:
+            except DeliveryError:
+                raise  # unroutable (mandatory) or nacked: the topology is wrong, not the broker away
+            except (AMQPError, ChannelInvalidStateError, asyncio.TimeoutError, OSError) as e:
+                if time.monotonic() > deadline:
                     raise
-                log.warning("RabbitMQ connection lost (%s: %s); publishing %d flagged order(s) "
-                            "again in %.1f s", type(e).__name__, e, len(messages), delay)
+                log.warning("RabbitMQ unreachable (%s: %s); publishing %d flagged order(s) again in %.1f s",
+                            type(e).__name__, e, len(messages), delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def history(self, customers: list[str], since: dt.datetime) -> dict[str, list[float]]:
-        """created_at of these customers' orders since `since` (seconds since the epoch)."""
+    async def _publish_confirmed(self, messages: list[tuple[str, bytes]]) -> None:
+        import asyncio
+
+        import aio_pika
+
+        creds = self.secrets.read()
+        connection = await aio_pika.connect(
+            host=self.settings.rabbitmq_host, port=self.settings.rabbitmq_port,
+            login=creds["rabbitmq_username"], password=creds["rabbitmq_password"], timeout=10,
+            client_properties={"connection_name": "order-screening"})
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            exchange = await channel.get_exchange(self.settings.exchange, ensure=False)
+            await asyncio.gather(*(exchange.publish(
+                aio_pika.Message(body, content_type="application/json", message_id=order_id,
+                                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                self.settings.routing_key, mandatory=True, timeout=CONFIRM_TIMEOUT)
+                for order_id, body in messages))
+
+    def recent_orders(self, customers: list[str],
+                      since: dt.datetime) -> tuple[dict[str, list[float]], dict[str, bool]]:
+        """These customers' orders since `since`: the created_at of each customer's (seconds
+        since the epoch, for the recent-order feature), and whether each order is screened
+        already (a replayed batch, or the same order twice on the topic). A batch's own
+        orders are among them: `since` is before the first of them."""
         from order_services.screening.features import created_at_or_none
 
-        found: dict[str, list[float]] = {}
-        if not customers:
-            return found
-        for doc in self.mongo()[self.settings.collection].find(
-                {"customer.id": {"$in": customers}}, {"customer.id": 1, "created_at": 1}):
-            stamp = created_at_or_none(doc)
-            if stamp is not None and stamp >= since.timestamp():
-                found.setdefault(doc["customer"]["id"], []).append(stamp)
-        return found
+        history: dict[str, list[float]] = {}
+        screened: dict[str, bool] = {}
+        # created_at is the API's ISO 8601 string in UTC, so strings compare as instants; a
+        # second of slack covers another spelling of the same instant ("Z" for "+00:00").
+        floor = (since - dt.timedelta(seconds=1)).isoformat()
+        orders = self.mongo()[self.settings.collection]
+        for chunk in in_chunks(customers):
+            for doc in orders.find({"customer.id": {"$in": chunk}, "created_at": {"$gte": floor}},
+                                   {"customer.id": 1, "created_at": 1, "validation.status": 1}):
+                stamp = created_at_or_none(doc)
+                if stamp is not None and stamp >= since.timestamp():
+                    history.setdefault(doc["customer"]["id"], []).append(stamp)
+                screened[doc["_id"]] = bool((doc.get("validation") or {}).get("status"))
+        return history, screened
 
-    def write(self, rows: list, batch_id: int, threshold: float, model_version: str) -> None:
+    def write(self, rows: list, batch_id: int, threshold: float, model_version: str, screened: dict[str, bool],
+              lap=lambda phase: None) -> None:
+        """Publish the flagged orders, then set every order's validation (one transaction: a
+        commit per batch, not per order); `lap(phase)` is called as each phase ends (the
+        batch's log line says where its time went)."""
         from pymongo import UpdateOne
 
         db = self.mongo()
         orders = db[self.settings.collection]
         good = [r for r in rows if r.error is None]
-        done = {d["_id"] for d in orders.find({"_id": {"$in": [r.order_id for r in good]},
-                                                "validation.status": {"$exists": True}}, {"_id": 1})}
+        done = {order_id for order_id, yes in screened.items() if yes}
+        unseen = [r.order_id for r in good if r.order_id not in screened]  # rare: an odd customer id
+        for chunk in in_chunks(unseen):
+            found = orders.find({"_id": {"$in": chunk}, "validation.status": {"$exists": True}}, {"_id": 1})
+            done.update(d["_id"] for d in found)
         now = dt.datetime.now(dt.timezone.utc)
         updates, flagged = [], []
         for r in good:
@@ -257,8 +275,11 @@ class Sinks:
             self.flagged.inc(len(flagged))
             for r, _ in flagged:
                 self.latency.observe(max(0.0, time.time() - r.kafka_ms / 1000))
+        lap("publish")
         if updates:
-            orders.bulk_write(updates, ordered=False)
+            with self._mongo.start_session() as session:
+                session.with_transaction(lambda s: orders.bulk_write(updates, ordered=False, session=s))
+        lap("write")
         self.scored.inc(len(updates))
         dead = [r for r in rows if r.error is not None]
         if dead:
@@ -269,28 +290,67 @@ class Sinks:
             self.dead.inc(len(dead))
 
 
-def process_batch(sinks: Sinks, model_name: str, meta: dict):
-    from pyspark.sql import functions as F
+class StopGate:
+    """A stop waits for the batch in hand to finish (published and written), so a stopped
+    job leaves nothing half done to replay. A batch that would begin after the stop was asked
+    fails instead: Spark does not commit it, and the next start runs it."""
 
+    def __init__(self):
+        import threading
+
+        self._lock, self.stopping = threading.Lock(), threading.Event()
+
+    @contextlib.contextmanager
+    def batch(self, batch_id: int):
+        with self._lock:
+            if self.stopping.is_set():
+                raise RuntimeError(f"stopping: batch {batch_id} is left for the next start")
+            yield
+
+    def close(self) -> None:
+        self.stopping.set()
+        with self._lock:
+            pass
+
+
+def process_batch(sinks: Sinks, model_name: str, meta: dict, gate: StopGate):
     window = meta["schema"]["recent_window_s"]
 
     def run(frame, batch_id: int) -> None:
-        started = time.monotonic()
-        customers = frame.select(F.get_json_object("value", "$.customer.id").alias("c"),
-                                 F.get_json_object("value", "$.created_at").alias("t"))
-        bounds = customers.agg(F.min("t"), F.collect_set("c")).collect()[0]
-        since = (dt.datetime.fromisoformat(bounds[0].replace("Z", "+00:00")) if bounds[0]
-                 else dt.datetime.now(dt.timezone.utc)) - dt.timedelta(seconds=window)
-        if since.tzinfo is None:
-            since = since.replace(tzinfo=dt.timezone.utc)
-        history = sinks.history([c for c in bounds[1] if c], since)
-        rows = frame.mapInPandas(score_partitions(model_name, history), RESULT_SCHEMA).collect()
-        sinks.write(rows, batch_id, meta["threshold"], meta["training"].get("to") or "")
-        if rows:
-            log.info("batch %d: %d records, %d flagged, %d dead-lettered in %.2f s", batch_id, len(rows),
-                     sum(1 for r in rows if r.flagged), sum(1 for r in rows if r.error), time.monotonic() - started)
+        with gate.batch(batch_id):
+            screen_batch(sinks, model_name, meta, window, frame, batch_id)
 
     return run
+
+
+def screen_batch(sinks: Sinks, model_name: str, meta: dict, window: float, frame, batch_id: int) -> None:
+    from pyspark.sql import functions as F
+
+    phases, mark = {}, time.monotonic()
+
+    def lap(name: str) -> None:
+        nonlocal mark
+        phases[name], mark = time.monotonic() - mark, time.monotonic()
+
+    frame.persist()  # read from Kafka once: the customers first, then the scoring
+    customers = frame.select(F.get_json_object("value", "$.customer.id").alias("c"),
+                             F.get_json_object("value", "$.created_at").alias("t"))
+    bounds = customers.agg(F.min("t"), F.collect_set("c")).collect()[0]
+    since = (dt.datetime.fromisoformat(bounds[0].replace("Z", "+00:00")) if bounds[0]
+             else dt.datetime.now(dt.timezone.utc)) - dt.timedelta(seconds=window)
+    if since.tzinfo is None:
+        since = since.replace(tzinfo=dt.timezone.utc)
+    lap("read")
+    history, screened = sinks.recent_orders([c for c in bounds[1] if c], since)
+    lap("history")
+    rows = frame.mapInPandas(score_partitions(model_name, history), RESULT_SCHEMA).collect()
+    frame.unpersist()
+    lap("scoring")
+    sinks.write(rows, batch_id, meta["threshold"], meta["training"].get("to") or "", screened, lap)
+    if rows:
+        log.info("batch %d: %d records, %d flagged, %d dead-lettered in %.2f s (%s)", batch_id, len(rows),
+                 sum(1 for r in rows if r.flagged), sum(1 for r in rows if r.error), sum(phases.values()),
+                 ", ".join(f"{name} {seconds:.2f} s" for name, seconds in phases.items()))
 
 
 def ship_model(sc, model_dir: str) -> tuple[str, str]:
@@ -332,8 +392,9 @@ def run_stream(spark, settings: Settings, sinks: Sinks, model_name: str, meta: d
               .option("maxOffsetsPerTrigger", MAX_RECORDS_PER_BATCH)
               .load()
               .selectExpr("partition", "offset", "CAST(value AS STRING) AS value", "timestamp"))
+    gate = StopGate()
     query = (source.writeStream
-             .foreachBatch(process_batch(sinks, model_name, meta))
+             .foreachBatch(process_batch(sinks, model_name, meta, gate))
              .option("checkpointLocation", os.path.join(settings.state_dir, "checkpoint"))
              .trigger(processingTime=f"{settings.trigger_seconds:g} seconds")
              .start())
@@ -346,11 +407,49 @@ def run_stream(spark, settings: Settings, sinks: Sinks, model_name: str, meta: d
         # call to the JVM, and a second call on that thread's py4j connection fails (reentrant).
         import threading
 
-        threading.Thread(target=query.stop, name="stop-query").start()
+        def finish_then_stop():
+            gate.close()
+            query.stop()
+
+        threading.Thread(target=finish_then_stop, name="stop-query").start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    query.awaitTermination()
+    try:
+        query.awaitTermination()
+    except Exception:
+        if not gate.stopping.is_set():
+            raise
+        # a batch refused by the gate while stopping: the query ends with its error, as asked
+
+
+def start_jvm(options: dict[str, str]) -> str:
+    """Start the driver's JVM with these (not secret) options, or join spark-submit's, and
+    say which master it has. pyspark puts every option it starts the JVM with on the JVM's
+    command line, for anyone to read in ps: a secret is set after, into the running JVM."""
+    from pyspark import SparkConf, SparkContext
+
+    SparkContext._ensure_initialized(conf=SparkConf().setAll(list(options.items())))
+    return SparkConf().get("spark.master", "local[*]")  # the JVM's: spark-submit's --master too
+
+
+def authenticated(builder, master: str, secrets):
+    """On a cluster, every Spark connection is authenticated (spark.authenticate). A
+    standalone master and its workers share a secret with the job: spark_auth_secret at the
+    job's Vault path (the nodes get it from `opsctl jobs stream cluster-conf`); on Kubernetes,
+    Spark makes one per application. Set in the driver's JVM, never in an argument or the
+    environment."""
+    from order_services.worker import ConfigError
+
+    if master.startswith("k8s://"):
+        return builder.config("spark.authenticate", "true")
+    if not master.startswith("spark://"):
+        return builder  # local mode: nothing listens beyond the loopback interface
+    secret = secrets.read().get("spark_auth_secret")
+    if not secret:
+        raise ConfigError("Vault holds no spark_auth_secret for the streaming job: run opsctl install "
+                          "(it generates one), then give it to the cluster (opsctl jobs stream cluster-conf)")
+    return builder.config("spark.authenticate", "true").config("spark.authenticate.secret", secret)
 
 
 def start(name: str) -> int:
@@ -358,7 +457,7 @@ def start(name: str) -> int:
     from order_services.secrets import SecretsError, VaultSecrets
     from order_services.worker import ConfigError
 
-    logging.getLogger("pika").setLevel(logging.WARNING)
+    logging.getLogger("aiormq").setLevel(logging.WARNING)
     settings = Settings.from_env()
     try:
         meta, _ = read_meta(settings.model_dir)
@@ -375,14 +474,16 @@ def start(name: str) -> int:
     # One PyTorch (OpenMP) thread per Python worker: Spark runs a worker per core already, and
     # more threads than cores spin-wait against each other and the platform's servers.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    builder = SparkSession.builder.appName(name).config("spark.sql.shuffle.partitions", "2") \
-        .config("spark.ui.enabled", "false").config("spark.sql.execution.arrow.pyspark.enabled", "true")
+    options = {"spark.app.name": name, "spark.sql.shuffle.partitions": "2", "spark.ui.enabled": "false",
+               "spark.sql.execution.arrow.pyspark.enabled": "true"}
     # No SPARK_MASTER: spark-submit's --master, or its default local[*] (a master set here
     # would override the one spark-submit was given).
     if os.environ.get("SPARK_MASTER"):
-        builder = builder.master(os.environ["SPARK_MASTER"])
+        options["spark.master"] = os.environ["SPARK_MASTER"]
     if os.environ.get("SPARK_JARS"):
-        builder = builder.config("spark.jars", os.environ["SPARK_JARS"])
+        options["spark.jars"] = os.environ["SPARK_JARS"]
+    master = start_jvm(options)
+    builder = authenticated(SparkSession.builder.config(map=options), master, secrets)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     model_name, shipped = ship_model(spark.sparkContext, settings.model_dir)

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -176,3 +177,66 @@ def test_torch_uses_the_threads_omp_num_threads_allows(monkeypatch):
     assert model._torch().get_num_threads() == 1
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert model._torch().get_num_threads() == max(1, min(2, os.cpu_count() or 1))
+
+
+def test_a_stop_waits_for_the_batch_in_hand_and_refuses_the_next_one():
+    import threading
+
+    from order_services.screening.stream import StopGate
+
+    gate, finished, in_batch = StopGate(), threading.Event(), threading.Event()
+    closed_after: list[bool] = []
+
+    def batch():
+        with gate.batch(1):
+            in_batch.set()
+            time.sleep(0.3)
+            finished.set()
+
+    worker = threading.Thread(target=batch)
+    worker.start()
+    in_batch.wait(5)
+    closer = threading.Thread(target=lambda: (gate.close(), closed_after.append(finished.is_set())))
+    closer.start()
+    closer.join(5)
+    worker.join(5)
+    assert closed_after == [True]  # close() returned only once the batch in hand was done
+    with pytest.raises(RuntimeError, match="left for the next start"):
+        with gate.batch(2):
+            pass
+
+
+class _Builder:
+    def __init__(self):
+        self.conf = {}
+
+    def config(self, key, value):
+        self.conf[key] = value
+        return self
+
+
+class _Secrets:
+    def __init__(self, data):
+        self.data = data
+
+    def read(self):
+        return self.data
+
+
+@pytest.mark.parametrize("master, expected", [
+    ("local[*]", {}),
+    ("spark://10.0.0.5:7077", {"spark.authenticate": "true", "spark.authenticate.secret": "s3cret"}),
+    ("k8s://https://api:6443", {"spark.authenticate": "true"}),  # Spark makes one per application
+])
+def test_a_cluster_authenticates_the_job_with_the_secret_from_vault(master, expected):
+    from order_services.screening.stream import authenticated
+
+    assert authenticated(_Builder(), master, _Secrets({"spark_auth_secret": "s3cret"})).conf == expected
+
+
+def test_a_standalone_cluster_without_the_secret_in_vault_says_what_to_run():
+    from order_services.screening.stream import authenticated
+    from order_services.worker import ConfigError
+
+    with pytest.raises(ConfigError, match="cluster-conf"):
+        authenticated(_Builder(), "spark://10.0.0.5:7077", _Secrets({}))
