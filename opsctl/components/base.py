@@ -277,8 +277,7 @@ class LocalServer(Component):
             return Outcome("planned", action) if action else Outcome("unchanged", self.endpoint())
         changed = []
         if action:
-            if running:
-                self.stop()
+            self.stop()  # a running one, or one supervisord is still stopping or restarting
             self._check_ports()
             self.home.mkdir(parents=True, exist_ok=True)
             for rel, content in self.config_files().items():

@@ -14,7 +14,6 @@ import pytest
 
 from opsctl import httpclient
 from tests.integration.conftest import workdir_context
-from tests.integration.helpers import wait_for
 from tests.integration.test_identity import pgp_key
 
 pytestmark = pytest.mark.integration
@@ -305,82 +304,3 @@ def test_root_token_is_generated_only_when_asked(platform, tmp_path):
                          stdin=base64.b64encode(os.urandom(33)).decode() + "\n")
     assert wrong.returncode == 1 and "Traceback" not in wrong.stderr
     assert root_accessors(platform) == []
-
-
-# --- Spark -------------------------------------------------------------------------------
-def _listening(pids: set[int]) -> list[str]:
-    """host:port of every TCP socket in LISTEN held by these processes (from /proc)."""
-    inodes = set()
-    for pid in pids:
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith("socket:["):
-                    inodes.add(target[8:-1])
-        except OSError:
-            continue
-    found = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
-                continue
-            address, port = fields[1].split(":")
-            raw = bytes.fromhex(address)
-            if len(raw) == 4:
-                host = ".".join(str(b) for b in raw[::-1])
-            else:  # four little-endian 32-bit words
-                words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
-                import ipaddress
-
-                ip = ipaddress.IPv6Address(words)
-                host = str(ip.ipv4_mapped or ip)
-            found.append(f"{host}:{int(port, 16)}")
-    return found
-
-
-def _tree(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    tree, todo = set(), [pid]
-    while todo:
-        current = todo.pop()
-        tree.add(current)
-        todo.extend(children.get(current, []))
-    return tree
-
-
-def _stream_pid() -> int | None:
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"order_services.screening.stream" in argv:
-                return int(entry)
-    return None
-
-
-def test_the_local_spark_driver_listens_on_loopback_only(platform):
-    assert platform.run("queues", "apply").returncode == 0
-    assert platform.run("orders", "generate", "--count", "800", "--seed", "3", "--out", "train.jsonl").returncode == 0
-    trained = platform.run("jobs", "train-vae", "--from", "train.jsonl", "--epochs", "2")
-    assert trained.returncode == 0, trained.stderr
-    try:
-        started = platform.run("jobs", "stream", "start")
-        assert started.returncode == 0, started.stdout + started.stderr
-        pid = wait_for(_stream_pid, 30, what="the streaming job's process")
-        java = wait_for(lambda: [p for p in _tree(pid) if b"java" in Path(f"/proc/{p}/cmdline").read_bytes()],
-                        60, what="the driver's JVM")
-        sockets = wait_for(lambda: _listening(_tree(pid)), 60, what="the driver's listening sockets")
-        assert java and sockets
-        assert all(s.startswith("127.0.0.1:") for s in sockets), sockets
-    finally:
-        platform.run("jobs", "stream", "stop")

@@ -233,10 +233,12 @@ files = {_ini_value(str(self.programs))}/*.ini
             info = self.info(name) or {}
             if info.get("pid"):
                 return info["pid"]
-            if info.get("spawnerr"):  # the command itself could not be run
+            spawnerr = info.get("spawnerr") or ""
+            # supervisord also says "Exited too quickly" when it gave up on a program that ran
+            # and died at once (FATAL): the caller reports that one, with the log.
+            if spawnerr and not spawnerr.startswith("Exited too quickly"):  # the command could not be run
                 self.stop(name)
-                raise OpsError(f"cannot start {name}: {argv[0]}: {info['spawnerr']}",
-                               "run scripts/setup to install it")
+                raise OpsError(f"cannot start {name}: {argv[0]}: {spawnerr}", "run scripts/setup to install it")
             if info.get("statename") in ("FATAL", "BACKOFF", "EXITED"):
                 return 0
             if time.monotonic() > deadline:
@@ -245,8 +247,13 @@ files = {_ini_value(str(self.programs))}/*.ini
             time.sleep(0.05)
 
     def stop(self, name: str) -> bool:
-        """Stop program `name` (its stop signal, then SIGKILL to the group). True if it ran."""
+        """Stop program `name` (its stop signal, then SIGKILL to the group); one already being
+        stopped (by the watcher) is waited for, so that its ports are free after. True if it ran."""
         info = self.info(name)
+        if info is not None and info["statename"] == "STOPPING":
+            while (self.info(name) or {}).get("statename") == "STOPPING":
+                time.sleep(0.1)  # supervisord's stopwaitsecs bounds this, then SIGKILL
+            return True
         if info is None or info["statename"] not in (*RUNNING_STATES, "BACKOFF"):
             return False
         try:
