@@ -242,22 +242,25 @@ class Sinks:
 
     def write(self, rows: list, batch_id: int, threshold: float, model_version: str, screened: dict[str, bool],
               lap=lambda phase: None) -> None:
-        """Publish the flagged orders, then set every order's validation (one transaction: a
-        commit per batch, not per order); `lap(phase)` is called as each phase ends (the
-        batch's log line says where its time went)."""
+        """Publish the flagged orders that are in the store (`screened`: the stored orders found
+        so far, and whether each is screened already), then set every order's validation (one
+        transaction: a commit per batch, not per order); `lap(phase)` is called as each phase
+        ends (the batch's log line says where its time went)."""
         from pymongo import UpdateOne
 
         db = self.mongo()
         orders = db[self.settings.collection]
         good = [r for r in rows if r.error is None]
-        done = {order_id for order_id, yes in screened.items() if yes}
         unseen = [r.order_id for r in good if r.order_id not in screened]  # rare: an odd customer id
         for chunk in in_chunks(unseen):
-            found = orders.find({"_id": {"$in": chunk}, "validation.status": {"$exists": True}}, {"_id": 1})
-            done.update(d["_id"] for d in found)
+            for d in orders.find({"_id": {"$in": chunk}}, {"validation.status": 1}):
+                screened[d["_id"]] = bool((d.get("validation") or {}).get("status"))
+        done = {order_id for order_id, yes in screened.items() if yes}
         now = dt.datetime.now(dt.timezone.utc)
         updates, flagged = [], []
         for r in good:
+            if r.order_id not in screened:
+                continue  # not in the store (gone since): there is no order to hold
             if r.order_id in done:
                 continue  # screened already: a replayed batch, or the same order twice on the topic
             done.add(r.order_id)
