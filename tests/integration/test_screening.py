@@ -146,21 +146,25 @@ def listening(pids: set[int]) -> list[str]:
     return found
 
 
+def children_of() -> dict[int, list[int]]:
+    """Every process's children, from /proc."""
+    found: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            found.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            pass
+    return found
+
+
 def tree(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    tree, todo = set(), [pid]
+    """The process and all its descendants."""
+    known, found, todo = children_of(), set(), [pid]
     while todo:
         current = todo.pop()
-        tree.add(current)
-        todo.extend(children.get(current, []))
-    return tree
+        found.add(current)
+        todo.extend(known.get(current, []))
+    return found
 
 
 def test_the_local_spark_driver_listens_on_loopback_only(screening):
@@ -169,8 +173,9 @@ def test_the_local_spark_driver_listens_on_loopback_only(screening):
     assert screening.run("jobs", "stream", "start").returncode == 0  # running already: unchanged
     driver = BundledService(STREAM, workdir_context(screening)).process.pid()
     assert driver, "the streaming job is not running"
-    java = [p for p in tree(driver) if b"java" in Path(f"/proc/{p}/cmdline").read_bytes()]
-    sockets = listening(tree(driver))
+    family = tree(driver)
+    java = [p for p in family if b"java" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    sockets = listening(family)
     assert java and sockets
     assert all(s.startswith("127.0.0.1:") for s in sockets), sockets
 
@@ -304,14 +309,7 @@ def spark_cluster(tmp_path, screening):
 
 
 def children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
-            pass
-    return found
+    return children_of().get(pid, [])
 
 
 def screened(db) -> int:
