@@ -191,6 +191,7 @@ class LocalServer(Component):
     ready_timeout = 60.0
     stop_signal = signal.SIGTERM
     stop_timeout = 60.0
+    stop_group = True  # the stop signal goes to every process of the server, not only its leader
     run_as: str | None = None  # system user for servers that refuse to run as root
     stopped_health = "stopped"          # what a server stopped on purpose counts as (exit 3)
     never_started_health = "unhealthy"  # and one never installed here
@@ -286,7 +287,8 @@ class LocalServer(Component):
             chown_tree(self.home, self.user)
             self.before_start()
             self.process.start(self.argv(), self.env(), wanted, user=self.user,
-                               stop_signal=self.stop_signal, stop_timeout=self.stop_timeout)
+                               stop_signal=self.stop_signal, stop_timeout=self.stop_timeout,
+                               stop_group=self.stop_group)
             changed.append("started" if action == "start" else "restarted")
         self.process.wait_ready(self.probe, self.ready_timeout, self.ctx.cancel)
         converged = self.converge()

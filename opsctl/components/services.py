@@ -121,6 +121,12 @@ class BundledService(LocalServer):
         field = "port" if key == "http" else "metrics_port"
         return f"services:\n    {self.name}: {{{field}: <free port>}}"
 
+    @property
+    def stop_group(self) -> bool:
+        # The streaming job's driver finishes the batch in hand on SIGTERM; its JVM must not
+        # get the signal too, or it stops the SparkContext under that batch.
+        return self.name != "order-screening"
+
     def check_installed(self) -> None:
         import importlib.util
 

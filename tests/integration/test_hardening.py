@@ -199,6 +199,9 @@ def test_mongodb_refuses_an_unauthenticated_client_and_each_service_may_only_do_
         with _mongo(platform, username=bridge["mongodb_username"], password=consumer["mongodb_password"],
                     authSource="ecommerce") as client:
             client.ecommerce.command("ping")
+    with _mongo(platform, username="opsctl-admin", authSource="admin",
+                password=platform.admin_secret("mongodb", "admin_password")) as admin:
+        admin.ecommerce.orders.delete_one({"_id": "hardening-probe"})  # the platform is shared
 
 
 # --- RabbitMQ ----------------------------------------------------------------------------

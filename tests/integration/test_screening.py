@@ -183,7 +183,12 @@ def test_the_local_spark_driver_listens_on_loopback_only(screening):
 def test_a_restarted_stream_continues_from_its_checkpoint_and_flags_nothing_twice(screening):
     db = mongo(screening)
     before = len(validation_messages(screening))
+    log = BundledService(STREAM, workdir_context(screening)).process.logfile
+    logged = log.stat().st_size
     assert screening.run("jobs", "stream", "stop").returncode == 0
+    said = log.read_bytes()[logged:].decode(errors="replace")
+    # Only the driver is signalled: its JVM stays up until the query has stopped.
+    assert "stopping after the batch in hand" in said and "Traceback" not in said, said[-4000:]
     was = screened(db)
     more = screening.run("orders", "simulate", "--rate", "10", "--duration", "3", "--seed", "5")
     assert more.returncode == 0

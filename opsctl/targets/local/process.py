@@ -101,7 +101,7 @@ class Process:
 
     def start(self, argv: list[str], env: dict[str, str], fingerprint: str,
               user: str | None = None, cwd: Path | None = None,
-              stop_signal: int = signal.SIGTERM, stop_timeout: float = 60) -> int:
+              stop_signal: int = signal.SIGTERM, stop_timeout: float = 60, stop_group: bool = True) -> int:
         self.logfile.parent.mkdir(parents=True, exist_ok=True)
         chown_tree(self.logfile.parent, user)
         with open(self.logfile, "ab") as log:
@@ -110,7 +110,8 @@ class Process:
         full_env = {"PATH": os.environ.get("PATH", os.defpath), "LANG": "C.UTF-8", **env}
         started_at = time.time()
         pid = self.supervisor.start(self.name, argv, full_env, self.logfile, cwd or self.home, user,
-                                    signal.Signals(stop_signal).name.removeprefix("SIG"), stop_timeout)
+                                    signal.Signals(stop_signal).name.removeprefix("SIG"), stop_timeout,
+                                    stop_group)
         write_json_atomic(self.record_file, {"fingerprint": fingerprint, "argv": argv,
                                              "started_at": started_at}, mode=0o600)
         return pid

@@ -190,9 +190,10 @@ files = {_ini_value(str(self.programs))}/*.ini
             return None
 
     def start(self, name: str, argv: list[str], env: dict[str, str], logfile: Path, cwd: Path,
-              user: str | None, stop_signal: str, stop_seconds: float) -> int:
+              user: str | None, stop_signal: str, stop_seconds: float, stop_group: bool = True) -> int:
         """(Re)define program `name` and start it; its pid, or 0 when it already exited (the
-        caller's readiness wait reports that, with the log)."""
+        caller's readiness wait reports that, with the log). Without `stop_group` the stop
+        signal goes to the leader only; the rest of its group is killed after `stop_seconds`."""
         self.ensure()
         lines = [f"[program:{name}]",
                  f"command={_ini_value(shlex.join(argv))}",
@@ -205,7 +206,7 @@ files = {_ini_value(str(self.programs))}/*.ini
                  f"startretries={START_RETRIES}",
                  f"stopsignal={stop_signal}",
                  f"stopwaitsecs={int(stop_seconds)}",
-                 "stopasgroup=true",
+                 f"stopasgroup={str(stop_group).lower()}",
                  "killasgroup=true",
                  "umask=077",
                  "redirect_stderr=true",
