@@ -131,18 +131,15 @@ class DeadLetterQueue:
     def __enter__(self) -> DeadLetterQueue:
         import pika
 
-        user, password = self.server.credentials()
         try:
-            self.connection = pika.BlockingConnection(pika.ConnectionParameters(
-                host=self.ctx.host, port=self.server.port("amqp"),
-                credentials=pika.PlainCredentials(user, password), connection_attempts=2,
-                retry_delay=1, socket_timeout=5,
+            self.connection = pika.BlockingConnection(self.server.connection_parameters(
+                connection_attempts=2, retry_delay=1, socket_timeout=5,
                 client_properties={"connection_name": "opsctl dead-letters"}))
             self.channel = self.connection.channel()
             self.channel.confirm_delivery()
         except Exception as e:  # pika's errors, OSError
             self.close()
-            raise OpsError(f"RabbitMQ at {self.ctx.host}:{self.server.port('amqp')} is not "
+            raise OpsError(f"RabbitMQ at {self.server.address('amqp')} is not "
                            f"reachable: {type(e).__name__}: {e}",
                            "is the platform running? opsctl status") from None
         return self
@@ -223,7 +220,8 @@ class DeadLetterQueue:
 def _redis(ctx):
     import redis
 
-    return redis.Redis(host=ctx.host, port=ctx.spec.components["redis"].ports["redis"],
+    where = ctx.address("redis", "redis")
+    return redis.Redis(host=where.host, port=where.port,
                        password=ctx.secret("redis", "password"), socket_timeout=2,
                        socket_connect_timeout=2)
 

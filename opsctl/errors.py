@@ -23,3 +23,7 @@ class UsageError(OpsError):
 
     def __init__(self, message: str, hint: str = ""):
         super().__init__(message, hint, USAGE)
+
+
+class Interrupted(Exception):
+    """The run was cancelled (Ctrl-C) while a step waited."""

@@ -170,6 +170,10 @@ class Service(Strict):
     metrics_port: Port | None = None  # workers: where /metrics is served
     autostart: bool = True  # started by install and `services start` (else by its own command)
 
+    @property
+    def ports(self) -> dict[str, int]:
+        return {"http": self.port} if self.port else {"metrics": self.metrics_port}
+
     @model_validator(mode="after")
     def _one_port(self) -> "Service":
         if (self.port is None) == (self.metrics_port is None):

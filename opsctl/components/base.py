@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 
 from opsctl.errors import OpsError
 from opsctl.files import read_json, write_atomic, write_json_atomic
+from opsctl.net import Address
 from opsctl.spec import Component as ComponentSpec, Spec
 from opsctl.targets.local.process import Process, chown_tree, port_free, system_user
 
@@ -33,6 +34,14 @@ class Context:
     @property
     def host(self) -> str:
         return self.spec.platform.bind_address
+
+    def address(self, name: str, port: str = "") -> Address:
+        """Where component or service `name` answers on its port `port` (else its first):
+        the one way to learn it."""
+        entry = self.spec.components.get(name) or self.spec.services.get(name)
+        if entry is None or not entry.ports or (port and port not in entry.ports):
+            raise KeyError(f"{name} has no port {port!r}")
+        return Address(self.host, entry.ports[port] if port else next(iter(entry.ports.values())))
 
     @property
     def cache_dir(self) -> Path:
@@ -231,8 +240,7 @@ class LocalServer(Component):
         return None
 
     def endpoint(self) -> str:
-        port = next(iter(self.spec.ports.values()))
-        return f"{self.ctx.host}:{port}"
+        return str(self.ctx.address(self.name))
 
     def version(self) -> str:
         return ""
@@ -244,6 +252,9 @@ class LocalServer(Component):
     # --- the machinery ---------------------------------------------------------------
     def port(self, key: str) -> int:
         return self.spec.ports[key]
+
+    def address(self, port: str = "") -> Address:
+        return self.ctx.address(self.name, port)
 
     def path(self, *parts: str) -> Path:
         return self.home.joinpath(*parts)

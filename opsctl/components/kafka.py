@@ -11,7 +11,8 @@ from pathlib import Path
 from opsctl.components.base import LocalServer
 from opsctl.errors import OpsError
 from opsctl.targets.local import artifacts
-from opsctl.targets.local.process import port_open, require_binary
+from opsctl.net import port_open
+from opsctl.targets.local.process import require_binary
 
 # Kafka 4 logs through slf4j 1.x: this binding routes it to log4j2 (and a file).
 LOG_BINDING = "org.apache.logging.log4j:log4j-slf4j-impl:2.25.4"
@@ -109,10 +110,10 @@ class Kafka(LocalServer):
         return self._java("kafka.Kafka", str(self.path("config", "server.properties")))
 
     def endpoint(self) -> str:
-        return f"{self.ctx.host}:{self.port('broker')}"
+        return str(self.address("broker"))
 
     def probe(self) -> bool:
-        if not port_open(self.ctx.host, self.port("broker")):
+        if not port_open(self.address("broker")):
             return False
         from confluent_kafka.admin import AdminClient
 

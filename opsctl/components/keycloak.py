@@ -78,10 +78,10 @@ class Keycloak(LocalServer):
         ]
 
     def endpoint(self) -> str:
-        return f"http://{self.ctx.host}:{self.port('http')}"
+        return self.address("http").url()
 
     def probe(self) -> bool:
-        url = f"http://{self.ctx.host}:{self.port('management')}/health/ready"
+        url = self.address("management").url("/health/ready")
         return httpclient.answers(url, timeout=1)
 
     def version(self) -> str:

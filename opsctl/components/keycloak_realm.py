@@ -27,7 +27,7 @@ ACCESS_TOKEN_LIFESPAN = 300  # seconds
 
 
 def server_url(ctx) -> str:
-    return f"http://{ctx.host}:{ctx.spec.components['keycloak'].ports['http']}"
+    return ctx.address("keycloak", "http").url()
 
 
 def issuer(ctx) -> str:

@@ -16,7 +16,7 @@ import sys
 
 from opsctl.components.base import LocalServer
 from opsctl.errors import OpsError
-from opsctl.targets.local.process import port_open
+from opsctl.net import port_open
 
 ADMIN_USER = "opsctl-admin"
 
@@ -51,7 +51,7 @@ class MongoDB(LocalServer):
         return {"SECANTUS_ADMIN_PASSWORD": self.ctx.secret("mongodb", "admin_password")}
 
     def endpoint(self) -> str:
-        return f"mongodb://{self.ctx.host}:{self.port('mongo')}"
+        return self.address("mongo").url(scheme="mongodb")
 
     def client(self, user: str | None = None, password: str | None = None):
         """A client as `user` (a service user, on the platform's database), else as the admin."""
@@ -111,7 +111,7 @@ class MongoDB(LocalServer):
         return f"index {RECENT_ORDERS_INDEX} created"
 
     def probe(self) -> bool:
-        if not port_open(self.ctx.host, self.port("mongo")):
+        if not port_open(self.address("mongo")):
             return False
         try:
             with self.client() as client:

@@ -12,6 +12,7 @@ import json
 
 from opsctl import httpclient
 from opsctl.components.base import LocalServer
+from opsctl.net import Address
 from opsctl.targets.local.process import require_binary
 
 # Limits of the edge. A slow client gets HEADER_TIMEOUT for its whole header, and at most
@@ -59,7 +60,7 @@ ERRORS = {
 
 def edge_url(ctx) -> str:
     """The URL clients use for the order API and the stock service: the edge."""
-    return f"http://{ctx.host}:{ctx.spec.components['nginx'].ports['http']}"
+    return ctx.address("nginx", "http").url()
 
 
 def _json_return(status: int, detail: str) -> str:
@@ -71,9 +72,9 @@ class Nginx(LocalServer):
     def check_installed(self) -> None:
         require_binary("nginx", "apt-get install -y nginx-light")
 
-    def upstreams(self) -> dict[str, int]:
-        """service -> port, for the bundled HTTP services the edge routes to."""
-        return {name: s.port for name, s in self.ctx.spec.services.items()
+    def upstreams(self) -> dict[str, Address]:
+        """service -> where it answers, for the bundled HTTP services the edge routes to."""
+        return {name: self.ctx.address(name) for name, s in self.ctx.spec.services.items()
                 if s.port and name in ROUTES}
 
     def config_files(self) -> dict[str, str]:
@@ -81,10 +82,10 @@ class Nginx(LocalServer):
         temp = "\n".join(f"  {kind}_temp_path {home}/tmp/{kind};"
                          for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
         upstreams, routes = [], []
-        for name, port in self.upstreams().items():
+        for name, address in self.upstreams().items():
             # Static addresses: nginx starts (and its config is valid) before the services.
             upstreams.append(f"""  upstream {name} {{
-    server {host}:{port};
+    server {address};
     keepalive {UPSTREAM_KEEPALIVE};
     keepalive_timeout {UPSTREAM_IDLE}s;
   }}""")
@@ -169,7 +170,7 @@ http {{
                 "-c", str(self.path("nginx.conf")), "-g", "daemon off;"]
 
     def _healthz(self) -> str:
-        return f"http://{self.endpoint()}/healthz"
+        return self.address("http").url("/healthz")
 
     def probe(self) -> bool:
         return httpclient.answers(self._healthz(), timeout=1)

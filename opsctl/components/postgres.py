@@ -19,7 +19,8 @@ from pathlib import Path
 from opsctl.components.base import LocalServer
 from opsctl.errors import OpsError
 from opsctl.files import write_atomic
-from opsctl.targets.local.process import Process, chown_tree, port_open
+from opsctl.net import port_open
+from opsctl.targets.local.process import Process, chown_tree
 
 
 EXTERNAL_DATA = Path("/var/lib/opsctl")
@@ -121,7 +122,8 @@ class Postgres(LocalServer):
                 autocommit: bool = False):
         import psycopg
 
-        return psycopg.connect(host=self.ctx.host, port=self.port("postgres"), user=user,
+        where = self.address("postgres")
+        return psycopg.connect(host=where.host, port=where.port, user=user,
                                password=password or self.ctx.secret("postgres", "password"),
                                dbname=dbname, connect_timeout=2, autocommit=autocommit)
 
@@ -153,7 +155,7 @@ class Postgres(LocalServer):
             conn.execute(sql.SQL("GRANT USAGE, CREATE ON SCHEMA public TO {}").format(role))
 
     def probe(self) -> bool:
-        if not port_open(self.ctx.host, self.port("postgres")):
+        if not port_open(self.address("postgres")):
             return False
         try:
             with self.connect():

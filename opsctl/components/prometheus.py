@@ -16,15 +16,14 @@ class Prometheus(LocalServer):
 
     def _targets(self) -> dict[str, tuple[str, str]]:
         """job -> (host:port, metrics path) of every local server that exposes metrics."""
-        host, comps = self.ctx.host, self.ctx.spec.components
-        jobs = {"prometheus": (f"{host}:{self.port('http')}", "/metrics")}
+        comps = self.ctx.spec.components
+        jobs = {"prometheus": self.address("http")}
         if "prometheus" in comps["rabbitmq"].ports:
-            jobs["rabbitmq"] = (f"{host}:{comps['rabbitmq'].ports['prometheus']}", "/metrics")
+            jobs["rabbitmq"] = self.ctx.address("rabbitmq", "prometheus")
         if "management" in comps["keycloak"].ports:
-            jobs["keycloak"] = (f"{host}:{comps['keycloak'].ports['management']}", "/metrics")
-        for name, service in self.ctx.spec.services.items():  # the bundled services
-            jobs[name] = (f"{host}:{service.port or service.metrics_port}", "/metrics")
-        return jobs
+            jobs["keycloak"] = self.ctx.address("keycloak", "management")
+        jobs.update((name, self.ctx.address(name)) for name in self.ctx.spec.services)  # the bundled services
+        return {job: (str(address), "/metrics") for job, address in jobs.items()}
 
     def rules(self) -> dict:
         """The alerting rules: a dead-lettered order waits for a person (RabbitMQ's per-queue
@@ -61,8 +60,8 @@ class Prometheus(LocalServer):
                 f"--web.listen-address={self.endpoint()}"]
 
     def probe(self) -> bool:
-        return httpclient.answers(f"http://{self.endpoint()}/-/ready", timeout=1)
+        return httpclient.answers(self.address("http").url("/-/ready"), timeout=1)
 
     def version(self) -> str:
-        info = httpclient.get(f"http://{self.endpoint()}/api/v1/status/buildinfo", timeout=1)
+        info = httpclient.get(self.address("http").url("/api/v1/status/buildinfo"), timeout=1)
         return info["data"]["version"]

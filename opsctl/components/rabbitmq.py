@@ -16,7 +16,8 @@ from opsctl import httpclient
 from opsctl.components.base import LocalServer
 from opsctl.errors import OpsError
 from opsctl.files import write_atomic
-from opsctl.targets.local.process import Process, port_open, require_binary
+from opsctl.net import port_open
+from opsctl.targets.local.process import Process, require_binary
 
 SCRIPTS = Path("/usr/lib/rabbitmq/bin")
 NODE = "opsctl@localhost"
@@ -106,31 +107,41 @@ class RabbitMQ(LocalServer):
     def argv(self) -> list[str]:
         return [str(SCRIPTS / "rabbitmq-server")]
 
-    def _api(self, path: str):
-        url = f"http://{self.ctx.host}:{self.port('management')}/api/{path}"
-        return httpclient.get(url, auth=self.credentials(), timeout=1)
+    def api(self, path: str, method: str = "GET", body=None, timeout: float = 1):
+        """The management API as opsctl's admin user (httpclient's errors)."""
+        return httpclient.request(method, self.address("management").url(f"/api/{path}"), body,
+                                  auth=self.credentials(), timeout=timeout)[2]
+
+    def connection_parameters(self, **options):
+        """pika's parameters for an admin connection to the broker."""
+        import pika
+
+        where = self.address("amqp")
+        return pika.ConnectionParameters(host=where.host, port=where.port,
+                                         credentials=pika.PlainCredentials(*self.credentials()),
+                                         **options)
 
     def probe(self) -> bool:
-        if not port_open(self.ctx.host, self.port("management")):
+        if not port_open(self.address("management")):
             return False
         try:
-            self._api("overview")
+            self.api("overview")
             return True
         except (httpclient.HTTPError, OSError):
             return False
 
     def endpoint(self) -> str:
-        return f"amqp://{self.ctx.host}:{self.port('amqp')}"
+        return self.address("amqp").url(scheme="amqp")
 
     def version(self) -> str:
-        return self._api("overview")["rabbitmq_version"]
+        return self.api("overview")["rabbitmq_version"]
 
     def health_detail(self) -> tuple[bool, str]:
         try:
-            self._api("health/checks/alarms")
+            self.api("health/checks/alarms")
         except httpclient.HTTPError:
             return False, "resource alarm in effect"
-        return True, f"management http://{self.ctx.host}:{self.port('management')}"
+        return True, f"management {self.address('management').url()}"
 
     # --- service users (see components/credentials.py) ----------------------------
     def permissions(self, service: str | None) -> dict[str, str]:
@@ -160,8 +171,8 @@ class RabbitMQ(LocalServer):
         service users have no management tag, so they cannot log in to the API) and holds
         exactly its service's permissions."""
         try:
-            info = self._api(f"users/{user}")
-            granted = self._api(f"permissions/%2F/{user}")
+            info = self.api(f"users/{user}")
+            granted = self.api(f"permissions/%2F/{user}")
         except httpclient.HTTPError as e:
             if e.status == 404:
                 return False
@@ -174,12 +185,8 @@ class RabbitMQ(LocalServer):
             {k: granted.get(k) for k in wanted} == wanted
 
     def ensure_service_user(self, user: str, password: str, service: str | None = None) -> None:
-        base = f"http://{self.ctx.host}:{self.port('management')}/api"
-        admin = self.credentials()
-        httpclient.request("PUT", f"{base}/users/{user}", {"password": password, "tags": ""},
-                           auth=admin)
-        httpclient.request("PUT", f"{base}/permissions/%2F/{user}", self.permissions(service),
-                           auth=admin)
+        self.api(f"users/{user}", "PUT", {"password": password, "tags": ""})
+        self.api(f"permissions/%2F/{user}", "PUT", self.permissions(service))
 
     def stop(self) -> bool:
         stopped = super().stop()

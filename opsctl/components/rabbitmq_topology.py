@@ -83,9 +83,8 @@ class RabbitMQTopology(ConfigStep):
     # --- reading: the management API ------------------------------------------------
     def api(self, path: str):
         """GET /api/<path>, or None for 404."""
-        url = f"http://{self.ctx.host}:{self.server.port('management')}/api/{path}"
         try:
-            return httpclient.get(url, auth=self.server.credentials(), timeout=5)
+            return self.server.api(path, timeout=5)
         except httpclient.HTTPError as e:
             if e.status == 404:
                 return None
@@ -104,10 +103,7 @@ class RabbitMQTopology(ConfigStep):
         if self._channel is None:
             import pika
 
-            user, password = self.server.credentials()
-            params = pika.ConnectionParameters(
-                host=self.ctx.host, port=self.server.port("amqp"),
-                credentials=pika.PlainCredentials(user, password), connection_attempts=3)
+            params = self.server.connection_parameters(connection_attempts=3)
             self._channel = pika.BlockingConnection(params).channel()
         return self._channel
 

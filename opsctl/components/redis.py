@@ -6,7 +6,8 @@ import hashlib
 
 from opsctl.components.base import LocalServer
 from opsctl.files import write_atomic
-from opsctl.targets.local.process import port_open, require_binary
+from opsctl.net import port_open
+from opsctl.targets.local.process import require_binary
 
 
 class Redis(LocalServer):
@@ -39,12 +40,13 @@ class Redis(LocalServer):
     def _client(self, user: str | None = None, password: str | None = None):
         import redis
 
-        return redis.Redis(host=self.ctx.host, port=self.port("redis"), username=user,
+        where = self.address("redis")
+        return redis.Redis(host=where.host, port=where.port, username=user,
                            password=password or self.ctx.secret("redis", "password"),
                            socket_timeout=1, socket_connect_timeout=1)
 
     def probe(self) -> bool:
-        if not port_open(self.ctx.host, self.port("redis")):
+        if not port_open(self.address("redis")):
             return False
         try:
             return bool(self._client().ping())

@@ -14,7 +14,7 @@ from opsctl.components import keycloak_realm, vault
 from opsctl.components.base import Component, Context, LocalServer, Outcome
 from opsctl.errors import OpsError
 from opsctl.spec import Component as ComponentSpec
-from opsctl.targets.local.process import port_open
+from opsctl.net import port_open
 
 # service name -> (python module run with -m, extra environment built from the spec)
 MODULES = {
@@ -29,14 +29,11 @@ MODULES = {
 STEP = 22
 
 
-def _ports(ctx: Context, name: str) -> dict[str, int]:
-    spec = ctx.spec.services[name]
-    return {"http": spec.port} if spec.port else {"metrics": spec.metrics_port}
-
-
 def environment(ctx: Context, name: str, client_secret: str) -> dict[str, str]:
     """Everything service `name` needs to run, as environment variables."""
-    spec, names, comps, host = ctx.spec, ctx.spec.names, ctx.spec.components, ctx.host
+    spec, names = ctx.spec, ctx.spec.names
+    rabbitmq, postgres, redis = (ctx.address(*at) for at in
+                                 (("rabbitmq", "amqp"), ("postgres", "postgres"), ("redis", "redis")))
     env = {
         "SERVICE_NAME": name,
         "OIDC_TOKEN_URL": keycloak_realm.token_url(ctx),
@@ -51,31 +48,31 @@ def environment(ctx: Context, name: str, client_secret: str) -> dict[str, str]:
         "VAULT_SECRET_PATH": name,
         "VAULT_JWT_PATH": names.vault.jwt_path,
         "VAULT_KV_MOUNT": names.vault.kv_mount,
-        "RABBITMQ_HOST": host,
-        "RABBITMQ_PORT": str(comps["rabbitmq"].ports["amqp"]),
+        "RABBITMQ_HOST": rabbitmq.host,
+        "RABBITMQ_PORT": str(rabbitmq.port),
         "ORDER_EXCHANGE": names.exchanges.orders,
         "DELIVERY_ATTEMPTS": str(spec.rabbitmq.delivery_attempts),
-        "POSTGRES_HOST": host,
-        "POSTGRES_PORT": str(comps["postgres"].ports["postgres"]),
+        "POSTGRES_HOST": postgres.host,
+        "POSTGRES_PORT": str(postgres.port),
         "POSTGRES_DB": names.postgres.database,
-        "MONGODB_URL": f"mongodb://{host}:{comps['mongodb'].ports['mongo']}/"
-                       f"?replicaSet={names.mongodb.replica_set}",
+        "MONGODB_URL": ctx.address("mongodb", "mongo").url(f"/?replicaSet={names.mongodb.replica_set}",
+                                                           scheme="mongodb"),
         "MONGODB_DB": names.mongodb.database,
-        "REDIS_HOST": host,
-        "REDIS_PORT": str(comps["redis"].ports["redis"]),
-        "KAFKA_BOOTSTRAP": f"{host}:{comps['kafka'].ports['broker']}",
+        "REDIS_HOST": redis.host,
+        "REDIS_PORT": str(redis.port),
+        "KAFKA_BOOTSTRAP": str(ctx.address("kafka", "broker")),
         "KAFKA_TOPIC": names.topics.orders,
         "STATE_DIR": str(ctx.local_dir(name) / "state"),
         "PYTHONUNBUFFERED": "1",
     }
     stock = spec.services.get("stock-service")
     if stock and stock.port:
-        env["STOCK_URL"] = f"http://{host}:{stock.port}"
+        env["STOCK_URL"] = ctx.address("stock-service").url()
         env["STOCK_SERVICE_AUDIENCE"] = names.keycloak.stock_api_audience
         env["STOCK_SERVICE_ROLE"] = names.keycloak.service_role  # what the caller's account holds
-    ports = _ports(ctx, name)
+    ports = spec.services[name].ports
     if "http" in ports:
-        env.update(HTTP_HOST=host, HTTP_PORT=str(ports["http"]))
+        env.update(HTTP_HOST=ctx.host, HTTP_PORT=str(ports["http"]))
     else:
         env["METRICS_PORT"] = str(ports["metrics"])
     queue = {"premium-consumer": names.queues.priority, "regular-consumer": names.queues.regular,
@@ -107,7 +104,7 @@ class BundledService(LocalServer):
         super().__init__(name, ctx)
 
     def _component_spec(self) -> ComponentSpec:
-        return ComponentSpec(step=STEP, version="bundled", ports=_ports(self.ctx, self.name))
+        return ComponentSpec(step=STEP, version="bundled", ports=self.ctx.spec.services[self.name].ports)
 
     # Never started (installed with --skip services) is not down; stopped or failed is. The
     # streaming job, started on demand, is not down when stopped either.
@@ -145,12 +142,10 @@ class BundledService(LocalServer):
         return [sys.executable, "-m", MODULES[self.name]]
 
     def endpoint(self) -> str:
-        port = next(iter(self.spec.ports.values()))
-        return f"http://{self.ctx.host}:{port}"
+        return self.ctx.address(self.name).url()
 
     def probe(self) -> bool:
-        port = next(iter(self.spec.ports.values()))
-        if not port_open(self.ctx.host, port):
+        if not port_open(self.ctx.address(self.name)):
             return False
         path = "/health" if "http" in self.spec.ports else "/metrics"
         return httpclient.answers(f"{self.endpoint()}{path}", timeout=1)

@@ -134,12 +134,12 @@ def check_conf(items: list[str]) -> dict[str, str]:
 def check_reachable(master: str) -> None:
     """A spark:// master answers on its port (one of them, for a standby set); other kinds
     are left to Spark."""
-    from opsctl.targets.local.process import port_open
+    from opsctl.net import Address, port_open
 
     if not master.startswith("spark://"):
         return
     addresses = [a.rpartition(":") for a in master[len("spark://"):].split(",")]
-    if not any(port_open(host, int(port), timeout=3) for host, _, port in addresses):
+    if not any(port_open(Address(host, int(port)), timeout=3) for host, _, port in addresses):
         raise OpsError(f"no Spark master answers at {master}",
                        "start the cluster's master, or check the URL (the master's web UI shows it)")
 

@@ -38,7 +38,7 @@ _renewed: set[str] = set()  # tokens renewed by this process already
 
 
 def address(ctx) -> str:
-    return f"http://{ctx.host}:{ctx.spec.components['vault'].ports['http']}"
+    return ctx.address("vault", "http").url()
 
 
 def init_file(ctx) -> Path:

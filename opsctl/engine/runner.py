@@ -13,8 +13,7 @@ from dataclasses import asdict, dataclass
 
 from opsctl.components.base import Component, Context, Outcome
 from opsctl.engine.state import StateFile
-from opsctl.errors import OpsError
-from opsctl.targets.local.process import Interrupted
+from opsctl.errors import Interrupted, OpsError
 
 OK_STATES = ("planned", "unchanged", "changed", "skipped")
 

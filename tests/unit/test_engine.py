@@ -11,7 +11,7 @@ from opsctl.components.base import Component, Context, Outcome
 from opsctl.engine.runner import run_steps
 from opsctl.engine.state import StateFile, exclusive
 from opsctl.errors import OpsError
-from opsctl.targets.local.process import Interrupted
+from opsctl.errors import Interrupted
 
 
 class Board:

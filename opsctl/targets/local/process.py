@@ -16,13 +16,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from opsctl.errors import OpsError
+from opsctl.errors import Interrupted, OpsError
 from opsctl.files import read_json, write_json_atomic
 from opsctl.targets.local import supervisor
-
-
-class Interrupted(Exception):
-    """The run was cancelled (Ctrl-C) while this step waited."""
 
 
 def port_free(host: str, port: int) -> bool:
@@ -33,14 +29,6 @@ def port_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def require_binary(name: str, install: str) -> str:
