@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import threading
@@ -46,6 +47,53 @@ def styled(state: str) -> Text:
 
 def print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
+
+
+def out(text: str, end: str = "\n") -> None:
+    """Text on stdout exactly as given (a token, a log line, a script): no markup, no wrapping."""
+    sys.stdout.write(text + end)
+    sys.stdout.flush()
+
+
+def out_json(value: Any) -> None:
+    """A JSON value for a person to read (coloured on a terminal)."""
+    console.print_json(data=value)
+
+
+@contextlib.contextmanager
+def progress(title: str, unit: str, output: Output):
+    """A progress bar on a terminal's stderr, for text output only (else nothing); yields
+    update(done, total, note)."""
+    if output != Output.text or not err_console.is_terminal:
+        yield lambda done, total, note="": None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn(title), BarColumn(), TextColumn(f"{{task.completed}}/{{task.total}} {unit}"),
+                   TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=err_console)
+    task = None
+
+    def update(done: int, total: int, note: str = "") -> None:
+        nonlocal task
+        if task is None:
+            task = bar.add_task(title, total=total, note="")
+        bar.update(task, completed=done, note=note)
+
+    with bar:
+        yield update
+
+
+@contextlib.contextmanager
+def live_line(output: Output):
+    """One line redrawn in place on a terminal, for text output only (else nothing); yields
+    update(text)."""
+    if output != Output.text or not console.is_terminal:
+        yield lambda text: None
+        return
+    from rich.live import Live
+
+    with Live("", console=console, refresh_per_second=4) as live:
+        yield live.update
 
 
 def info(message: str) -> None:

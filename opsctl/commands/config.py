@@ -21,7 +21,7 @@ def view(output: OutputOption = ui.Output.text) -> None:
     else:
         import yaml
 
-        ui.console.print(yaml.safe_dump(data, sort_keys=False), end="", markup=False)
+        ui.out(yaml.safe_dump(data, sort_keys=False), end="")
 
 
 @app.command()

@@ -55,39 +55,25 @@ def _require_model(ctx) -> Path:
 def run_job(job: str, *args: str, output: ui.Output, title: str) -> dict:
     """Run one screening job; a progress bar from its epoch events; its result (or OpsError)."""
     argv = [sys.executable, "-m", "order_services.screening", job, *args]
-    progress = None
-    if output == ui.Output.text and ui.err_console.is_terminal:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-        progress = Progress(TextColumn(title), BarColumn(), TextColumn("{task.completed}/{task.total} epochs"),
-                            TextColumn("{task.fields[loss]}"), TimeElapsedColumn(), console=ui.err_console)
     result, error = None, None
     # stderr to a file, not a pipe: a chatty job could fill the pipe while we read stdout.
     with tempfile.TemporaryFile("w+") as stderr_file, \
-            subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr_file, text=True) as process:
-        task = None
-        if progress:
-            progress.start()
-        try:
-            for line in process.stdout:
-                try:
-                    event = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if event.get("event") == "progress" and progress:
-                    if task is None:
-                        task = progress.add_task(title, total=event["epochs"], loss="")
-                    progress.update(task, completed=event["epoch"], loss=f"loss {event['loss']:.4f}")
-                elif event.get("event") == "result":
-                    result = event
-                elif event.get("event") == "error":
-                    error = event["message"]
-            process.wait()
-            stderr_file.seek(0)
-            stderr = stderr_file.read()
-        finally:
-            if progress:
-                progress.stop()
+            subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr_file, text=True) as process, \
+            ui.progress(title, "epochs", output) as progress:
+        for line in process.stdout:
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if event.get("event") == "progress":
+                progress(event["epoch"], event["epochs"], f"loss {event['loss']:.4f}")
+            elif event.get("event") == "result":
+                result = event
+            elif event.get("event") == "error":
+                error = event["message"]
+        process.wait()
+        stderr_file.seek(0)
+        stderr = stderr_file.read()
     if error:
         raise (UsageError if process.returncode == 2 else OpsError)(error)
     if result is None:
@@ -283,7 +269,7 @@ secret (Vault). Stop `opsctl jobs stream` first: both use the same checkpoint an
         lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
         options = [f"{argv[i]} {shlex.quote(argv[i + 1])}" for i in range(1, len(argv) - 1, 2)]
         lines.append(" \\\n  ".join([shlex.quote(argv[0]), *options, shlex.quote(argv[-1])]))
-        ui.console.print("\n".join(lines), markup=False, soft_wrap=True)
+        ui.out("\n".join(lines))
 
     ui.render_or_json(output, data, render)
 
@@ -306,8 +292,8 @@ worker with --properties-file auth.conf (or add the lines to their conf/spark-de
         raise OpsError(f"Vault holds no spark_auth_secret for {STREAM}",
                        "run opsctl install (it generates the job's secrets), then this again")
     properties = {"spark.authenticate": "true", "spark.authenticate.secret": secret}
-    ui.render_or_json(output, {"properties": properties}, lambda: ui.console.print(
-        "\n".join(f"{k} {v}" for k, v in properties.items()), markup=False, soft_wrap=True))
+    ui.render_or_json(output, {"properties": properties},
+                      lambda: ui.out("\n".join(f"{k} {v}" for k, v in properties.items())))
 
 
 @stream_app.command("stop")

@@ -59,30 +59,19 @@ def simulate(
     tokens()  # fail early, clearly, if Keycloak or Vault is not there
     generator = OrderGenerator(ctx.spec.catalogue.products, anomaly_rate, seed)
 
-    live = None
-    if output == ui.Output.text and ui.console.is_terminal:
-        from rich.live import Live
-
-        live = Live("", console=ui.console, refresh_per_second=4)
-
-    def tick(result) -> None:
-        if live:
-            p99 = result.percentile(0.99)
-            live.update(f"sent {result.sent}/{result.planned}  accepted {result.accepted}  "
-                        f"rejected {sum(result.rejected.values())}  errors {sum(result.errors.values())}"
-                        f"  p99 {p99 * 1000 if p99 else 0:.1f} ms")
-
     try:
-        if live:
-            live.start()
-        result = asyncio.run(run_load(url, tokens, generator, rate, duration, concurrency, tick))
+        with ui.live_line(output) as show:
+            def tick(result) -> None:
+                p99 = result.percentile(0.99)
+                show(f"sent {result.sent}/{result.planned}  accepted {result.accepted}  "
+                     f"rejected {sum(result.rejected.values())}  errors {sum(result.errors.values())}"
+                     f"  p99 {p99 * 1000 if p99 else 0:.1f} ms")
+
+            result = asyncio.run(run_load(url, tokens, generator, rate, duration, concurrency, tick))
     except OSError as e:
         raise OpsError(f"the edge of the order API is not reachable at {url}: {e}",
                        "start it and the API: opsctl install --only nginx; "
                        "opsctl services start order-creator")
-    finally:
-        if live:
-            live.stop()
     summary = result.summary()
     if output == ui.Output.json:
         ui.print_json(summary)
@@ -225,8 +214,7 @@ def show(
             ["reason", letter["reason"]], ["dead-lettered at", letter["dead_lettered_at"]],
             *[[f"property {k}", v] for k, v in letter["properties"].items()],
             *[[f"header {k}", v] for k, v in letter["headers"].items()]])
-        ui.console.print_json(data=letter["body"]) if not isinstance(letter["body"], str) \
-            else ui.console.print(letter["body"], markup=False)
+        ui.out(letter["body"]) if isinstance(letter["body"], str) else ui.out_json(letter["body"])
 
 
 @dead_letters.command()

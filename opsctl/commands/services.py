@@ -105,10 +105,10 @@ def logs(
         raise UsageError(f"{name} has no log yet ({logfile})", f"start it: opsctl services start {name}")
     with open(logfile, errors="replace") as f:
         for line in f.readlines()[-lines:] if lines else []:
-            print(line, end="")
+            ui.out(line, end="")
         while follow:
             line = f.readline()
             if line:
-                print(line, end="", flush=True)
+                ui.out(line, end="")
             else:
                 time.sleep(0.25)

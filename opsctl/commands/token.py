@@ -60,4 +60,4 @@ def token(
     elif decode:
         ui.print_json(_decode(access))
     else:
-        print(access)
+        ui.out(access)

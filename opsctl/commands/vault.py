@@ -84,8 +84,8 @@ def init(
             "makes itself an admin token and revokes the root token.")
     if show:
         for i, key in enumerate(record["keys_base64"], 1):
-            ui.console.print(f"Unseal key {i}: {key}", markup=False)
-        ui.console.print(f"Root token: {record['root_token']}", markup=False)
+            ui.out(f"Unseal key {i}: {key}")
+        ui.out(f"Root token: {record['root_token']}")
     ui.info("Next: opsctl vault unseal")
 
 
@@ -187,7 +187,7 @@ def root_token(
         return
     if admin:
         ui.info(f"opsctl's {admin}.")
-    ui.console.print(f"Root token{' (PGP-encrypted, base64)' if key else ''}: {token}", markup=False)
+    ui.out(f"Root token{' (PGP-encrypted, base64)' if key else ''}: {token}")
     ui.info("Revoke it when done: VAULT_TOKEN=<it> bao token revoke -self"
             + (" (decrypt it first: base64 -d | gpg -d)" if key else ""))
 

@@ -149,3 +149,18 @@ def test_non_loopback_bind_address_is_exit_2_and_says_what_to_do(cwd):
     assert "bind_address '0.0.0.0' is not a loopback address" in result.stderr
     assert "use 127.0.0.1" in result.stderr and "Traceback" not in result.stderr
     assert not (cwd / ".opsctl").exists()  # refused before anything was written
+
+
+def test_commands_print_only_through_ui():
+    """One place prints (opsctl/ui.py): what a command shows follows --output and the terminal."""
+    import ast
+
+    offenders = []
+    for path in sorted((Path(__file__).parents[2] / "opsctl" / "commands").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
+                offenders.append(f"{path.name}:{node.lineno} print()")
+            if isinstance(node, ast.Attribute) and node.attr in ("console", "err_console") \
+                    and isinstance(node.value, ast.Name) and node.value.id == "ui":
+                offenders.append(f"{path.name}:{node.lineno} ui.{node.attr}")
+    assert not offenders, offenders
