@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -157,6 +158,14 @@ def children_of() -> dict[int, list[int]]:
     return found
 
 
+def proc(pid: int, part: str) -> bytes:
+    """/proc/<pid>/<part>, or nothing for a process that has just ended."""
+    try:
+        return Path(f"/proc/{pid}/{part}").read_bytes()
+    except (ProcessLookupError, FileNotFoundError):
+        return b""
+
+
 def tree(pid: int) -> set[int]:
     """The process and all its descendants."""
     known, found, todo = children_of(), set(), [pid]
@@ -174,7 +183,7 @@ def test_the_local_spark_driver_listens_on_loopback_only(screening):
     driver = BundledService(STREAM, workdir_context(screening)).process.pid()
     assert driver, "the streaming job is not running"
     family = tree(driver)
-    java = [p for p in family if b"java" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    java = [p for p in family if b"java" in proc(p, "cmdline")]
     sockets = listening(family)
     assert java and sockets
     assert all(s.startswith("127.0.0.1:") for s in sockets), sockets
@@ -304,8 +313,9 @@ class SparkCluster:
 
 
 @pytest.fixture
-def spark_cluster(tmp_path, screening):
-    cluster = SparkCluster(tmp_path, screening)
+def spark_cluster(screening):
+    home = Path(tempfile.mkdtemp(prefix="spark-cluster-", dir=screening.path))  # its logs kept with the platform's
+    cluster = SparkCluster(home, screening)
     try:
         cluster.start()
         yield cluster
@@ -368,7 +378,7 @@ def test_the_stream_runs_on_a_spark_cluster_with_the_model_shipped_to_its_execut
         driver = BundledService(STREAM, workdir_context(screening)).process.pid()
         for pid in tree(driver):
             for part in ("cmdline", "environ"):
-                assert spark_cluster.secret.encode() not in Path(f"/proc/{pid}/{part}").read_bytes(), part
+                assert spark_cluster.secret.encode() not in proc(pid, part), part
         status = screening.run("jobs", "stream", "status", "-o", "json", check_json=True)
         assert status.returncode == 0 and status.json["master"] == spark_cluster.url
         # A restart opsctl makes by itself keeps the job on the cluster: nothing changed.
