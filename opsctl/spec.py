@@ -181,14 +181,6 @@ class Service(Strict):
         return self
 
 
-# The components opsctl knows how to install; platform.yaml must declare each once.
-KNOWN_COMPONENTS = (
-    "kind", "metallb", "nginx", "prometheus-grafana", "rabbitmq", "cert-manager",
-    "consul", "mongodb", "postgres", "vault", "registry", "redis", "kafka", "spark",
-    "keycloak", "airflow",
-)
-
-
 class Spec(Strict):
     apiVersion: Literal["opsctl/v1"]
     platform: Platform
@@ -202,12 +194,14 @@ class Spec(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "Spec":
-        unknown = sorted(set(self.components) - set(KNOWN_COMPONENTS))
+        from opsctl.registry import COMPONENTS
+
+        unknown = sorted(set(self.components) - set(COMPONENTS))
         if unknown:
             raise ValueError(
-                f"unknown component(s) {', '.join(unknown)}; known: {', '.join(KNOWN_COMPONENTS)}"
+                f"unknown component(s) {', '.join(unknown)}; known: {', '.join(COMPONENTS)}"
             )
-        missing = [c for c in KNOWN_COMPONENTS if c not in self.components]
+        missing = [c for c in COMPONENTS if c not in self.components]
         if missing:
             raise ValueError(f"component(s) missing: {', '.join(missing)}")
         steps: dict[int, str] = {}

@@ -108,7 +108,9 @@ class Component:
 
     @property
     def number(self) -> int:
-        return self.spec.step
+        from opsctl.registry import step_number
+
+        return self.spec.step if self.spec else step_number(self.ctx.spec, self.name)
 
     def reconcile(self) -> Outcome:
         raise NotImplementedError
@@ -161,10 +163,8 @@ class ConfigStep(Component):
     checks must treat what does not exist yet as to be created.
     """
 
-    number: int = 0
-
     def _component_spec(self) -> None:
-        return None  # configuration steps are numbered in code, after the components
+        return None  # configuration steps are numbered after the components (opsctl.registry)
 
     def plan(self) -> Iterator[Change]:
         raise NotImplementedError

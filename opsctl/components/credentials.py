@@ -19,7 +19,6 @@ def username(service: str) -> str:
 
 
 class ServiceCredentials(ConfigStep):
-    number = 19
     after = ("vault", "rabbitmq", "postgres", "redis", "mongodb")
 
     def plan(self) -> Iterator[Change]:

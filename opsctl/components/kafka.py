@@ -10,8 +10,8 @@ from pathlib import Path
 
 from opsctl.components.base import LocalServer
 from opsctl.errors import OpsError
-from opsctl.targets.local import artifacts
 from opsctl.net import port_open
+from opsctl.targets.local import artifacts
 from opsctl.targets.local.process import require_binary
 
 # Kafka 4 logs through slf4j 1.x: this binding routes it to log4j2 (and a file).

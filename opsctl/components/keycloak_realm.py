@@ -134,7 +134,6 @@ def load_signing_key(key_file: str, cert_file: str) -> dict:
 
 
 class KeycloakRealm(ConfigStep):
-    number = 17
     after = ("keycloak", "vault")
 
     def __init__(self, name, ctx, signing_key: dict | None = None):

@@ -71,7 +71,6 @@ def desired(spec) -> tuple[list[Exchange], list[Queue], list[Binding]]:
 
 
 class RabbitMQTopology(ConfigStep):
-    number = 20
     after = ("rabbitmq",)
 
     def __init__(self, name, ctx, recreate: bool = False, force: bool = False):

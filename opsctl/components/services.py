@@ -13,8 +13,9 @@ from opsctl import httpclient
 from opsctl.components import keycloak_realm, vault
 from opsctl.components.base import Component, Context, LocalServer, Outcome
 from opsctl.errors import OpsError
-from opsctl.spec import Component as ComponentSpec
 from opsctl.net import port_open
+from opsctl.registry import step_number
+from opsctl.spec import Component as ComponentSpec
 
 # service name -> (python module run with -m, extra environment built from the spec)
 MODULES = {
@@ -26,7 +27,6 @@ MODULES = {
     "cdc-bridge": "order_services.cdc_bridge",
     "order-screening": "order_services.screening.stream",
 }
-STEP = 22
 
 
 def environment(ctx: Context, name: str, client_secret: str) -> dict[str, str]:
@@ -104,7 +104,8 @@ class BundledService(LocalServer):
         super().__init__(name, ctx)
 
     def _component_spec(self) -> ComponentSpec:
-        return ComponentSpec(step=STEP, version="bundled", ports=self.ctx.spec.services[self.name].ports)
+        return ComponentSpec(step=step_number(self.ctx.spec, "services"), version="bundled",
+                             ports=self.ctx.spec.services[self.name].ports)
 
     # Never started (installed with --skip services) is not down; stopped or failed is. The
     # streaming job, started on demand, is not down when stopped either.
@@ -154,7 +155,6 @@ class BundledService(LocalServer):
 class Services(Component):
     """Install step: every bundled service running with the spec's settings."""
 
-    number = STEP
     after = ("rabbitmq-topology", "service-credentials", "keycloak-realm", "vault-auth",
              "stock-catalogue", "kafka", "mongodb")
 

@@ -20,7 +20,6 @@ TABLE = """CREATE TABLE IF NOT EXISTS stock (
 
 
 class StockCatalogue(ConfigStep):
-    number = 21
     after = ("postgres", "service-credentials")
 
     def plan(self) -> Iterator[Change]:

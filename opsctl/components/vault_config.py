@@ -22,7 +22,6 @@ def seconds(duration: str) -> int:
 
 
 class VaultAuth(ConfigStep):
-    number = 18
     after = ("vault", "keycloak-realm")
 
     @property

@@ -21,8 +21,6 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 OPSCTL = [sys.executable, "-m", "opsctl"]
-LOCAL_SERVERS = ["nginx", "prometheus-grafana", "rabbitmq", "mongodb", "postgres", "vault",
-                 "redis", "kafka", "keycloak"]
 
 
 def _ephemeral_start() -> int:
@@ -52,7 +50,8 @@ def free_ports(count: int) -> list[int]:
 
 
 def port_override(components: list[str] | None = None) -> dict:
-    """An opsctl.yaml body that moves every port of these components to a free one."""
+    """An opsctl.yaml body that moves every port of these components to a free one (of
+    every component and service, and the realm, when none are named)."""
     from opsctl import spec
 
     default = yaml.safe_load(spec.DEFAULT_SPEC.read_text())
@@ -65,8 +64,9 @@ def port_override(components: list[str] | None = None) -> dict:
     override: dict = {"components": {}}
     for name, key in wanted:
         override["components"].setdefault(name, {"ports": {}})["ports"][key] = next(ports)
-    if services:
+    if services:  # the whole platform: its realm moves too
         override["services"] = {name: {field: next(ports)} for name, field in services}
+        override["names"] = {"realm": "opsctl-test-realm"}
     return override
 
 
@@ -86,8 +86,8 @@ class Workdir:
         """Every log of its servers, services, jobs and supervisor, and of the tests' own
         service processes."""
         state = self.path / ".opsctl"
-        found = [*state.glob("local/*/logs/*.log"), *state.glob("local/supervisor/*.log"),
-                 *self.path.glob("*.log")]
+        found = {*state.glob("local/*/logs/*.log"), *state.glob("local/supervisor/*.log"),
+                 *self.path.glob("*.log"), *self.path.glob("*/*.log")}  # and of tests' own servers
         return sorted(p for p in found if p.is_file())
 
     def remove(self) -> None:
@@ -102,6 +102,11 @@ class Workdir:
 
     def port(self, component: str, key: str) -> int:
         return self.config["components"][component]["ports"][key]
+
+    @property
+    def names(self):
+        """The names of the loaded spec (realm, queues, databases), opsctl.yaml's included."""
+        return workdir_context(self).spec.names
 
     def admin_secret(self, component: str, key: str) -> str:
         """A generated admin credential of this platform (never printed by opsctl)."""
@@ -206,6 +211,15 @@ def workdir_context(work: Workdir):
 
     loaded = spec.load(str(work.path / "opsctl.yaml"))
     return Context(loaded, "local", work.path / ".opsctl")
+
+
+def components_where(work: Workdir, on_local: bool) -> list[str]:
+    """The loaded spec's components that run as servers on the local target (`on_local`),
+    or that are for other targets only."""
+    spec = workdir_context(work).spec
+    if not on_local:
+        return [name for name, c in spec.ordered() if "local" not in c.targets]
+    return [name for name, c in spec.ordered() if "local" in c.targets and c.available and c.ports]
 
 
 def service_env(work: Workdir, name: str) -> dict[str, str]:

@@ -43,7 +43,7 @@ def keycloak_admin(platform):
     admin = KeycloakAdmin(server_url=keycloak_url(platform), username="opsctl-admin",
                           password=platform.admin_secret("keycloak", "admin_password"), realm_name="master",
                           user_realm_name="master")
-    admin.change_current_realm("order-management-realm")
+    admin.change_current_realm(platform.names.realm)
     return admin
 
 
@@ -62,7 +62,7 @@ def test_people_token_carries_key_id_audiences_and_roles(platform):
     answer = token(platform)
     header, claims = answer["header"], answer["claims"]
     assert header["alg"] == "RS256"
-    assert claims["iss"] == f"{keycloak_url(platform)}/realms/order-management-realm"
+    assert claims["iss"] == f"{keycloak_url(platform)}/realms/{platform.names.realm}"
     assert {"order-api", "vault"} <= set(claims["aud"])
     assert "create-orders-client-role" in claims["resource_access"]["create-orders-client"]["roles"]
     assert "create-orders-role" in claims["realm_access"]["roles"]
@@ -73,7 +73,7 @@ def test_people_token_carries_key_id_audiences_and_roles(platform):
         path="keycloak/signing-key", mount_point="secret", raise_on_deleted_version=True,
     )["data"]["data"]["certificate"]
     body = "".join(l for l in cert.strip().splitlines() if not l.startswith("-----"))
-    certs = httpclient.get(f"{keycloak_url(platform)}/realms/order-management-realm"
+    certs = httpclient.get(f"{keycloak_url(platform)}/realms/{platform.names.realm}"
                            "/protocol/openid-connect/certs")
     ours = [k for k in certs["keys"] if k.get("x5c", [None])[0] == body]
     assert len(ours) == 1 and ours[0]["kid"] == header["kid"]
@@ -152,12 +152,12 @@ def test_keycloak_drift_is_shown_per_object_and_repaired(platform):
     uuid = admin.get_client_id("create-orders-client")
     user = admin.get_client_service_account_user(uuid)
     admin.delete_realm_roles_of_user(user["id"], [admin.get_realm_role("create-orders-role")])
-    admin.update_realm("order-management-realm", {"accessTokenLifespan": 3600})
+    admin.update_realm(platform.names.realm, {"accessTokenLifespan": 3600})
 
     diff = platform.run("keycloak", "diff", "-o", "json", check_json=True)
     assert diff.returncode == 1
     objects = {c["object"] for c in diff.json["changes"]}
-    assert objects == {"realm order-management-realm", "service account of create-orders-client"}
+    assert objects == {f"realm {platform.names.realm}", "service account of create-orders-client"}
     apply = platform.run("keycloak", "apply")
     assert apply.returncode == 0 and "changed 2" in apply.stdout
     assert platform.run("keycloak", "diff").returncode == 0
@@ -283,7 +283,7 @@ def test_validate_jwt_accepts_real_keycloak_tokens_and_checks_the_role(platform)
 
     from order_services.auth import JWTValidator, add_auth_error_handler, require_token
 
-    issuer = f"{keycloak_url(platform)}/realms/order-management-realm"
+    issuer = f"{keycloak_url(platform)}/realms/{platform.names.realm}"
     validator = JWTValidator(issuer=issuer, audience="order-api",
                              required_role="create-orders-client-role", client="create-orders-client")
     app = FastAPI()
@@ -326,7 +326,7 @@ def test_service_secrets_helper_logs_in_reads_and_logs_in_again(platform):
     now = [0.0]
     helper = VaultSecrets(
         f"http://127.0.0.1:{platform.port('vault', 'http')}", "stock-service",
-        KeycloakToken(f"{keycloak_url(platform)}/realms/order-management-realm/protocol/openid-connect/token",
+        KeycloakToken(f"{keycloak_url(platform)}/realms/{platform.names.realm}/protocol/openid-connect/token",
                       "stock-service", stored["client_secret"]),
         "stock-service", clock=lambda: now[0])
     assert "postgres_password" in helper.read() and helper.logins == 1

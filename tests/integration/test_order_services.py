@@ -130,7 +130,7 @@ def roleless(topology):
     admin = KeycloakAdmin(server_url=keycloak, username="opsctl-admin", realm_name="master",
                           password=topology.admin_secret("keycloak", "admin_password"),
                           user_realm_name="master")
-    admin.change_current_realm("order-management-realm")
+    admin.change_current_realm(topology.names.realm)
     client_id, secret = f"test-no-role-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
     uid = admin.create_client({"clientId": client_id, "secret": secret, "publicClient": False,
                                "serviceAccountsEnabled": True, "standardFlowEnabled": False,
@@ -138,8 +138,8 @@ def roleless(topology):
     try:
         scope = admin.get_client_scope_by_name("create_orders_scope")["id"]
         admin.add_client_default_client_scope(uid, scope, {
-            "realm": "order-management-realm", "client": uid, "clientScopeId": scope})
-        answer = httpx.post(f"{keycloak}/realms/order-management-realm/protocol/openid-connect/token",
+            "realm": topology.names.realm, "client": uid, "clientScopeId": scope})
+        answer = httpx.post(f"{keycloak}/realms/{topology.names.realm}/protocol/openid-connect/token",
                             data={"grant_type": "client_credentials", "client_id": client_id,
                                   "client_secret": secret})
         assert answer.status_code == 200, answer.text

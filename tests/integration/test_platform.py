@@ -6,22 +6,23 @@ import socket
 import time
 
 import pytest
+import yaml
 
-from tests.integration.conftest import LOCAL_SERVERS, workdir_context
+from tests.integration.conftest import components_where, workdir_context
 from tests.integration.helpers import wait_for
 
 pytestmark = pytest.mark.integration
-
-KUBERNETES_ONLY = ["kind", "metallb", "cert-manager", "consul", "registry"]
 
 
 def test_first_install_starts_every_local_server(platform):
     code, steps = platform.first_install
     assert code == 0, steps
-    for name in LOCAL_SERVERS:
+    servers = components_where(platform, on_local=True)
+    assert "rabbitmq" in servers and "spark" not in servers  # a library there, not a server
+    for name in servers:
         assert steps[name]["state"] == "changed", steps[name]
         assert "started" in steps[name]["detail"]
-    for name in KUBERNETES_ONLY:
+    for name in components_where(platform, on_local=False):
         assert steps[name] == {**steps[name], "state": "skipped", "detail": "kubernetes only"}
     assert steps["spark"]["state"] in ("changed", "unchanged") and "pyspark" in steps["spark"]["detail"]
     assert steps["airflow"]["state"] == "skipped" and "not yet" in steps["airflow"]["detail"]
@@ -29,12 +30,31 @@ def test_first_install_starts_every_local_server(platform):
     assert "initialised" in steps["vault"]["detail"] and "unsealed" in steps["vault"]["detail"]
 
 
+def test_the_platform_installs_with_every_port_and_the_realm_moved_in_opsctl_yaml(platform):
+    """The shared test platform is itself the proof: opsctl.yaml moves every port of every
+    component and service and the realm away from platform.yaml's, and everything works there."""
+    from opsctl import spec
+
+    default = yaml.safe_load(spec.DEFAULT_SPEC.read_text())
+    moved = platform.config
+    for name, component in default["components"].items():
+        for key, port in component.get("ports", {}).items():
+            assert moved["components"][name]["ports"][key] != port, f"{name}.{key} is not moved"
+    for name, service in default["services"].items():
+        field = "port" if "port" in service else "metrics_port"
+        assert moved["services"][name][field] != service[field], f"services.{name} is not moved"
+    assert platform.names.realm != default["names"]["realm"]
+    assert platform.first_install[0] == 0
+    claims = platform.run("token", "-o", "json", "--decode", check_json=True).json["claims"]
+    assert claims["iss"].endswith(f":{moved['components']['keycloak']['ports']['http']}/realms/{platform.names.realm}")
+
+
 def test_status_shows_every_server_healthy_with_endpoint_and_version(platform):
     comps = platform.status()[1]
     # Whether the bundled services count (and the exit code with them) depends on what
     # earlier tests did with them on this shared platform: tests/integration/test_supervision.py.
     assert len(comps) == 16 + len(workdir_context(platform).spec.services)
-    for name in LOCAL_SERVERS:
+    for name in components_where(platform, on_local=True):
         assert comps[name]["health"] == "healthy", comps[name]
         assert comps[name]["version"], comps[name]
         assert comps[name]["target"] == "local"
@@ -42,7 +62,7 @@ def test_status_shows_every_server_healthy_with_endpoint_and_version(platform):
     assert comps["kafka"]["version"].startswith("4.3")
     assert comps["mongodb"]["detail"] == "replica set rs0, primary"
     assert comps["vault"]["detail"] == "initialised, unsealed"
-    for name in KUBERNETES_ONLY:
+    for name in components_where(platform, on_local=False):
         assert comps[name]["health"] == "n/a"
 
 
@@ -50,7 +70,7 @@ def test_servers_listen_on_loopback_only(platform):
     """Each server answers on 127.0.0.1 and on no other address of this machine."""
     others = {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)}
     others.discard("127.0.0.1")
-    for name in LOCAL_SERVERS:
+    for name in components_where(platform, on_local=True):
         for key, port in platform.config["components"][name]["ports"].items():
             if key == "cluster":  # vault's cluster port is only opened by an HA leader
                 continue
@@ -127,8 +147,9 @@ def test_stopped_server_is_reported_then_repaired_alone(platform):
     code, steps = platform.steps("--skip", "services")
     assert code == 0
     assert steps["redis"]["state"] == "changed"
-    assert {s["state"] for n, s in steps.items() if n in LOCAL_SERVERS and n != "redis"} == {"unchanged"}
-    assert {platform.status()[1][name]["health"] for name in LOCAL_SERVERS} == {"healthy"}
+    servers = components_where(platform, on_local=True)
+    assert {s["state"] for n, s in steps.items() if n in servers and n != "redis"} == {"unchanged"}
+    assert {platform.status()[1][name]["health"] for name in servers} == {"healthy"}
 
 
 def _vault(platform, method: str, path: str, body=None):

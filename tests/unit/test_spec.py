@@ -2,7 +2,7 @@
 
 import pytest
 
-from opsctl import spec
+from opsctl import registry, spec
 from opsctl.errors import USAGE, UsageError
 
 
@@ -23,7 +23,7 @@ def error_of(workdir, text: str) -> UsageError:
 
 def test_default_spec_declares_the_sixteen_steps_in_design_order(workdir):
     s = spec.load()
-    assert [name for name, _ in s.ordered()] == list(spec.KNOWN_COMPONENTS)
+    assert [name for name, _ in s.ordered()] == list(registry.COMPONENTS)
     assert [c.step for _, c in s.ordered()] == list(range(1, 17))
     assert s.names.realm == "order-management-realm"
     assert s.names.exchanges.orders == "order-exchange"
