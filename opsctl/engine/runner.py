@@ -44,6 +44,7 @@ def run_steps(ctx: Context, components: list[Component], state: StateFile | None
     selected = {c.name for c in components}
     pending = sorted(components, key=lambda c: c.number)
     running: dict[Future, tuple[Component, float]] = {}
+    held_back: set[str] = set()  # skipped because a prerequisite failed: not a success either
 
     def finish(component: Component, outcome: Outcome, duration: float | None) -> None:
         result = StepResult(component.number, component.name, outcome.state, outcome.detail,
@@ -59,7 +60,7 @@ def run_steps(ctx: Context, components: list[Component], state: StateFile | None
                 continue
             if dep not in results:
                 return "wait"
-            if results[dep].state not in OK_STATES:
+            if results[dep].state not in OK_STATES or dep in held_back:
                 return dep
         return None
 
@@ -80,6 +81,7 @@ def run_steps(ctx: Context, components: list[Component], state: StateFile | None
                         finish(component, Outcome("planned", f"after {', '.join(waits_on)}"), None)
                         continue
                     if blocked:
+                        held_back.add(component.name)
                         finish(component, Outcome("skipped", f"needs {blocked}, which did not succeed"),
                                None)
                         continue

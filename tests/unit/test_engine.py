@@ -89,6 +89,16 @@ def test_failure_is_reported_and_dependents_skipped_others_continue(ctx):
     assert by_name["nginx"].state == "changed"
 
 
+def test_a_step_skipped_for_a_failure_holds_back_its_own_dependents(ctx):
+    log = []
+    comps = fakes(ctx, log, nginx={"fail": True}, rabbitmq={"after": ("nginx",)},
+                  postgres={"after": ("rabbitmq",)})
+    by_name = {r.name: r for r in run_steps(ctx, comps, None, Board(), parallel=2)}
+    assert by_name["rabbitmq"].state == "skipped" and "needs nginx" in by_name["rabbitmq"].detail
+    assert by_name["postgres"].state == "skipped" and "needs rabbitmq" in by_name["postgres"].detail
+    assert ("start", "postgres") not in log
+
+
 def test_unexpected_exception_fails_only_its_step(ctx):
     log = []
     comps = fakes(ctx, log)
