@@ -74,7 +74,7 @@ def environment(ctx: Context, name: str, client_secret: str) -> dict[str, str]:
     if "http" in ports:
         env.update(HTTP_HOST=ctx.host, HTTP_PORT=str(ports["http"]))
     else:
-        env["METRICS_PORT"] = str(ports["metrics"])
+        env.update(METRICS_HOST=ctx.host, METRICS_PORT=str(ports["metrics"]))
     queue = {"premium-consumer": names.queues.priority, "regular-consumer": names.queues.regular,
              "digital-consumer": names.queues.digital}.get(name)
     if queue:

@@ -28,7 +28,7 @@ At least once, never less:
   anything else, or the collection is re-scanned. After a re-scan, the stream's position
   is saved with the last scanned document as its anchor (there is no event to find again).
 
-Metrics (http://127.0.0.1:METRICS_PORT/metrics, served once the stream is open):
+Metrics (http://METRICS_HOST:METRICS_PORT/metrics, served once the stream is open):
 records_published_total, cdc_lag_seconds (now − time of the last published event, measured
 when its batch was delivered; 0 while the stream is caught up), cdc_rescans_total.
 SIGTERM/SIGINT: the batch in hand is delivered and its token saved, then connections close.
@@ -258,11 +258,10 @@ class Bridge:
     def start_metrics(self) -> None:
         if self.metrics_started:
             return
-        serve_metrics(self.settings.metrics_port)
+        metrics = serve_metrics(self.settings.metrics_port)
         self.metrics_started = True
-        log.info("ready: %s.%s → Kafka %s; metrics on http://127.0.0.1:%d/metrics",
-                 self.settings.database, self.settings.collection, self.settings.topic,
-                 self.settings.metrics_port)
+        log.info("ready: %s.%s → Kafka %s; metrics on %s",
+                 self.settings.database, self.settings.collection, self.settings.topic, metrics)
 
     # --- connections --------------------------------------------------------------------
     def connect_mongodb(self) -> None:

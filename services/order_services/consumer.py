@@ -34,7 +34,7 @@ Delivery rules:
 - SIGTERM/SIGINT: the batch in hand is finished (written and acknowledged), the consumer is
   cancelled, prefetched messages go back to the queue, connections are closed, exit 0.
 
-Metrics (prometheus_client, http://127.0.0.1:METRICS_PORT/metrics, served once consuming):
+Metrics (prometheus_client, http://METRICS_HOST:METRICS_PORT/metrics, served once consuming):
 messages_processed_total{result=stored|duplicate|retried|dead_lettered},
 message_processing_seconds (histogram, per message, delivery batch taken → settled).
 """
@@ -517,10 +517,9 @@ class Consumer:
     def start_metrics(self) -> None:
         if self.metrics_started:
             return
-        serve_metrics(self.settings.metrics_port)
+        metrics = serve_metrics(self.settings.metrics_port)
         self.metrics_started = True
-        log.info("ready: consuming %s; metrics on http://127.0.0.1:%d/metrics",
-                 self.settings.queue, self.settings.metrics_port)
+        log.info("ready: consuming %s; metrics on %s", self.settings.queue, metrics)
 
     # --- RabbitMQ -----------------------------------------------------------------------
     def connect_rabbitmq(self, refresh_credentials: bool) -> None:

@@ -34,14 +34,19 @@ class Backoff:
         self.failures = 0
 
 
-def serve_metrics(port: int) -> None:
-    """Prometheus metrics on 127.0.0.1:port (opsctl waits for it as readiness)."""
+def serve_metrics(port: int) -> str:
+    """Prometheus metrics on METRICS_HOST (default 127.0.0.1; an image sets 0.0.0.0):port,
+    which opsctl waits for as readiness; their URL."""
+    import os
+
     from prometheus_client import start_http_server
 
+    host = os.environ.get("METRICS_HOST") or "127.0.0.1"
     try:
-        start_http_server(port, addr="127.0.0.1")
+        start_http_server(port, addr=host)
     except OSError as e:
-        raise ConfigError(f"cannot serve metrics on 127.0.0.1:{port}: {e}") from None
+        raise ConfigError(f"cannot serve metrics on {host}:{port}: {e}") from None
+    return f"http://{host}:{port}/metrics"
 
 
 def run_worker(default_name: str, start: Callable[[str], int]) -> int:

@@ -43,6 +43,8 @@ def test_a_service_is_wired_to_where_the_others_answer(moved):
     assert env["MONGODB_URL"].startswith("mongodb://127.0.0.2:27999/?replicaSet=")
     assert env["STOCK_URL"] == "http://127.0.0.2:9999"
     assert env["VAULT_ADDR"] == "http://127.0.0.2:8999"
+    worker = services.environment(moved, "regular-consumer", "secret")
+    assert (worker["METRICS_HOST"], worker["METRICS_PORT"]) == ("127.0.0.2", "9998")
     assert "server 127.0.0.2:9999;" in build("nginx", moved).config_files()["nginx.conf"]
     assert "127.0.0.2:9998" in build("prometheus-grafana", moved).config_files()["prometheus.yml"]
 

@@ -17,8 +17,8 @@ from opsctl.components.services import MODULES
 SERVICES = Path(__file__).resolve().parents[2] / "services"
 # What an image may set itself: where the container listens and keeps its state, and the
 # paths of what it carries inside (the Kafka source jars) or gets mounted (the model).
-CONTAINER_DEFAULTS = {"PYTHONUNBUFFERED", "HTTP_HOST", "HTTP_PORT", "METRICS_PORT", "STATE_DIR",
-                      "MODEL_DIR", "SPARK_JARS"}
+CONTAINER_DEFAULTS = {"PYTHONUNBUFFERED", "HTTP_HOST", "HTTP_PORT", "METRICS_HOST", "METRICS_PORT",
+                      "STATE_DIR", "MODEL_DIR", "SPARK_JARS"}
 
 
 def dockerfile(image: str) -> str:
@@ -50,6 +50,8 @@ def test_images_take_their_settings_from_the_environment_and_run_unprivileged(im
     assert set(settings) <= CONTAINER_DEFAULTS, set(settings) - CONTAINER_DEFAULTS
     port = settings.get("HTTP_PORT") or settings["METRICS_PORT"]
     assert instructions(text, "EXPOSE") == [port]
+    # what it serves answers on the pod's address, not only inside the container
+    assert settings.get("HTTP_HOST", settings.get("METRICS_HOST")) == "0.0.0.0"
     assert instructions(text, "USER") and instructions(text, "USER")[-1] not in {"root", "0"}
     assert not re.search(r"\b(127\.0\.0\.1|localhost)\b", " ".join(instructions(text, "ENV")))
 

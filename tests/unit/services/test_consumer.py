@@ -189,3 +189,20 @@ def test_postgres_data_errors_are_permanent_and_others_pass():
     # A serialization failure is an OperationalError: held as an outage, never dead-lettered.
     assert issubclass(psycopg.errors.SerializationFailure, psycopg.OperationalError)
     assert 11000 in consumer_module.MONGO_PASSING
+
+
+def test_a_worker_serves_its_metrics_where_metrics_host_says(monkeypatch):
+    import socket
+    import urllib.request
+
+    from order_services.worker import serve_metrics
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.2", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("METRICS_HOST", "127.0.0.2")
+    url = serve_metrics(port)
+    assert url == f"http://127.0.0.2:{port}/metrics"
+    assert b"python_info" in urllib.request.urlopen(url, timeout=2).read()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()  # not on another address
