@@ -404,17 +404,20 @@ def run_stream(spark, settings: Settings, sinks: Sinks, model_name: str, meta: d
     log.info("%s: %s %s → VAE (threshold %.4f) → %s/%s", name, settings.kafka_bootstrap, settings.topic,
              meta["threshold"], settings.exchange, settings.routing_key)
 
+    import threading
+
+    stoppers: list[threading.Thread] = []
+
     def stop(*_):
         log.info("stopping after the batch in hand")
         # From another thread: the handler runs in the main thread, inside awaitTermination's
         # call to the JVM, and a second call on that thread's py4j connection fails (reentrant).
-        import threading
-
         def finish_then_stop():
             gate.close()
             query.stop()
 
-        threading.Thread(target=finish_then_stop, name="stop-query").start()
+        stoppers.append(threading.Thread(target=finish_then_stop, name="stop-query"))
+        stoppers[-1].start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -424,6 +427,11 @@ def run_stream(spark, settings: Settings, sinks: Sinks, model_name: str, meta: d
         if not gate.stopping.is_set():
             raise
         # a batch refused by the gate while stopping: the query ends with its error, as asked
+    finally:
+        # awaitTermination returns while query.stop() is still winding down: stopping the
+        # SparkContext under it (as the caller does next) would fail that call.
+        for stopper in stoppers:
+            stopper.join()
 
 
 def start_jvm(options: dict[str, str]) -> str:
