@@ -192,6 +192,7 @@ def test_the_local_spark_driver_listens_on_loopback_only(screening):
 def test_a_restarted_stream_continues_from_its_checkpoint_and_flags_nothing_twice(screening):
     db = mongo(screening)
     before = len(validation_messages(screening))
+    assert screening.run("jobs", "stream", "start").returncode == 0  # running already: unchanged
     log = BundledService(STREAM, workdir_context(screening)).process.logfile
     logged = log.stat().st_size
     assert screening.run("jobs", "stream", "stop").returncode == 0

@@ -384,7 +384,6 @@ def run_stream(spark, settings: Settings, sinks: Sinks, model_name: str, meta: d
     """Serve the metrics and run the query until it stops (SIGTERM, SIGINT) or fails."""
     from order_services.worker import serve_metrics
 
-    serve_metrics(settings.metrics_port)
     source = (spark.readStream.format("kafka")
               .option("kafka.bootstrap.servers", settings.kafka_bootstrap)
               .option("subscribe", settings.topic)
@@ -421,6 +420,7 @@ def run_stream(spark, settings: Settings, sinks: Sinks, model_name: str, meta: d
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    serve_metrics(settings.metrics_port)  # ready (opsctl waits for these) once a stop is graceful
     try:
         query.awaitTermination()
     except Exception:
