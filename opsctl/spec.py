@@ -162,22 +162,52 @@ class ScreeningSettings(Strict):
     trigger_seconds: Annotated[float, Field(gt=0, le=3600)]
 
 
+class RedisAccess(Strict):
+    keys: list[Annotated[str, Field(pattern=r"^[a-z_]+$")]]  # key prefixes: <prefix>:*
+    commands: list[Annotated[str, Field(pattern=r"^[a-z]+$")]]  # besides ping
+
+
 class Service(Strict):
+    """A bundled service and its wiring: what it runs, what it reads and writes where. opsctl
+    turns these into the service's environment, its users' permissions and the edge's routes;
+    the service's code knows none of the other services' names."""
+
     image: str  # its container image: services/images/<image>/Dockerfile
+    module: Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_.]*$")]  # run as python -m <module>
+    runtime: Literal["python", "spark"] = "python"  # spark: a streaming job (spark-submit on a cluster)
     credentials: list[Credential] = []
     shared_secrets: list[SharedSecret] = []
     port: Port | None = None  # HTTP services: where the API listens
     metrics_port: Port | None = None  # workers: where /metrics is served
     autostart: bool = True  # started by install and `services start` (else by its own command)
+    routes: list[Annotated[str, Field(pattern=r"^(= )?/[A-Za-z0-9_./-]*$")]] = []  # nginx locations the edge sends it
+    calls: list[Name] = []  # services it calls (their URL in its environment; they admit it)
+    consumes: Literal["priority", "regular", "digital"] | None = None  # names.queues: the queue it reads
+    publishes: Literal["orders"] | None = None  # names.exchanges: the exchange it writes to
+    store: Literal["postgres", "mongodb"] | None = None  # where it keeps (or reads) orders
+    collection: Literal["orders", "digital_orders"] | None = None  # names.mongodb: its collection
+    # What it does in its store: MongoDB role order-writer or order-reader; catalogue: reads
+    # and updates the stock table in PostgreSQL.
+    role: Literal["writer", "reader", "catalogue"] = "writer"
+    cache: RedisAccess | None = None  # its Redis ACL (none: ping only)
 
     @property
     def ports(self) -> dict[str, int]:
         return {"http": self.port} if self.port else {"metrics": self.metrics_port}
 
     @model_validator(mode="after")
-    def _one_port(self) -> "Service":
+    def _consistent(self) -> "Service":
         if (self.port is None) == (self.metrics_port is None):
             raise ValueError("give a service either port (HTTP) or metrics_port (worker)")
+        if self.store and self.store not in self.credentials:
+            raise ValueError(f"store {self.store} needs {self.store} in credentials")
+        if (self.store == "mongodb") != (self.collection is not None):
+            raise ValueError("a service whose store is mongodb names its collection, and only it")
+        needs = {"reader": "mongodb", "catalogue": "postgres"}.get(self.role)
+        if needs and self.store != needs:
+            raise ValueError(f"role {self.role} needs store {needs}")
+        if self.routes and not self.port:
+            raise ValueError("only an HTTP service (port) has routes at the edge")
         return self
 
 
@@ -223,7 +253,17 @@ class Spec(Strict):
             if port in ports:
                 raise ValueError(f"port {port} is used twice: {ports[port]} and services.{name}")
             ports[port] = f"services.{name}"
+            unknown = [c for c in service.calls if c not in self.services or not self.services[c].port]
+            if unknown:
+                raise ValueError(f"services.{name}.calls: {', '.join(unknown)} is not an HTTP service")
+        if len([s for s in self.services.values() if s.runtime == "spark"]) != 1:
+            raise ValueError("exactly one service is the streaming job (runtime: spark)")
         return self
+
+    @property
+    def stream_job(self) -> str:
+        """The service that runs as the Spark streaming job."""
+        return next(name for name, s in self.services.items() if s.runtime == "spark")
 
     def ordered(self) -> list[tuple[str, Component]]:
         """Components in install order."""

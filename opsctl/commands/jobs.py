@@ -25,7 +25,6 @@ stream_app = typer.Typer(help="The streaming job: Kafka orders-topic → VAE →
                          no_args_is_help=True)
 app.add_typer(stream_app, name="stream")
 
-STREAM = "order-screening"
 MasterOption = Annotated[Optional[str], typer.Option(
     "--master", metavar="URL", show_default=False,
     help="Where the executors run: local[*] (Spark local mode, the default), spark://HOST:PORT "
@@ -170,7 +169,7 @@ def _restart_stream_if_running(ctx) -> bool:
     """Restart a running stream (on a new model): on the master it was started on."""
     from opsctl.components.services import BundledService
 
-    stream = BundledService(STREAM, ctx)
+    stream = BundledService(ctx.spec.stream_job, ctx)
     if not stream.process.running():
         return False
     stream.stop()
@@ -196,7 +195,8 @@ def _start_stream(ctx, placement: tuple[str, dict[str, str]] | None = None):
     if placement is not None:
         spark.check_reachable(placement[0])
         spark.set_stream_placement(ctx, *placement)
-    return BundledService(STREAM, ctx, keycloak_realm.client_secret(ctx, STREAM)).reconcile()
+    job = ctx.spec.stream_job
+    return BundledService(job, ctx, keycloak_realm.client_secret(ctx, job)).reconcile()
 
 
 @stream_app.command("start")
@@ -217,10 +217,11 @@ start) keeps the job where it runs; a start without --master runs it in local mo
     """
     set_output(output)
     placement = _placement(master, conf)
-    outcome = _start_stream(context(), placement)
-    data = {"job": STREAM, "master": placement[0], "state": outcome.state, "detail": outcome.detail}
+    ctx = context()
+    outcome = _start_stream(ctx, placement)
+    data = {"job": ctx.spec.stream_job, "master": placement[0], "state": outcome.state, "detail": outcome.detail}
     ui.render_or_json(output, data, lambda: ui.table(None, ["job", "master", "state", "detail"], [
-        [STREAM, placement[0], ui.styled(outcome.state), outcome.detail]]))
+        [ctx.spec.stream_job, placement[0], ui.styled(outcome.state), outcome.detail]]))
     if outcome.state == "failed":
         raise typer.Exit(FAILED)
 
@@ -247,19 +248,20 @@ secret (Vault). Stop `opsctl jobs stream` first: both use the same checkpoint an
     master, properties = _placement(master, conf)
     ctx = context()
     build("spark", ctx).check_installed()  # the Kafka source jars, fetched if they are not
-    pyspark, job = importlib.util.find_spec("pyspark"), importlib.util.find_spec("order_services.screening.stream")
+    stream = ctx.spec.stream_job
+    pyspark, job = importlib.util.find_spec("pyspark"), importlib.util.find_spec(ctx.spec.services[stream].module)
     if pyspark is None or job is None:
         raise OpsError("pyspark or the services' screening job is not installed",
                        "run scripts/setup (installs the services with their screening extra)")
-    env = environment(ctx, STREAM, "")
+    env = environment(ctx, stream, "")
     for name in ("OIDC_CLIENT_SECRET", "SPARK_MASTER", "SPARK_JARS", "PYSPARK_SUBMIT_ARGS"):
         env.pop(name, None)  # the secret is named below; spark-submit's arguments give the rest
     names = ctx.spec.names
-    secrets = {"OIDC_CLIENT_SECRET": f"Vault {names.vault.kv_mount}/{names.vault.clients_path}/{STREAM}, "
+    secrets = {"OIDC_CLIENT_SECRET": f"Vault {names.vault.kv_mount}/{names.vault.clients_path}/{stream}, "
                                      "key client_secret"}
     properties.setdefault("spark.pyspark.python", sys.executable)  # driver and executors: the services' Python
     argv = [str(Path(list(pyspark.submodule_search_locations)[0], "bin", "spark-submit")), "--master", master,
-            "--deploy-mode", "client", "--name", STREAM, "--jars", ",".join(str(j) for j in spark.job_jars(ctx)),
+            "--deploy-mode", "client", "--name", stream, "--jars", ",".join(str(j) for j in spark.job_jars(ctx)),
             *[a for k, v in sorted(properties.items()) for a in ("--conf", f"{k}={v}")], job.origin]
     data = {"argv": argv, "env": env, "secret_env": secrets}
 
@@ -287,9 +289,10 @@ worker with --properties-file auth.conf (or add the lines to their conf/spark-de
     from opsctl.components import vault
 
     ctx = context()
-    secret = (vault.kv_read(ctx, vault.admin(ctx), STREAM) or {}).get("spark_auth_secret")
+    stream = ctx.spec.stream_job
+    secret = (vault.kv_read(ctx, vault.admin(ctx), stream) or {}).get("spark_auth_secret")
     if not secret:
-        raise OpsError(f"Vault holds no spark_auth_secret for {STREAM}",
+        raise OpsError(f"Vault holds no spark_auth_secret for {stream}",
                        "run opsctl install (it generates the job's secrets), then this again")
     properties = {"spark.authenticate": "true", "spark.authenticate.secret": secret}
     ui.render_or_json(output, {"properties": properties},
@@ -302,9 +305,11 @@ def stream_stop(output: OutputOption = ui.Output.text) -> None:
     set_output(output)
     from opsctl.components.services import BundledService
 
-    stopped = BundledService(STREAM, context()).stop()
-    ui.render_or_json(output, {"job": STREAM, "stopped": stopped}, lambda: ui.table(
-        None, ["job", "result"], [[STREAM, ui.styled("stopped") if stopped else "not running"]]))
+    ctx = context()
+    stream = ctx.spec.stream_job
+    stopped = BundledService(stream, ctx).stop()
+    ui.render_or_json(output, {"job": stream, "stopped": stopped}, lambda: ui.table(
+        None, ["job", "result"], [[stream, ui.styled("stopped") if stopped else "not running"]]))
 
 
 @stream_app.command("status")
@@ -317,7 +322,8 @@ def stream_status(output: OutputOption = ui.Output.text) -> None:
     from opsctl.errors import UNHEALTHY
 
     ctx = context()
-    health = BundledService(STREAM, ctx).health()
+    stream = ctx.spec.stream_job
+    health = BundledService(stream, ctx).health()
     master = spark.stream_placement(ctx)["master"]
     counts = {}
     if health.health == "healthy":
@@ -327,10 +333,10 @@ def stream_status(output: OutputOption = ui.Output.text) -> None:
             name, _, value = line.partition(" ")
             if name in metrics:
                 counts[metrics[name]] = int(float(value))
-    data = {"job": STREAM, "health": health.health, "master": master, "endpoint": health.endpoint,
+    data = {"job": stream, "health": health.health, "master": master, "endpoint": health.endpoint,
             "detail": health.detail, **counts}
     ui.render_or_json(output, data, lambda: ui.table(None, ["job", "health", "master", "scored", "flagged", "dead-lettered", "detail"], [
-        [STREAM, ui.styled(health.health), master, counts.get("scored", "-"), counts.get("flagged", "-"),
+        [stream, ui.styled(health.health), master, counts.get("scored", "-"), counts.get("flagged", "-"),
          counts.get("dead_lettered", "-"), health.detail]]))
     if health.health != "healthy":
         raise typer.Exit(UNHEALTHY)

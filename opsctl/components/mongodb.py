@@ -20,13 +20,13 @@ from opsctl.net import port_open
 
 ADMIN_USER = "opsctl-admin"
 
-# What each service does in the platform's database (custom roles, created by opsctl).
-# The consumers and the screening job upsert orders (and its dead letters); the CDC bridge
-# reads and watches the change stream.
-SERVICE_ROLES = {
-    "cdc-bridge": ("order-reader", ["find", "changeStream", "killCursors"]),
+# What a service does in the platform's database (custom roles, created by opsctl), by
+# its spec's `role`: the consumers and the screening job upsert orders (and its dead
+# letters); the CDC bridge reads and watches the change stream.
+ROLES = {
+    "writer": ("order-writer", ["find", "insert", "update", "killCursors"]),
+    "reader": ("order-reader", ["find", "changeStream", "killCursors"]),
 }
-DEFAULT_ROLE = ("order-writer", ["find", "insert", "update", "killCursors"])
 RECENT_ORDERS_INDEX = "customer_recent_orders"
 
 
@@ -68,7 +68,8 @@ class MongoDB(LocalServer):
 
     # --- service users (see components/credentials.py) ----------------------------
     def _role(self, service: str | None) -> tuple[str, list[str]]:
-        return SERVICE_ROLES.get(service, DEFAULT_ROLE)
+        wiring = self.ctx.spec.services.get(service) if service else None
+        return ROLES[wiring.role if wiring and wiring.role in ROLES else "writer"]
 
     def service_user_ok(self, user: str, password: str, service: str | None = None) -> bool:
         """The password works and the user holds exactly its service's role, as it should."""

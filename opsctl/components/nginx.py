@@ -35,13 +35,6 @@ PROXY_CONNECT_TIMEOUT = 2
 PROXY_TIMEOUT = 30       # seconds between two reads/writes of a service (POST /create of 1000)
 WORKER_CONNECTIONS = 2048
 
-# Public paths of each bundled HTTP service (their routes; /metrics and the rest stay
-# internal). nginx locations: "= /x" exactly /x, "/x/" everything under it.
-ROUTES = {
-    "order-creator": ["= /health", "= /orders", "= /create", "/order/", "= /all-products-by-category"],
-    "stock-service": ["/stock/"],
-}
-
 # What the edge answers itself, as JSON like the services' errors: status -> detail.
 RETRY = ("retry in a moment; a POST with the same Idempotency-Key is never "
          "placed twice")
@@ -73,9 +66,9 @@ class Nginx(LocalServer):
         require_binary("nginx", "apt-get install -y nginx-light")
 
     def upstreams(self) -> dict[str, Address]:
-        """service -> where it answers, for the bundled HTTP services the edge routes to."""
-        return {name: self.ctx.address(name) for name, s in self.ctx.spec.services.items()
-                if s.port and name in ROUTES}
+        """service -> where it answers, for the bundled HTTP services the edge routes to (those
+        with routes in the spec: their public paths; /metrics and the rest stay internal)."""
+        return {name: self.ctx.address(name) for name, s in self.ctx.spec.services.items() if s.routes}
 
     def config_files(self) -> dict[str, str]:
         home, host = self.home, self.ctx.host
@@ -89,7 +82,8 @@ class Nginx(LocalServer):
     keepalive {UPSTREAM_KEEPALIVE};
     keepalive_timeout {UPSTREAM_IDLE}s;
   }}""")
-            routes += [f"    location {path} {{ proxy_pass http://{name}; }}" for path in ROUTES[name]]
+            routes += [f"    location {path} {{ proxy_pass http://{name}; }}"
+                       for path in self.ctx.spec.services[name].routes]
         headers = "add_header X-Request-ID $edge_request_id always;"
         errors = []
         for status, detail in ERRORS.items():

@@ -152,19 +152,19 @@ class RabbitMQ(LocalServer):
         (`amq.default` to RabbitMQ's permissions) and publishes dead letters to orders-dlx;
         the screening job publishes held orders to order-exchange (routing key validation)."""
         names = self.ctx.spec.names
-        ex, q = names.exchanges, names.queues
-        queues = {"premium-consumer": q.priority, "regular-consumer": q.regular,
-                  "digital-consumer": q.digital}
+        wiring = self.ctx.spec.services.get(service) if service else None
 
         def only(*resources: str) -> str:
             return "^(" + "|".join(re.escape(r) for r in resources) + ")$"
 
         nothing = {"configure": "^$", "write": "^$", "read": "^$"}
-        if service == "order-creator" or service == "order-screening":
-            return {**nothing, "write": only(ex.orders)}
-        if service in queues:
-            return {**nothing, "write": only("amq.default", ex.dead_letter), "read": only(queues[service])}
-        return nothing
+        if wiring is None:
+            return nothing
+        writes = [getattr(names.exchanges, wiring.publishes)] if wiring.publishes else []
+        if wiring.consumes:
+            writes += ["amq.default", names.exchanges.dead_letter]
+        return {**nothing, **({"write": only(*writes)} if writes else {}),
+                **({"read": only(getattr(names.queues, wiring.consumes))} if wiring.consumes else {})}
 
     def service_user_ok(self, user: str, password: str, service: str | None = None) -> bool:
         """The user exists with this password (checked against its salted SHA-256 hash:

@@ -54,17 +54,15 @@ class Redis(LocalServer):
             return False
 
     # --- service users (see components/credentials.py) ----------------------------
-    @staticmethod
-    def acl(service: str | None) -> tuple[list[str], list[str]]:
-        """(key patterns, commands) a service may use: only what its code does. The order
-        creator reads and writes order:<id>, idempotency:<key> and unconfirmed:<id>; a
-        consumer marks order:<id> dead-lettered (one SET). Any other service: PING only."""
-        if service == "order-creator":
-            return ["~order:*", "~idempotency:*", "~unconfirmed:*"], ["-@all", "+get", "+set",
-                                                                      "+del", "+ping"]
-        if service in ("premium-consumer", "regular-consumer", "digital-consumer"):
-            return ["~order:*"], ["-@all", "+set", "+ping"]
-        return [], ["-@all", "+ping"]
+    def acl(self, service: str | None) -> tuple[list[str], list[str]]:
+        """(key patterns, commands) a service may use: its spec's `cache` (the order creator
+        reads and writes order:<id>, idempotency:<key> and unconfirmed:<id>; a consumer marks
+        order:<id> dead-lettered, one SET). Any other service: PING only."""
+        wiring = self.ctx.spec.services.get(service) if service else None
+        cache = wiring.cache if wiring else None
+        if cache is None:
+            return [], ["-@all", "+ping"]
+        return [f"~{key}:*" for key in cache.keys], ["-@all", *(f"+{c}" for c in cache.commands), "+ping"]
 
     def service_user_ok(self, user: str, password: str, service: str | None = None) -> bool:
         """The user logs in with this password and holds exactly its service's ACL."""

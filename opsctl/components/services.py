@@ -17,18 +17,6 @@ from opsctl.net import port_open
 from opsctl.registry import step_number
 from opsctl.spec import Component as ComponentSpec
 
-# service name -> (python module run with -m, extra environment built from the spec)
-MODULES = {
-    "order-creator": "order_services.order_creator",
-    "stock-service": "order_services.stock_service",
-    "premium-consumer": "order_services.consumer",
-    "regular-consumer": "order_services.consumer",
-    "digital-consumer": "order_services.consumer",
-    "cdc-bridge": "order_services.cdc_bridge",
-    "order-screening": "order_services.screening.stream",
-}
-
-
 def environment(ctx: Context, name: str, client_secret: str) -> dict[str, str]:
     """Everything service `name` needs to run, as environment variables."""
     spec, names = ctx.spec, ctx.spec.names
@@ -65,32 +53,34 @@ def environment(ctx: Context, name: str, client_secret: str) -> dict[str, str]:
         "STATE_DIR": str(ctx.local_dir(name) / "state"),
         "PYTHONUNBUFFERED": "1",
     }
-    stock = spec.services.get("stock-service")
-    if stock and stock.port:
-        env["STOCK_URL"] = ctx.address("stock-service").url()
+    service = spec.services[name]
+    # Service-to-service calls (the order creator's to the stock service): the caller gets
+    # the URL, the callee the clients it admits; both the audience and the role they check.
+    callers = [other for other, s in spec.services.items() if name in s.calls]
+    if service.calls or callers:
         env["STOCK_SERVICE_AUDIENCE"] = names.keycloak.stock_api_audience
         env["STOCK_SERVICE_ROLE"] = names.keycloak.service_role  # what the caller's account holds
-    ports = spec.services[name].ports
-    if "http" in ports:
-        env.update(HTTP_HOST=ctx.host, HTTP_PORT=str(ports["http"]))
+    if "stock-service" in service.calls:
+        env["STOCK_URL"] = ctx.address("stock-service").url()
+    if callers:
+        env["STOCK_SERVICE_CLIENTS"] = ",".join(callers)
+    if service.port:
+        env.update(HTTP_HOST=ctx.host, HTTP_PORT=str(service.port))
     else:
-        env.update(METRICS_HOST=ctx.host, METRICS_PORT=str(ports["metrics"]))
-    queue = {"premium-consumer": names.queues.priority, "regular-consumer": names.queues.regular,
-             "digital-consumer": names.queues.digital}.get(name)
-    if queue:
-        env["QUEUE"] = queue
+        env.update(METRICS_HOST=ctx.host, METRICS_PORT=str(service.metrics_port))
+    if service.store:
+        env["STORE"] = service.store
+    if service.collection:
+        env["MONGODB_COLLECTION"] = getattr(names.mongodb, service.collection)
+    if service.consumes:
+        env["QUEUE"] = getattr(names.queues, service.consumes)
         env["DEAD_LETTER_EXCHANGE"] = names.exchanges.dead_letter  # where a consumer dead-letters
-        env["MONGODB_COLLECTION"] = (names.mongodb.digital_orders if name == "digital-consumer"
-                                     else names.mongodb.orders)
-    if name == "cdc-bridge":
-        env["MONGODB_COLLECTION"] = names.mongodb.orders
-    if name == "order-screening":
+    if service.runtime == "spark":
         from opsctl.components import spark
         from opsctl.components.rabbitmq_topology import VALIDATION_KEY
 
-        env.update(MONGODB_COLLECTION=names.mongodb.orders, MODEL_DIR=str(spark.model_dir(ctx)),
-                   VALIDATION_ROUTING_KEY=VALIDATION_KEY, TRIGGER_SECONDS=f"{spec.screening.trigger_seconds:g}",
-                   **spark.driver_env(ctx))
+        env.update(MODEL_DIR=str(spark.model_dir(ctx)), VALIDATION_ROUTING_KEY=VALIDATION_KEY,
+                   TRIGGER_SECONDS=f"{spec.screening.trigger_seconds:g}", **spark.driver_env(ctx))
     return env
 
 
@@ -123,12 +113,16 @@ class BundledService(LocalServer):
     def stop_group(self) -> bool:
         # The streaming job's driver finishes the batch in hand on SIGTERM; its JVM must not
         # get the signal too, or it stops the SparkContext under that batch.
-        return self.name != "order-screening"
+        return self.ctx.spec.services[self.name].runtime != "spark"
+
+    @property
+    def module(self) -> str:
+        return self.ctx.spec.services[self.name].module
 
     def check_installed(self) -> None:
         import importlib.util
 
-        if importlib.util.find_spec(MODULES[self.name]) is None:
+        if importlib.util.find_spec(self.module) is None:
             raise OpsError(f"the {self.name} service is not installed",
                            "install the services: .venv/bin/pip install -e services")
 
@@ -140,7 +134,7 @@ class BundledService(LocalServer):
         self.path("state").mkdir(exist_ok=True)
 
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", MODULES[self.name]]
+        return [sys.executable, "-m", self.module]
 
     def endpoint(self) -> str:
         return self.ctx.address(self.name).url()

@@ -96,7 +96,6 @@ def job_jars(ctx: Context) -> list[Path]:
 
 
 # --- where the streaming job runs ------------------------------------------------------
-STREAM_SERVICE = "order-screening"
 LOCAL_MASTER = "local[*]"
 MASTER_FORMS = "local[*] (or local, local[N]), spark://HOST:PORT[,HOST:PORT…] or k8s://[https://]HOST[:PORT]"
 _MASTER = re.compile(r"local(\[(\d+|\*)(,\d+)?\])?"
@@ -145,7 +144,7 @@ def check_reachable(master: str) -> None:
 
 
 def _placement_file(ctx: Context) -> Path:
-    return ctx.local_dir(STREAM_SERVICE) / "spark.json"
+    return ctx.local_dir(ctx.spec.stream_job) / "spark.json"
 
 
 def stream_placement(ctx: Context) -> dict:

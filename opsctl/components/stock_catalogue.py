@@ -28,20 +28,22 @@ class StockCatalogue(ConfigStep):
         postgres = build("postgres", self.ctx)
         database = self.ctx.spec.names.postgres.database
         catalogue = self.ctx.spec.catalogue
-        reader = sql.Identifier(username("stock-service"))
+        # The services whose role is the catalogue (the stock service) read and update it.
+        keepers = [username(name) for name, s in self.ctx.spec.services.items() if s.role == "catalogue"]
         with postgres.connect(database, autocommit=True) as conn:
             exists = conn.execute("SELECT to_regclass('public.stock')").fetchone()[0]
             current = dict(conn.execute("SELECT product, price FROM stock").fetchall()) if exists else {}
             if not exists:
                 yield Change("create", "table stock", apply=lambda: conn.execute(TABLE))
-            granted = conn.execute(
-                "SELECT count(*) FROM information_schema.role_table_grants WHERE table_name = 'stock' "
-                "AND grantee = %s AND privilege_type IN ('SELECT', 'UPDATE')",
-                [username("stock-service")]).fetchone()[0] if exists else 0
-            if granted < 2:
-                yield Change("update", "table stock", "stock_service may read and update it",
-                             apply=lambda: conn.execute(sql.SQL(
-                                 "GRANT SELECT, UPDATE ON stock TO {}").format(reader)))
+            for keeper in keepers:
+                granted = conn.execute(
+                    "SELECT count(*) FROM information_schema.role_table_grants WHERE table_name = 'stock' "
+                    "AND grantee = %s AND privilege_type IN ('SELECT', 'UPDATE')",
+                    [keeper]).fetchone()[0] if exists else 0
+                if granted < 2:
+                    yield Change("update", "table stock", f"{keeper} may read and update it",
+                                 apply=lambda k=keeper: conn.execute(sql.SQL(
+                                     "GRANT SELECT, UPDATE ON stock TO {}").format(sql.Identifier(k))))
             for category, products in catalogue.products.items():
                 for product, price in products.items():
                     if product not in current:

@@ -132,13 +132,16 @@ class JWTValidator:
     def from_env(cls, prefix: str = "OIDC_") -> JWTValidator:
         """OIDC_ISSUER and OIDC_AUDIENCE (required); OIDC_JWKS_URL, OIDC_REQUIRED_ROLE,
         OIDC_REQUIRED_SCOPE, OIDC_CLIENT (optional)."""
+        from order_services.settings import ConfigError, Env
+
+        Env().require(prefix + "ISSUER", prefix + "AUDIENCE")
         env = lambda name: os.environ.get(prefix + name) or None  # noqa: E731
-        missing = [prefix + n for n in ("ISSUER", "AUDIENCE") if not env(n)]
-        if missing:
-            raise RuntimeError(f"missing environment variables: {', '.join(missing)}")
-        return cls(issuer=env("ISSUER"), audience=env("AUDIENCE"), jwks_url=env("JWKS_URL"),
-                   required_role=env("REQUIRED_ROLE"), required_scope=env("REQUIRED_SCOPE"),
-                   client=env("CLIENT"))
+        try:
+            return cls(issuer=env("ISSUER"), audience=env("AUDIENCE"), jwks_url=env("JWKS_URL"),
+                       required_role=env("REQUIRED_ROLE"), required_scope=env("REQUIRED_SCOPE"),
+                       client=env("CLIENT"))
+        except ValueError as e:
+            raise ConfigError(f"{prefix}JWKS_URL: {e}") from None
 
     # -- validation --------------------------------------------------------------
 

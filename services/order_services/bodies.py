@@ -200,17 +200,11 @@ def server_limits(env: dict[str, str] | None = None) -> dict[str, int]:
     connections and requests in flight per process (HTTP_LIMIT_CONCURRENCY, default 1000:
     above it new requests get a 503) and seconds an idle keep-alive connection is kept
     (HTTP_KEEPALIVE_SECONDS, default 5)."""
-    import os
+    from order_services.settings import Env
 
-    env = os.environ if env is None else env
-    limits = {}
-    for name, key, default, top in (("HTTP_LIMIT_CONCURRENCY", "limit_concurrency", 1000, 100_000),
-                                    ("HTTP_KEEPALIVE_SECONDS", "timeout_keep_alive", 5, 3600)):
-        value = env.get(name) or str(default)
-        if not value.isdigit() or not 1 <= int(value) <= top:
-            raise RuntimeError(f"{name} must be a whole number from 1 to {top}, not {value!r}")
-        limits[key] = int(value)
-    return limits
+    settings = Env(env)
+    return {"limit_concurrency": settings.number("HTTP_LIMIT_CONCURRENCY", 1, 100_000, default=1000),
+            "timeout_keep_alive": settings.number("HTTP_KEEPALIVE_SECONDS", 1, 3600, default=5)}
 
 
 def _idle_bounded_protocol():

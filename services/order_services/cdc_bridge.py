@@ -50,7 +50,8 @@ from pathlib import Path
 from typing import Any
 
 from order_services.files import write_atomic
-from order_services.worker import Backoff, ConfigError, Stopping, Unavailable, run_worker, serve_metrics
+from order_services.settings import ConfigError, Env
+from order_services.worker import Backoff, Stopping, Unavailable, run_worker, serve_metrics
 
 log = logging.getLogger("order_services.cdc_bridge")
 KAFKA_LOG = logging.getLogger("order_services.cdc_bridge.librdkafka")
@@ -90,17 +91,11 @@ class Settings:
 
     @classmethod
     def from_env(cls, env=os.environ) -> "Settings":
-        wanted = ["MONGODB_URL", "MONGODB_DB", "MONGODB_COLLECTION", "KAFKA_BOOTSTRAP",
-                  "KAFKA_TOPIC", "STATE_DIR", "METRICS_PORT"]
-        missing = [name for name in wanted if not env.get(name)]
-        if missing:
-            raise ConfigError(f"missing environment variable(s): {', '.join(missing)} "
-                              "(see docs/ORDER_FLOW.md)")
-        try:
-            port = int(env["METRICS_PORT"])
-        except ValueError:
-            raise ConfigError(f"METRICS_PORT={env['METRICS_PORT']!r} is not a port number") from None
-        return cls(service=env.get("SERVICE_NAME") or "cdc-bridge",
+        settings = Env(env)
+        settings.require("MONGODB_URL", "MONGODB_DB", "MONGODB_COLLECTION", "KAFKA_BOOTSTRAP",
+                         "KAFKA_TOPIC", "STATE_DIR", "METRICS_PORT")
+        port = settings.port("METRICS_PORT")
+        return cls(service=settings.text("SERVICE_NAME", "cdc-bridge"),
                    mongodb_url=env["MONGODB_URL"], database=env["MONGODB_DB"],
                    collection=env["MONGODB_COLLECTION"], kafka_bootstrap=env["KAFKA_BOOTSTRAP"],
                    topic=env["KAFKA_TOPIC"], state_dir=Path(env["STATE_DIR"]), metrics_port=port)
@@ -534,13 +529,10 @@ def event_time(event: dict) -> float:
 
 
 def start(name: str) -> int:
-    from order_services.secrets import SecretsError, VaultSecrets
+    from order_services.secrets import VaultSecrets
 
     settings = Settings.from_env()
-    try:
-        vault = VaultSecrets.from_env()
-    except SecretsError as e:
-        raise ConfigError(str(e)) from None
+    vault = VaultSecrets.from_env()
     bridge = Bridge(settings, vault)
     signal.signal(signal.SIGTERM, bridge.stop)
     signal.signal(signal.SIGINT, bridge.stop)

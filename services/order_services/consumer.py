@@ -1,8 +1,10 @@
 """The order consumers: one RabbitMQ queue into one store, acknowledged only once durable.
 
-    SERVICE_NAME=premium-consumer  QUEUE=priority-orders → PostgreSQL orders.priority_orders
-    SERVICE_NAME=regular-consumer  QUEUE=regular-orders  → MongoDB  ecommerce.orders
-    SERVICE_NAME=digital-consumer  QUEUE=digital-orders  → MongoDB  ecommerce.digital_orders
+    STORE=postgres  QUEUE=priority-orders                            → PostgreSQL orders.priority_orders
+    STORE=mongodb   QUEUE=regular-orders  MONGODB_COLLECTION=orders         → MongoDB ecommerce.orders
+    STORE=mongodb   QUEUE=digital-orders  MONGODB_COLLECTION=digital_orders → MongoDB ecommerce.digital_orders
+
+(opsctl sets them from each consumer's entry in platform.yaml `services:`.)
 
 Run as `python -m order_services.consumer`; settings come from the environment listed in
 docs/ORDER_FLOW.md, credentials from Vault (order_services.secrets).
@@ -51,12 +53,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from order_services.worker import Backoff, ConfigError, Stopping, Unavailable, run_worker, serve_metrics
+from order_services.settings import ConfigError, Env
+from order_services.worker import Backoff, Stopping, Unavailable, run_worker, serve_metrics
 
 log = logging.getLogger("order_services.consumer")
 
-STORES = {"premium-consumer": "postgres", "regular-consumer": "mongodb",
-          "digital-consumer": "mongodb"}
+STORES = ("postgres", "mongodb")
 PREFETCH = 100       # messages RabbitMQ may have in flight to this consumer
 BATCH = 50           # messages written (and committed) together
 HEARTBEAT = 30       # seconds
@@ -114,35 +116,19 @@ class Settings:
 
     @classmethod
     def from_env(cls, env=os.environ) -> "Settings":
-        service = env.get("SERVICE_NAME", "")
-        if not service:
-            raise ConfigError("missing environment variable: SERVICE_NAME "
-                              f"(one of {', '.join(STORES)})")
-        if service not in STORES:
-            raise ConfigError(f"SERVICE_NAME={service!r} is not a consumer "
-                              f"(expected one of {', '.join(STORES)})")
-        store = STORES[service]
+        settings = Env(env)
+        service = settings.text("SERVICE_NAME", "order-consumer")
+        store = settings.require("STORE")["STORE"]
+        if store not in STORES:
+            raise ConfigError(f"STORE must be one of {', '.join(STORES)}, not {store!r}")
         wanted = ["QUEUE", "RABBITMQ_HOST", "RABBITMQ_PORT", "DELIVERY_ATTEMPTS", "METRICS_PORT"]
         wanted += (["POSTGRES_HOST", "POSTGRES_PORT", "POSTGRES_DB"] if store == "postgres"
                    else ["MONGODB_URL", "MONGODB_DB", "MONGODB_COLLECTION"])
-        missing = [name for name in wanted if not env.get(name)]
-        if missing:
-            raise ConfigError(f"missing environment variable(s) for {service}: "
-                              f"{', '.join(missing)} (see docs/ORDER_FLOW.md)")
-
-        def number(name: str, low: int = 1) -> int:
-            try:
-                value = int(env[name])
-            except ValueError:
-                raise ConfigError(f"{name}={env[name]!r} is not a whole number") from None
-            if value < low:
-                raise ConfigError(f"{name}={value} must be at least {low}")
-            return value
-
+        settings.require(*wanted)
         return cls(
             service=service, store=store, queue=env["QUEUE"],
-            rabbitmq_host=env["RABBITMQ_HOST"], rabbitmq_port=number("RABBITMQ_PORT"),
-            attempts=number("DELIVERY_ATTEMPTS"), metrics_port=number("METRICS_PORT"),
+            rabbitmq_host=env["RABBITMQ_HOST"], rabbitmq_port=settings.port("RABBITMQ_PORT"),
+            attempts=settings.number("DELIVERY_ATTEMPTS"), metrics_port=settings.port("METRICS_PORT"),
             dead_letter_exchange=env.get("DEAD_LETTER_EXCHANGE", ""),
             redis={"host": env.get("REDIS_HOST"), "port": env.get("REDIS_PORT")},
             postgres={"host": env.get("POSTGRES_HOST"), "port": env.get("POSTGRES_PORT"),
@@ -744,14 +730,9 @@ def make_metrics():
 
 
 def start(name: str) -> int:
-    from order_services.secrets import SecretsError
-
     logging.getLogger("pika").setLevel(logging.CRITICAL)  # its errors are reported here, once
     settings = Settings.from_env()
-    try:
-        credentials = Credentials()
-    except SecretsError as e:
-        raise ConfigError(str(e)) from None
+    credentials = Credentials()
     store = (PostgresStore if settings.store == "postgres" else MongoStore)(settings, credentials)
     consumer = Consumer(settings, credentials, store, make_metrics())
     signal.signal(signal.SIGTERM, consumer.stop)

@@ -76,6 +76,7 @@ from order_services.auth import AuthError, JWTValidator, add_auth_error_handler,
 from order_services.bodies import (MAX_BODY_BYTES, BodyLimit, parse_body, server_limits,
                                    storable, visible)
 from order_services.secrets import KeycloakToken, VaultSecrets
+from order_services.settings import ConfigError, Env
 
 log = logging.getLogger("order_creator")
 
@@ -619,26 +620,18 @@ def create_app(service: OrderService,
 
 
 class StartupError(RuntimeError):
-    """A setting is missing or a store is unreachable: the message says which, and what to do."""
+    """A store is unreachable or refuses: the message says which, and what to do."""
 
 
 def _settings() -> dict[str, Any]:
-    names = ("HTTP_HOST", "HTTP_PORT", "RABBITMQ_HOST", "RABBITMQ_PORT", "ORDER_EXCHANGE",
-             "REDIS_HOST", "REDIS_PORT", "STOCK_URL", "OIDC_TOKEN_URL", "OIDC_CLIENT_ID",
-             "OIDC_CLIENT_SECRET")
-    missing = [n for n in names if not os.environ.get(n)]
-    if missing:
-        raise StartupError(f"missing environment variables: {', '.join(missing)}")
-    env: dict[str, Any] = {n: os.environ[n] for n in names}
+    settings = Env()
+    env: dict[str, Any] = settings.require(
+        "HTTP_HOST", "HTTP_PORT", "RABBITMQ_HOST", "RABBITMQ_PORT", "ORDER_EXCHANGE", "REDIS_HOST",
+        "REDIS_PORT", "STOCK_URL", "OIDC_TOKEN_URL", "OIDC_CLIENT_ID", "OIDC_CLIENT_SECRET")
     for name in ("HTTP_PORT", "RABBITMQ_PORT", "REDIS_PORT"):
-        if not env[name].isdigit() or not 0 < int(env[name]) < 65536:
-            raise StartupError(f"{name} must be a TCP port (1..65535), not {env[name]!r}")
-        env[name] = int(env[name])
+        env[name] = settings.port(name)
     # Serving processes: one Python process tops out near one core (see the module's header).
-    workers = os.environ.get("WEB_CONCURRENCY") or str(min(2, os.cpu_count() or 1))
-    if not workers.isdigit() or not 1 <= int(workers) <= 64:
-        raise StartupError(f"WEB_CONCURRENCY must be a number of processes (1..64), not {workers!r}")
-    env["WEB_CONCURRENCY"] = int(workers)
+    env["WEB_CONCURRENCY"] = settings.number("WEB_CONCURRENCY", 1, 64, default=min(2, os.cpu_count() or 1))
     return env
 
 
@@ -742,7 +735,7 @@ def main() -> None:
         limits = server_limits()
         JWTValidator.from_env()
         vault = VaultSecrets.from_env()
-    except RuntimeError as exc:  # StartupError, and the helpers' missing-variable errors
+    except ConfigError as exc:
         log.error("cannot start: %s", exc)
         sys.exit(2)
     try:

@@ -53,11 +53,10 @@ class VaultSecrets:
 
     @classmethod
     def from_env(cls) -> "VaultSecrets":
+        from order_services.settings import Env
+
+        Env().require("OIDC_TOKEN_URL", "OIDC_CLIENT_ID", "OIDC_CLIENT_SECRET", "VAULT_ADDR")
         env = os.environ
-        missing = [n for n in ("OIDC_TOKEN_URL", "OIDC_CLIENT_ID", "OIDC_CLIENT_SECRET", "VAULT_ADDR")
-                   if not env.get(n)]
-        if missing:
-            raise SecretsError(f"missing environment variables: {', '.join(missing)}")
         client_id = env["OIDC_CLIENT_ID"]
         return cls(env["VAULT_ADDR"], env.get("VAULT_ROLE", client_id),
                    KeycloakToken(env["OIDC_TOKEN_URL"], client_id, env["OIDC_CLIENT_SECRET"]),

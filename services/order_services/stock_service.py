@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import sys
 import time
 import uuid
@@ -50,6 +49,7 @@ from order_services.auth import AuthError, JWTValidator, add_auth_error_handler,
 from order_services.bodies import (MAX_BODY_BYTES, BodyLimit, json_safe, parse_body, server_limits,
                                    storable, visible)
 from order_services.secrets import VaultSecrets
+from order_services.settings import ConfigError, Env
 
 log = logging.getLogger("stock_service")
 
@@ -68,24 +68,6 @@ RESERVATIONS = Counter("stock_reservations_total", "Reservation requests by outc
                        ["outcome"])  # reserved | replayed | short | unknown_product
 RESERVATION_SECONDS = Histogram("stock_reservation_seconds", "Latency of POST /stock/reservations",
                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
-
-
-class SettingsError(RuntimeError):
-    pass
-
-
-def required_env(*names: str) -> dict[str, str]:
-    missing = [n for n in names if not os.environ.get(n)]
-    if missing:
-        raise SettingsError(f"missing environment variables: {', '.join(missing)}")
-    return {n: os.environ[n] for n in names}
-
-
-def port_env(name: str) -> int:
-    value = os.environ[name]
-    if not value.isdigit() or not 0 < int(value) < 65536:
-        raise SettingsError(f"{name} must be a TCP port (1..65535), not {value!r}")
-    return int(value)
 
 
 # -- who may call ------------------------------------------------------------------------
@@ -117,23 +99,19 @@ class StockAuth:
 
     @classmethod
     def from_env(cls) -> StockAuth:
+        settings = Env()
         people = JWTValidator.from_env()  # OIDC_ISSUER, OIDC_AUDIENCE, OIDC_JWKS_URL, OIDC_CLIENT
-        people.required_role = (os.environ.get("STOCK_REQUIRED_ROLE")
-                                or os.environ.get("OIDC_REQUIRED_ROLE") or None)
+        people.required_role = settings.text("STOCK_REQUIRED_ROLE") or settings.text("OIDC_REQUIRED_ROLE")
         if people.required_role is None:
-            raise SettingsError("no role to require of callers: set OIDC_REQUIRED_ROLE "
-                                "(or STOCK_REQUIRED_ROLE)")
+            raise ConfigError("no role to require of callers: set OIDC_REQUIRED_ROLE "
+                              "(or STOCK_REQUIRED_ROLE)")
         people.required_scope = None
-        clients = frozenset(c.strip() for c in
-                            os.environ.get("STOCK_SERVICE_CLIENTS", "order-creator").split(",")
-                            if c.strip())
+        clients = settings.names("STOCK_SERVICE_CLIENTS", "order-creator")
         services = None
         if clients:
-            services = JWTValidator(
-                issuer=people.issuer, jwks_url=people.jwks_url,
-                audience=os.environ.get("STOCK_SERVICE_AUDIENCE") or "stock-api")
-        return cls(people, services, clients,
-                   os.environ.get("STOCK_SERVICE_ROLE") or "vault-reader")
+            services = JWTValidator(issuer=people.issuer, jwks_url=people.jwks_url,
+                                    audience=settings.text("STOCK_SERVICE_AUDIENCE", "stock-api"))
+        return cls(people, services, clients, settings.text("STOCK_SERVICE_ROLE", "vault-reader"))
 
     def validate(self, token: str) -> dict[str, Any]:
         try:
@@ -208,8 +186,8 @@ class StockStore:
         async with self.pool.connection() as conn:
             found = await (await conn.execute("SELECT to_regclass('public.stock')")).fetchone()
             if found[0] is None:
-                raise SettingsError("table stock does not exist in PostgreSQL: it is created and "
-                                    "seeded by opsctl (run: opsctl install)")
+                raise ConfigError("table stock does not exist in PostgreSQL: it is created and "
+                                  "seeded by opsctl (run: opsctl install)")
             await conn.execute("SELECT count(*) FROM stock")  # permission check
             await conn.execute(RESERVATIONS_TABLE)
 
@@ -384,12 +362,13 @@ async def serve() -> int:
     from psycopg_pool import AsyncConnectionPool
 
     try:
-        env = required_env("HTTP_HOST", "HTTP_PORT", "POSTGRES_HOST", "POSTGRES_PORT", "POSTGRES_DB")
-        http_port, pg_port = port_env("HTTP_PORT"), port_env("POSTGRES_PORT")
+        settings = Env()
+        env = settings.require("HTTP_HOST", "HTTP_PORT", "POSTGRES_HOST", "POSTGRES_PORT", "POSTGRES_DB")
+        http_port, pg_port = settings.port("HTTP_PORT"), settings.port("POSTGRES_PORT")
         authenticate = StockAuth.from_env()
         vault = VaultSecrets.from_env()
         limits = server_limits()
-    except (SettingsError, RuntimeError) as exc:
+    except ConfigError as exc:
         log.error("cannot start: %s", exc)
         return 2
     try:
@@ -428,7 +407,7 @@ async def serve() -> int:
         await pool.open(wait=True, timeout=15)
         store = StockStore(pool)
         await store.prepare()
-    except SettingsError as exc:
+    except ConfigError as exc:
         log.error("cannot start: %s", exc)
         await pool.close()
         return 1

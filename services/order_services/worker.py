@@ -6,9 +6,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-
-class ConfigError(Exception):
-    """A setting is missing or wrong: the process exits with a message, it does not retry."""
+from order_services.settings import ConfigError
 
 
 class Unavailable(Exception):

@@ -104,9 +104,14 @@ class Workdir:
         return self.config["components"][component]["ports"][key]
 
     @property
+    def spec(self):
+        """The loaded spec, opsctl.yaml's overrides included."""
+        return workdir_context(self).spec
+
+    @property
     def names(self):
-        """The names of the loaded spec (realm, queues, databases), opsctl.yaml's included."""
-        return workdir_context(self).spec.names
+        """The names of the loaded spec (realm, queues, databases)."""
+        return self.spec.names
 
     def admin_secret(self, component: str, key: str) -> str:
         """A generated admin credential of this platform (never printed by opsctl)."""

@@ -29,10 +29,7 @@ pytestmark = pytest.mark.integration
 
 EXCHANGE, DEAD_LETTER = "order-exchange", "orders-dead-letter"
 QUEUES = {"priority": "priority-orders", "regular": "regular-orders", "digital": "digital-orders"}
-MODULES = {"premium-consumer": "order_services.consumer",
-           "regular-consumer": "order_services.consumer",
-           "digital-consumer": "order_services.consumer",
-           "cdc-bridge": "order_services.cdc_bridge"}
+WORKERS = ("premium-consumer", "regular-consumer", "digital-consumer", "cdc-bridge")
 
 
 # --- helpers ----------------------------------------------------------------------------
@@ -40,7 +37,7 @@ class Worker:
     """One worker process with the environment opsctl would give it."""
 
     def __init__(self, platform, service: str, logs: Path, env: dict | None = None):
-        self.service = service
+        self.service, self.module = service, platform.spec.services[service].module
         self.env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8",
                     **(env if env is not None else service_env(platform, service))}
         self.cwd = platform.path
@@ -71,7 +68,7 @@ class Worker:
                             "stop what listens there (opsctl services stop?)")
         self.runs += 1
         with open(self.log_path, "w") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", MODULES[self.service]],
+            self.process = subprocess.Popen([sys.executable, "-m", self.module],
                                             env=self.env, cwd=self.cwd, stdout=out,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
@@ -130,7 +127,7 @@ def topology(platform):
     applied = platform.run("queues", "apply")
     assert applied.returncode == 0, applied.stdout + applied.stderr
     # These tests run their own workers and read the queues and stores themselves.
-    stopped = platform.run("services", "stop", *MODULES)
+    stopped = platform.run("services", "stop", *WORKERS)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     return platform
 
@@ -312,7 +309,7 @@ def topic(topology):
                                              ("cdc-bridge", "KAFKA_TOPIC")])
 def test_missing_setting_exits_non_zero_naming_it(topology, service, missing):
     env = {k: v for k, v in service_env(topology, service).items() if k != missing}
-    result = subprocess.run([sys.executable, "-m", MODULES[service]], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", topology.spec.services[service].module], capture_output=True,
                             text=True, timeout=60, cwd=topology.path,
                             env={"PATH": os.environ.get("PATH", ""), **env})
     assert result.returncode != 0

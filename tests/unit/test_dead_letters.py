@@ -71,14 +71,15 @@ def test_prometheus_alerts_on_the_dead_letter_queue(tmp_path):
     assert config["global"]["evaluation_interval"] == "5s"
 
 
-def test_each_service_gets_only_its_redis_commands():
+def test_each_service_gets_only_its_redis_commands(tmp_path):
     from opsctl.components.redis import Redis
 
-    keys, commands = Redis.acl("premium-consumer")
+    redis = Redis("redis", context(tmp_path))
+    keys, commands = redis.acl("premium-consumer")
     assert keys == ["~order:*"] and set(commands) == {"-@all", "+set", "+ping"}
-    keys, commands = Redis.acl("order-creator")
+    keys, commands = redis.acl("order-creator")
     assert "~*" not in keys and "+@all" not in commands and "+flushall" not in commands
-    assert Redis.acl("cdc-bridge") == ([], ["-@all", "+ping"])
+    assert redis.acl("cdc-bridge") == ([], ["-@all", "+ping"])
 
 
 def test_the_consumers_have_redis_credentials_and_the_dead_letter_exchange(tmp_path):

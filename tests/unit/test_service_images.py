@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from opsctl import spec
-from opsctl.components.services import MODULES
 
 SERVICES = Path(__file__).resolve().parents[2] / "services"
 # What an image may set itself: where the container listens and keeps its state, and the
@@ -40,7 +39,7 @@ BUNDLED = spec.load(None).services
 @pytest.mark.parametrize("name", sorted(BUNDLED))
 def test_each_service_has_an_image_that_runs_its_module(name):
     text = dockerfile(BUNDLED[name].image)
-    assert instructions(text, "ENTRYPOINT") == [f'["python", "-m", "{MODULES[name]}"]']
+    assert instructions(text, "ENTRYPOINT") == [f'["python", "-m", "{BUNDLED[name].module}"]']
 
 
 @pytest.mark.parametrize("image", sorted({s.image for s in BUNDLED.values()}))
@@ -68,11 +67,11 @@ def test_the_build_stage_wheel_holds_every_service_module(tmp_path):
                     "--wheel-dir", str(tmp_path), str(source)], check=True, capture_output=True)
     wheel, = tmp_path.glob("order_services-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for module in set(MODULES.values()):
+    for module in {s.module for s in BUNDLED.values()}:
         assert module.replace(".", "/") + ".py" in names, module
 
 
 def test_the_screening_image_carries_the_kafka_source_of_the_spark_version_in_the_spec():
-    text = dockerfile(BUNDLED["order-screening"].image)
+    text = dockerfile(BUNDLED[spec.load(None).stream_job].image)
     version = spec.load(None).components["spark"].version
     assert f"spark-sql-kafka-0-10_2.13-{version}.jar" in image_settings(text)["SPARK_JARS"]

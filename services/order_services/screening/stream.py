@@ -83,22 +83,20 @@ class Settings:
 
     @classmethod
     def from_env(cls, env=os.environ) -> "Settings":
-        from order_services.worker import ConfigError
+        from order_services.settings import Env
 
         names = {"kafka_bootstrap": "KAFKA_BOOTSTRAP", "topic": "KAFKA_TOPIC", "model_dir": "MODEL_DIR",
                  "state_dir": "STATE_DIR", "mongodb_url": "MONGODB_URL", "database": "MONGODB_DB",
                  "collection": "MONGODB_COLLECTION", "rabbitmq_host": "RABBITMQ_HOST",
                  "rabbitmq_port": "RABBITMQ_PORT", "exchange": "ORDER_EXCHANGE",
                  "metrics_port": "METRICS_PORT"}
-        missing = [v for v in names.values() if not env.get(v)]
-        if missing:
-            raise ConfigError(f"missing environment variable(s): {', '.join(missing)}")
-        values = {field: env[var] for field, var in names.items()}
-        return cls(**{**values, "rabbitmq_port": int(values["rabbitmq_port"]),
-                      "metrics_port": int(values["metrics_port"]),
-                      "dead_letters": env.get("DEAD_LETTER_COLLECTION") or "screening_dead_letters",
-                      "routing_key": env.get("VALIDATION_ROUTING_KEY") or "validation",
-                      "trigger_seconds": float(env.get("TRIGGER_SECONDS") or 2)})
+        settings = Env(env)
+        values = settings.require(*names.values())
+        return cls(**{**{field: values[var] for field, var in names.items()},
+                      "rabbitmq_port": settings.port("RABBITMQ_PORT"), "metrics_port": settings.port("METRICS_PORT"),
+                      "dead_letters": settings.text("DEAD_LETTER_COLLECTION", "screening_dead_letters"),
+                      "routing_key": settings.text("VALIDATION_ROUTING_KEY", "validation"),
+                      "trigger_seconds": settings.seconds("TRIGGER_SECONDS", 2.0)})
 
 
 def score_partitions(model_name: str, history: dict[str, list[float]]):
@@ -450,7 +448,7 @@ def authenticated(builder, master: str, secrets):
     job's Vault path (the nodes get it from `opsctl jobs stream cluster-conf`); on Kubernetes,
     Spark makes one per application. Set in the driver's JVM, never in an argument or the
     environment."""
-    from order_services.worker import ConfigError
+    from order_services.settings import ConfigError
 
     if master.startswith("k8s://"):
         return builder.config("spark.authenticate", "true")
@@ -465,8 +463,8 @@ def authenticated(builder, master: str, secrets):
 
 def start(name: str) -> int:
     from order_services.screening.model import read_meta
-    from order_services.secrets import SecretsError, VaultSecrets
-    from order_services.worker import ConfigError
+    from order_services.secrets import VaultSecrets
+    from order_services.settings import ConfigError
 
     logging.getLogger("aiormq").setLevel(logging.WARNING)
     settings = Settings.from_env()
@@ -474,10 +472,7 @@ def start(name: str) -> int:
         meta, _ = read_meta(settings.model_dir)
     except (OSError, ValueError) as e:
         raise ConfigError(str(e)) from None
-    try:
-        secrets = VaultSecrets.from_env()
-    except SecretsError as e:
-        raise ConfigError(str(e)) from None
+    secrets = VaultSecrets.from_env()
 
     from pyspark.sql import SparkSession
 

@@ -623,7 +623,9 @@ def test_settings_from_environment(monkeypatch, jwks_server, rsa_key):
     for name in ("JWKS_URL", "REQUIRED_SCOPE"):
         monkeypatch.delenv(f"OIDC_{name}", raising=False)
     monkeypatch.setenv("OIDC_AUDIENCE", AUDIENCE)
-    with pytest.raises(RuntimeError, match="OIDC_ISSUER"):
+    from order_services.settings import ConfigError
+
+    with pytest.raises(ConfigError, match="OIDC_ISSUER"):
         JWTValidator.from_env()
     monkeypatch.setenv("OIDC_ISSUER", ISSUER)
     monkeypatch.setenv("OIDC_CLIENT", CLIENT)

@@ -13,7 +13,7 @@ from order_services import consumer as consumer_module
 from order_services.consumer import (Consumer, Delivery, OrderStatus, Settings, StoreRefused,
                                      make_metrics)
 
-ENV = {"SERVICE_NAME": "premium-consumer", "QUEUE": "priority-orders", "RABBITMQ_HOST": "h",
+ENV = {"SERVICE_NAME": "premium-consumer", "STORE": "postgres", "QUEUE": "priority-orders", "RABBITMQ_HOST": "h",
        "RABBITMQ_PORT": "5672", "DELIVERY_ATTEMPTS": "5", "METRICS_PORT": "9101",
        "POSTGRES_HOST": "h", "POSTGRES_PORT": "5432", "POSTGRES_DB": "orders",
        "DEAD_LETTER_EXCHANGE": "orders-dlx", "REDIS_HOST": "127.0.0.1", "REDIS_PORT": "6379"}

@@ -236,7 +236,7 @@ def test_a_cluster_authenticates_the_job_with_the_secret_from_vault(master, expe
 
 def test_a_standalone_cluster_without_the_secret_in_vault_says_what_to_run():
     from order_services.screening.stream import authenticated
-    from order_services.worker import ConfigError
+    from order_services.settings import ConfigError
 
     with pytest.raises(ConfigError, match="cluster-conf"):
         authenticated(_Builder(), "spark://10.0.0.5:7077", _Secrets({}))

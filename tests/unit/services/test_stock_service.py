@@ -11,7 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from order_services import bodies
-from order_services.stock_service import StockAuth, create_app, SettingsError
+from order_services.settings import ConfigError
+from order_services.stock_service import StockAuth, create_app
 from tests.unit.services.test_auth import (AUDIENCE, CLIENT, ISSUER, KID, ROLE,  # noqa: F401
                                            JWKSServer, public_jwk, rsa_key)
 
@@ -91,7 +92,7 @@ def test_the_order_creator_needs_its_service_role(client, rsa_key):
 
 def test_no_role_to_require_is_a_setting_error(env, monkeypatch):
     monkeypatch.delenv("OIDC_REQUIRED_ROLE")
-    with pytest.raises(SettingsError, match="OIDC_REQUIRED_ROLE"):
+    with pytest.raises(ConfigError, match="OIDC_REQUIRED_ROLE"):
         StockAuth.from_env()
 
 
@@ -152,5 +153,5 @@ def test_server_limits(env, expected):
 
 @pytest.mark.parametrize("env", [{"HTTP_LIMIT_CONCURRENCY": "0"}, {"HTTP_KEEPALIVE_SECONDS": "x"}])
 def test_bad_server_limits_are_refused_by_name(env):
-    with pytest.raises(RuntimeError, match=next(iter(env))):
+    with pytest.raises(ConfigError, match=next(iter(env))):
         bodies.server_limits(env)
