@@ -21,7 +21,7 @@ from opsctl.targets.local.process import require_binary
 HEADER_TIMEOUT = 5       # seconds
 BODY_TIMEOUT = 5         # seconds
 SEND_TIMEOUT = 10        # seconds between two writes to a client that reads slowly
-MAX_BODY_KIB = 64        # the order API's own limit (order_creator.MAX_BODY_BYTES)
+MAX_BODY_KIB = 64        # the order API's own limit (order_services.bodies.MAX_BODY_BYTES)
 HEADER_BUFFER = "4k"     # a request with a token fits; longer header lines get...
 LARGE_HEADER_BUFFERS = "4 8k"  # ...these; a line over 8 KiB is refused (431)
 KEEPALIVE_TIMEOUT = 10   # seconds an idle client connection stays open

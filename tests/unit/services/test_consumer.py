@@ -9,7 +9,7 @@ import types
 
 import pytest
 
-from order_services import consumer as consumer_module
+from order_services import consumer_stores
 from order_services.consumer import (Consumer, Delivery, OrderStatus, Settings, StoreRefused,
                                      make_metrics)
 
@@ -188,7 +188,7 @@ def test_postgres_data_errors_are_permanent_and_others_pass():
                           (psycopg.errors.DataError, psycopg.errors.IntegrityError))
     # A serialization failure is an OperationalError: held as an outage, never dead-lettered.
     assert issubclass(psycopg.errors.SerializationFailure, psycopg.OperationalError)
-    assert 11000 in consumer_module.MONGO_PASSING
+    assert 11000 in consumer_stores.MONGO_PASSING
 
 
 def test_a_worker_serves_its_metrics_where_metrics_host_says(monkeypatch):

@@ -13,16 +13,13 @@ import pytest
 from fastapi import Request
 from fastapi.testclient import TestClient
 
-from order_services import order_creator
+from order_services import order_api
 from order_services.auth import AuthError
-from order_services.order_creator import (
-    MAX_BODY_BYTES,
-    Catalogue,
-    OrderService,
-    PublishFailed,
-    amqp_priority,
-    create_app,
-)
+from order_services.bodies import MAX_BODY_BYTES
+from order_services.catalogue import Catalogue
+from order_services.order_api import OrderService, create_app
+from order_services.order_model import amqp_priority
+from order_services.publisher import PublishFailed
 
 GOOD = "Bearer good-token"
 ORDER = {
@@ -527,7 +524,7 @@ def test_health_and_metrics_are_open(api):
 
 def test_rejections_are_counted_by_reason(api):
     def count(reason: str) -> float:
-        return order_creator.METRICS.get_sample_value("orders_rejected_total", {"reason": reason})
+        return order_api.METRICS.get_sample_value("orders_rejected_total", {"reason": reason})
 
     before = {r: count(r) for r in ("invalid", "too_large", "unauthorized")}
     post(api, with_change("type", "express"))
