@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from opsctl import __version__
-from opsctl.commands import (config as config_cmd, jobs as jobs_cmd, keycloak as keycloak_cmd, orders as orders_cmd,
+from opsctl.commands import (completion as completion_cmd, config as config_cmd, jobs as jobs_cmd, keycloak as keycloak_cmd, orders as orders_cmd,
                              platform as platform_cmd, postman as postman_cmd, queues as queues_cmd,
                              services as services_cmd, token as token_cmd, vault as vault_cmd)
 
@@ -38,12 +38,17 @@ def root(
     config: Optional[str] = typer.Option(
         None, "--config", "-c", envvar="OPSCTL_CONFIG", metavar="FILE",
         help="Override file merged over platform.yaml \\[default: ./opsctl.yaml if present]."),
+    no_color: bool = typer.Option(False, "--no-color", help="No colours (also when NO_COLOR is set)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q",
+                               help="Only data and errors: no progress or notes on stderr."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
 ) -> None:
+    from opsctl import ui
     from opsctl.commands import common
 
     common.CONFIG_FILE = config
+    ui.configure(color=not no_color, quiet=quiet)
 
 
 PLATFORM = "Platform"
@@ -63,6 +68,7 @@ app.add_typer(orders_cmd.app, name="orders", rich_help_panel=ORDER_FLOW)
 
 app.add_typer(jobs_cmd.app, name="jobs", rich_help_panel="AI screening")
 app.add_typer(config_cmd.app, name="config", rich_help_panel="Configuration")
+app.command(rich_help_panel="Configuration")(completion_cmd.completion)
 
 
 def main() -> None:
@@ -73,4 +79,8 @@ def main() -> None:
     # Everything opsctl writes (.opsctl/: secrets, state, logs, data) is its owner's only;
     # the processes it starts inherit this.
     os.umask(0o077)
+    if completion_cmd.COMPLETE_VAR in os.environ:  # the shell asks for completions
+        from typer.completion import completion_init
+
+        completion_init()
     sys.exit(run_cli(app))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import threading
 import time
@@ -20,9 +21,26 @@ class Output(str, Enum):
     json = "json"
 
 
-# Off a terminal (CI logs, pipes) rich would wrap at 80 columns; logs read better wide.
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)  # messages stay greppable
+
+def _consoles(plain: bool = False) -> tuple[Console, Console]:
+    """stdout for data, stderr for messages and progress; `plain`: no ANSI styles at all."""
+    style = {"color_system": None} if plain else {}
+    # Off a terminal (CI logs, pipes) rich would wrap at 80 columns; logs read better wide.
+    return (Console(highlight=False, width=None if sys.stdout.isatty() else 160, **style),
+            Console(stderr=True, highlight=False, soft_wrap=True, **style))  # messages stay greppable
+
+
+console, err_console = _consoles()
+QUIET = False  # -q: progress, live displays and notes on stderr are left out
+
+
+def configure(color: bool, quiet: bool) -> None:
+    """The root options: --no-color (or NO_COLOR set, https://no-color.org) and -q/--quiet."""
+    global QUIET, console, err_console
+    QUIET = quiet
+    if not color or os.environ.get("NO_COLOR"):
+        console, err_console = _consoles(plain=True)
+
 
 STATE_STYLE = {
     "pending": "dim",
@@ -64,7 +82,7 @@ def out_json(value: Any) -> None:
 def progress(title: str, unit: str, output: Output):
     """A progress bar on a terminal's stderr, for text output only (else nothing); yields
     update(done, total, note)."""
-    if output != Output.text or not err_console.is_terminal:
+    if output != Output.text or QUIET or not err_console.is_terminal:
         yield lambda done, total, note="": None
         return
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -85,19 +103,21 @@ def progress(title: str, unit: str, output: Output):
 
 @contextlib.contextmanager
 def live_line(output: Output):
-    """One line redrawn in place on a terminal, for text output only (else nothing); yields
-    update(text)."""
-    if output != Output.text or not console.is_terminal:
+    """One line redrawn in place on a terminal's stderr, for text output only (else
+    nothing); yields update(text)."""
+    if output != Output.text or QUIET or not err_console.is_terminal:
         yield lambda text: None
         return
     from rich.live import Live
 
-    with Live("", console=console, refresh_per_second=4) as live:
+    with Live("", console=err_console, refresh_per_second=4) as live:
         yield live.update
 
 
 def info(message: str) -> None:
-    err_console.print(message)
+    """A note for a person, on stderr (never mixed into data); none with -q."""
+    if not QUIET:
+        err_console.print(message)
 
 
 def error(message: str, hint: str = "", code: int = 1, output: Output = Output.text) -> None:
@@ -147,7 +167,7 @@ class StepBoard:
         self.lock = threading.Lock()
 
     def __enter__(self) -> "StepBoard":
-        if self.enabled and console.is_terminal:
+        if self.enabled and console.is_terminal and not QUIET:
             from rich.live import Live
 
             self.live = Live(self._render(), console=console, refresh_per_second=8)

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from opsctl import ui
+from opsctl.commands.completion import COMPLETE_VAR
 from opsctl.errors import OpsError
 
 CONFIG_FILE: str | None = None  # set by the root callback (--config)
@@ -40,17 +41,13 @@ def override_file() -> Path | None:
 
 def context(target: str | None = None, dry_run: bool = False):
     """The run context: the spec, the target and the state folder of this working directory."""
-    from opsctl.components.base import Context
-    from opsctl.errors import UsageError
+    from opsctl.context import Context
 
     spec = load_spec()
-    target = target or spec.platform.target
-    if target == "kubernetes":
-        raise UsageError(
-            "the kubernetes target is not available yet in this version of opsctl",
-            "use --target local (the default) for now",
-        )
-    return Context(spec, target, (Path.cwd() / spec.platform.state_dir).resolve(), dry_run)
+    ctx = Context(spec, target or spec.platform.target, (Path.cwd() / spec.platform.state_dir).resolve(),
+                  dry_run)
+    ctx.runtime.check_available()
+    return ctx
 
 
 def _terminate_as_interrupt(signum, frame):
@@ -66,7 +63,7 @@ def run_cli(app: typer.Typer) -> int:
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     signal.signal(signal.SIGHUP, _terminate_as_interrupt)
     try:
-        app()
+        app(prog_name="opsctl", complete_var=COMPLETE_VAR)
     except OpsError as e:
         ui.error(e.message, e.hint, e.code, _OUTPUT)
         return e.code

@@ -170,7 +170,7 @@ def _restart_stream_if_running(ctx) -> bool:
     from opsctl.components.services import BundledService
 
     stream = BundledService(ctx.spec.stream_job, ctx)
-    if not stream.process.running():
+    if not ctx.runtime.running(stream):
         return False
     stream.stop()
     _start_stream(ctx)

@@ -41,6 +41,6 @@ def apply(
 
 @app.command()
 def diff(output: OutputOption = ui.Output.text) -> None:
-    """Drift between the spec and the live realm, per object. Exits 1 if any."""
+    """Drift between the spec and the live realm, per object. Exits 0 in sync, 1 on drift, 2 on an error."""
     set_output(output)
-    reconcile.diff([_realm(True)], output, "keycloak")
+    reconcile.diff(lambda: [_realm(True)], output, "keycloak")

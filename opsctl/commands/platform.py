@@ -144,10 +144,9 @@ def down(
 ) -> None:
     """Stop the local platform (and with --purge, delete its data)."""
     set_output(output)
-    from opsctl.components import local_servers
+    from opsctl.components import servers
     from opsctl.components.services import BundledService
     from opsctl.engine.state import exclusive
-    from opsctl.targets.local import supervisor
 
     ctx = context()
     if purge and not yes and not ui.confirm(
@@ -156,13 +155,13 @@ def down(
                          "confirm at the prompt, or pass --yes")
     # The services first: they hold connections to the servers.
     services = [BundledService(name, ctx) for name in ctx.spec.services]
-    components = local_servers(ctx)
+    components = servers(ctx)
     with exclusive(ctx.state_dir / "opsctl.lock", "down"):
         with ThreadPoolExecutor(max_workers=len(services)) as pool:
             stopped = dict(zip([s.name for s in services], pool.map(lambda s: s.stop(), services)))
         with ThreadPoolExecutor(max_workers=max(1, len(components))) as pool:
             stopped.update(zip([c.name for c in components], pool.map(lambda c: c.stop(), components)))
-        supervisor.shutdown_all(ctx.state_dir)  # nothing left to supervise
+        ctx.runtime.shutdown()  # nothing left to run them
         if purge:
             for component in [*services, *components]:
                 component.purge()

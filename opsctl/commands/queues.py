@@ -41,9 +41,9 @@ def apply(
 
 @app.command()
 def diff(output: OutputOption = ui.Output.text) -> None:
-    """Drift between the spec and RabbitMQ, per object. Exits 1 if any."""
+    """Drift between the spec and RabbitMQ, per object. Exits 0 in sync, 1 on drift, 2 on an error."""
     set_output(output)
-    reconcile.diff([_topology(True)], output, "queues")
+    reconcile.diff(lambda: [_topology(True)], output, "queues")
 
 
 @app.command()

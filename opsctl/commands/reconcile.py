@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import typer
 
 from opsctl import ui
-from opsctl.errors import FAILED
+from opsctl.errors import FAILED, USAGE, OpsError
 
 
 def run(steps, dry_run: bool, output: ui.Output, what: str) -> list:
@@ -24,7 +26,14 @@ def run(steps, dry_run: bool, output: ui.Output, what: str) -> list:
     return changes
 
 
-def diff(steps, output: ui.Output, what: str) -> None:
-    """Like kubectl diff: exit 0 when in sync, 1 when something differs."""
-    if run(steps, True, output, what):
+def diff(steps: Callable[[], list], output: ui.Output, what: str) -> None:
+    """Like kubectl diff and diff(1): exit 0 when in sync, 1 when something differs, 2 or
+    more when the comparison could not be made (a server down, a bad file), so that a
+    script reading 1 always sees drift."""
+    try:
+        changed = run(steps(), True, output, what)
+    except OpsError as e:
+        e.code = max(e.code, USAGE)
+        raise
+    if changed:
         raise typer.Exit(FAILED)

@@ -16,8 +16,20 @@ from opsctl.errors import FAILED, UNHEALTHY, UsageError
 app = typer.Typer(help="The bundled order services: start, stop, status, logs.",
                   no_args_is_help=True)
 
+
+def _complete_service(incomplete: str) -> list[str]:
+    """Service names from the spec, for the shell's completion."""
+    from opsctl.commands.common import load_spec
+
+    try:
+        return [name for name in load_spec().services if name.startswith(incomplete)]
+    except Exception:  # a broken opsctl.yaml: no suggestions rather than a traceback in the shell
+        return []
+
+
 NamesArg = Annotated[Optional[List[str]], typer.Argument(
-    metavar="[SERVICE]...", help="Services to act on [default: those started with the platform; stop: all].")]
+    metavar="[SERVICE]...", autocompletion=_complete_service,
+    help="Services to act on [default: those started with the platform; stop: all].")]
 
 
 def _selected(ctx, names: list[str] | None, everything: bool = False) -> list[str]:
@@ -91,7 +103,7 @@ def status(names: NamesArg = None, output: OutputOption = ui.Output.text) -> Non
 
 @app.command()
 def logs(
-    name: Annotated[str, typer.Argument(metavar="SERVICE")],
+    name: Annotated[str, typer.Argument(metavar="SERVICE", autocompletion=_complete_service)],
     lines: Annotated[int, typer.Option("--lines", "-n", min=0, help="Lines to show.")] = 50,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines.")] = False,
 ) -> None:
@@ -100,7 +112,7 @@ def logs(
 
     ctx = context()
     _selected(ctx, [name])
-    logfile = BundledService(name, ctx).process.logfile
+    logfile = ctx.runtime.logfile(BundledService(name, ctx))
     if not logfile.exists():
         raise UsageError(f"{name} has no log yet ({logfile})", f"start it: opsctl services start {name}")
     with open(logfile, errors="replace") as f:

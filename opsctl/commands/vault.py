@@ -230,6 +230,7 @@ def apply(
 
 @app.command()
 def diff(output: OutputOption = ui.Output.text) -> None:
-    """Drift between the spec and Vault (and the service users it holds). Exits 1 if any."""
+    """Drift between the spec and Vault (and the service users it holds). Exits 0 in sync,
+    1 on drift, 2 on an error."""
     set_output(output)
-    reconcile.diff(_config_steps(True), output, "vault")
+    reconcile.diff(lambda: _config_steps(True), output, "vault")

@@ -1,4 +1,6 @@
-"""One module per component, found through opsctl.registry.
+"""One module per component, found through opsctl.registry: its desired state, health
+checks and users. A component imports no target and no command; where it runs is the
+target's (ctx.runtime), and base.py is the interface both sides share.
 
 Modules are imported only when a component is used, so `opsctl --help` stays fast.
 """
@@ -7,7 +9,8 @@ from __future__ import annotations
 
 import importlib
 
-from opsctl.components.base import Component, Context, LocalServer, Skipped
+from opsctl.components.base import Component, Server, Skipped
+from opsctl.context import Context
 from opsctl.registry import COMPONENTS, CONFIGURATION
 
 def _load(path: str):
@@ -36,6 +39,6 @@ def all_steps(ctx: Context) -> list[Component]:
     return infrastructure(ctx) + [build(name, ctx) for name in CONFIGURATION]
 
 
-def local_servers(ctx: Context) -> list[LocalServer]:
-    """The components that run as local processes on this target."""
-    return [c for c in infrastructure(ctx) if isinstance(c, LocalServer)]
+def servers(ctx: Context) -> list[Server]:
+    """The components the target runs as servers (processes on the local target)."""
+    return [c for c in infrastructure(ctx) if isinstance(c, Server)]

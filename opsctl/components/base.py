@@ -1,73 +1,23 @@
-"""What every component module implements, and the shared machinery of local servers."""
+"""What every component module implements: a component reconciles itself from the spec
+and reports its health; a Server describes a server the target runs (opsctl.targets).
+
+Component modules own their component's desired state, health checks and users; they
+import no target (a target is reached through ctx.runtime) and nothing from commands.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import secrets as pysecrets
-import shutil
 import signal
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from opsctl.errors import OpsError
-from opsctl.files import read_json, write_atomic, write_json_atomic
+from opsctl.context import Context
+from opsctl.host import system_user
 from opsctl.net import Address
-from opsctl.spec import Component as ComponentSpec, Spec
-from opsctl.targets.local.process import Process, chown_tree, port_free, system_user
-
-
-@dataclass
-class Context:
-    """Everything a step needs to know about this run."""
-
-    spec: Spec
-    target: str
-    state_dir: Path
-    dry_run: bool = False
-    cancel: threading.Event = field(default_factory=threading.Event)
-    _secrets_lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def host(self) -> str:
-        return self.spec.platform.bind_address
-
-    def address(self, name: str, port: str = "") -> Address:
-        """Where component or service `name` answers on its port `port` (else its first):
-        the one way to learn it."""
-        entry = self.spec.components.get(name) or self.spec.services.get(name)
-        if entry is None or not entry.ports or (port and port not in entry.ports):
-            raise KeyError(f"{name} has no port {port!r}")
-        return Address(self.host, entry.ports[port] if port else next(iter(entry.ports.values())))
-
-    @property
-    def cache_dir(self) -> Path:
-        """Downloaded artifacts (Maven); shared between working directories via $OPSCTL_CACHE_DIR."""
-        env = os.environ.get("OPSCTL_CACHE_DIR")
-        return Path(env).resolve() if env else self.state_dir / "cache"
-
-    def local_dir(self, component: str) -> Path:
-        return self.state_dir / "local" / component
-
-    @property
-    def secrets_file(self) -> Path:
-        return self.state_dir / "secrets.json"
-
-    def secret(self, component: str, key: str, generate=lambda: pysecrets.token_urlsafe(24)) -> str:
-        """A generated credential, kept in a 0600 file until Vault holds the services' ones."""
-        with self._secrets_lock:
-            data = read_json(self.secrets_file, default={}) or {}
-            value = data.get(component, {}).get(key)
-            if value is None and self.dry_run:
-                return "(to be generated)"  # a plan writes nothing
-            if value is None:
-                value = generate()
-                data.setdefault(component, {})[key] = value
-                write_json_atomic(self.secrets_file, data, mode=0o600)
-            return value
+from opsctl.spec import Component as ComponentSpec
 
 
 @dataclass
@@ -189,13 +139,11 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-class LocalServer(Component):
-    """A real server started as a process on the bind address.
-
-    Subclasses describe the server (files, command, probe, version); this class makes it
-    so: writes the files, initialises data once, starts, waits until ready, and restarts
-    only when the configuration changed.
-    """
+class Server(Component):
+    """A component that runs as a server: what it is (its files, command, environment,
+    readiness probe, the state it converges to once ready), never how it is run. The
+    target (ctx.runtime) runs it: on the local target a supervised process on the bind
+    address, restarted only when this description changes."""
 
     ready_timeout = 60.0
     stop_signal = signal.SIGTERM
@@ -207,8 +155,7 @@ class LocalServer(Component):
 
     def __init__(self, name: str, ctx: Context):
         super().__init__(name, ctx)
-        self.home = ctx.local_dir(name)
-        self.process = Process(name, self.home)
+        self.home = ctx.local_dir(name)  # its files, data and logs
         self.user = system_user(self.run_as)
 
     # --- what a subclass describes -------------------------------------------------
@@ -222,8 +169,14 @@ class LocalServer(Component):
     def initialise(self) -> None:
         """One-time set-up of the data folder; must be idempotent and crash-safe."""
 
-    def before_start(self) -> None:
-        """Start helpers the server needs (RabbitMQ's epmd)."""
+    def companions(self) -> dict[str, list[str]]:
+        """Helper programs that run beside the server, started before it and stopped after
+        it: name -> command (RabbitMQ's epmd)."""
+        return {}
+
+    def start_dir(self) -> Path:
+        """The folder it starts in."""
+        return self.home
 
     def argv(self) -> list[str]:
         raise NotImplementedError
@@ -249,7 +202,15 @@ class LocalServer(Component):
         """(healthy, detail) of a ready server; override for richer checks."""
         return True, ""
 
-    # --- the machinery ---------------------------------------------------------------
+    def port_setting(self, key: str) -> str:
+        """Where opsctl.yaml sets this port (shown when the port is taken)."""
+        return f"components:\n    {self.name}:\n      ports: {{{key}: <free port>}}"
+
+    def fingerprint(self) -> str:
+        """Changes when the server must restart to take a new configuration."""
+        return fingerprint(self.argv(), self.env(), self.config_files())
+
+    # --- helpers -----------------------------------------------------------------------
     def port(self, key: str) -> int:
         return self.spec.ports[key]
 
@@ -259,86 +220,15 @@ class LocalServer(Component):
     def path(self, *parts: str) -> Path:
         return self.home.joinpath(*parts)
 
-    def _fingerprint(self) -> str:
-        return fingerprint(self.argv(), self.env(), self.config_files())
-
-    def port_setting(self, key: str) -> str:
-        """Where opsctl.yaml sets this port (shown when the port is taken)."""
-        return f"components:\n    {self.name}:\n      ports: {{{key}: <free port>}}"
-
-    def _check_ports(self) -> None:
-        for key, port in self.spec.ports.items():
-            if not port_free(self.ctx.host, port):
-                raise OpsError(
-                    f"{self.name} cannot listen on {self.ctx.host}:{port} ({key} port): "
-                    "another process is using it",
-                    f"stop that process, or pick another port in opsctl.yaml:\n  {self.port_setting(key)}",
-                )
-
+    # --- run by the target ---------------------------------------------------------------
     def reconcile(self) -> Outcome:
-        self.check_installed()
-        running = self.process.running()
-        wanted = self._fingerprint()
-        if running and self.process.fingerprint != wanted:
-            action = "restart: configuration changed"
-        elif running:
-            action = None
-        else:
-            action = "start"
-        if self.ctx.dry_run:
-            return Outcome("planned", action) if action else Outcome("unchanged", self.endpoint())
-        changed = []
-        if action:
-            self.stop()  # a running one, or one supervisord is still stopping or restarting
-            self._check_ports()
-            self.home.mkdir(parents=True, exist_ok=True)
-            for rel, content in self.config_files().items():
-                write_atomic(self.path(rel), content, mode=0o600)
-            self.initialise()
-            chown_tree(self.home, self.user)
-            self.before_start()
-            self.process.start(self.argv(), self.env(), wanted, user=self.user,
-                               stop_signal=self.stop_signal, stop_timeout=self.stop_timeout,
-                               stop_group=self.stop_group)
-            changed.append("started" if action == "start" else "restarted")
-        self.process.wait_ready(self.probe, self.ready_timeout, self.ctx.cancel)
-        converged = self.converge()
-        if converged:
-            changed.append(converged)
-        if not changed:
-            return Outcome("unchanged", self.endpoint())
-        return Outcome("changed", f"{', '.join(changed)}: {self.endpoint()}")
+        return self.ctx.runtime.apply(self)
 
     def health(self) -> Health:
-        endpoint = self.endpoint()
-        supervision = self.process.supervision()
-        restarts, error = supervision["restarts"], supervision["last_error"]
-        if error and supervision["log_tail"]:
-            error = f"{error}\n{supervision['log_tail']}"
-        if supervision["state"] not in ("running", "starting"):
-            if not self.home.exists():
-                never = self.never_started_health
-                return self._health(never, endpoint=endpoint,
-                                    detail="not installed" if never == "unhealthy" else "never started")
-            if supervision["state"] in ("failed", "restarting"):
-                return self._health("unhealthy", endpoint=endpoint, restarts=restarts, last_error=error,
-                                    detail=f"{supervision['state']}: {supervision['last_error']}")
-            return self._health(self.stopped_health, endpoint=endpoint, restarts=restarts,
-                                last_error=error, detail="stopped")
-        try:
-            if not self.probe():
-                return self._health("unhealthy", endpoint=endpoint, restarts=restarts,
-                                    last_error=error, detail="not answering")
-            ok, detail = self.health_detail()
-            version = self.version()
-        except Exception as e:  # a health check reports, it never crashes status
-            return self._health("unhealthy", endpoint=endpoint, restarts=restarts,
-                                last_error=error, detail=str(e)[:200])
-        return self._health("healthy" if ok else "unhealthy", endpoint=endpoint, version=version,
-                            restarts=restarts, last_error=error, detail=detail)
+        return self.ctx.runtime.health(self)
 
     def stop(self) -> bool:
-        return self.process.stop()
+        return self.ctx.runtime.stop(self)
 
     def purge(self) -> None:
-        shutil.rmtree(self.home, ignore_errors=True)
+        self.ctx.runtime.purge(self)

@@ -8,11 +8,11 @@ import subprocess
 import uuid
 from pathlib import Path
 
-from opsctl.components.base import LocalServer
+from opsctl.components.base import Server
 from opsctl.errors import OpsError
 from opsctl.net import port_open
-from opsctl.targets.local import artifacts
-from opsctl.targets.local.process import require_binary
+from opsctl import artifacts
+from opsctl.host import require_binary
 
 # Kafka 4 logs through slf4j 1.x: this binding routes it to log4j2 (and a file).
 LOG_BINDING = "org.apache.logging.log4j:log4j-slf4j-impl:2.25.4"
@@ -35,7 +35,7 @@ LOG4J2 = """<?xml version="1.0" encoding="UTF-8"?>
 """
 
 
-class Kafka(LocalServer):
+class Kafka(Server):
     ready_timeout = 90.0
 
     @property

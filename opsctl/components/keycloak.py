@@ -12,16 +12,16 @@ import subprocess
 from pathlib import Path
 
 from opsctl import httpclient
-from opsctl.components.base import LocalServer, fingerprint
+from opsctl.components.base import Server, fingerprint
 from opsctl.errors import OpsError
-from opsctl.targets.local import artifacts
-from opsctl.targets.local.process import require_binary
+from opsctl import artifacts
+from opsctl.host import require_binary
 
 # Build-time options: baked into the distribution by `kc.sh build`.
 BUILD_OPTIONS = ["--db=dev-file", "--health-enabled=true", "--metrics-enabled=true"]
 
 
-class Keycloak(LocalServer):
+class Keycloak(Server):
     ready_timeout = 180.0
 
     @property

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from opsctl.components.base import LocalServer
+from opsctl.components.base import Server
 from opsctl.errors import OpsError
 from opsctl.net import port_open
 
@@ -30,7 +30,7 @@ ROLES = {
 RECENT_ORDERS_INDEX = "customer_recent_orders"
 
 
-class MongoDB(LocalServer):
+class MongoDB(Server):
     def check_installed(self) -> None:
         try:
             import secantus  # noqa: F401  (only checks that it is there)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 
 from opsctl import httpclient
-from opsctl.components.base import LocalServer
+from opsctl.components.base import Server
 from opsctl.net import Address
-from opsctl.targets.local.process import require_binary
+from opsctl.host import require_binary
 
 # Limits of the edge. A slow client gets HEADER_TIMEOUT for its whole header, and at most
 # BODY_TIMEOUT between two reads of its body; nginx reads the whole body before it passes
@@ -61,7 +61,7 @@ def _json_return(status: int, detail: str) -> str:
     return f"return {status} '{body}';"
 
 
-class Nginx(LocalServer):
+class Nginx(Server):
     def check_installed(self) -> None:
         require_binary("nginx", "apt-get install -y nginx-light")
 

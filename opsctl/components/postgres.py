@@ -16,11 +16,11 @@ import signal
 import subprocess
 from pathlib import Path
 
-from opsctl.components.base import LocalServer
+from opsctl.components.base import Server
 from opsctl.errors import OpsError
 from opsctl.files import write_atomic
 from opsctl.net import port_open
-from opsctl.targets.local.process import Process, chown_tree
+from opsctl.host import chown_tree
 
 
 EXTERNAL_DATA = Path("/var/lib/opsctl")
@@ -46,24 +46,12 @@ def _unreachable_parent(path: Path, user: str) -> Path | None:
     return None
 
 
-class _InDataFolder(Process):
-    """Started in its data folder: the postgres user cannot enter the private state folder."""
-
-    def __init__(self, name: str, home: Path, data):
-        super().__init__(name, home)
-        self._data = data
-
-    def start(self, *args, cwd: Path | None = None, **kw) -> int:
-        return super().start(*args, cwd=cwd or self._data(), **kw)
-
-
-class Postgres(LocalServer):
+class Postgres(Server):
     run_as = "postgres"
     stop_signal = signal.SIGINT  # fast shutdown: SIGTERM would wait for every client to leave
 
-    def __init__(self, name, ctx):
-        super().__init__(name, ctx)
-        self.process = _InDataFolder(name, self.home, lambda: self.data)
+    def start_dir(self) -> Path:
+        return self.data  # the postgres user cannot enter the private state folder
 
     @property
     def bin(self) -> Path:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import yaml
 
 from opsctl import httpclient
-from opsctl.components.base import LocalServer
-from opsctl.targets.local.process import require_binary
+from opsctl.components.base import Server
+from opsctl.host import require_binary
 
 
-class Prometheus(LocalServer):
+class Prometheus(Server):
     def check_installed(self) -> None:
         require_binary("prometheus", "apt-get install -y prometheus")
 

@@ -13,22 +13,18 @@ import secrets
 from pathlib import Path
 
 from opsctl import httpclient
-from opsctl.components.base import LocalServer
+from opsctl.components.base import Server
 from opsctl.errors import OpsError
 from opsctl.files import write_atomic
 from opsctl.net import port_open
-from opsctl.targets.local.process import Process, require_binary
+from opsctl.host import require_binary
 
 SCRIPTS = Path("/usr/lib/rabbitmq/bin")
 NODE = "opsctl@localhost"
 
 
-class RabbitMQ(LocalServer):
+class RabbitMQ(Server):
     stop_timeout = 30.0  # the management plugin takes ~7 s to stop
-
-    def __init__(self, name, ctx):
-        super().__init__(name, ctx)
-        self.epmd = Process("epmd", self.home)
 
     def check_installed(self) -> None:
         require_binary("epmd", "apt-get install -y rabbitmq-server")
@@ -98,11 +94,9 @@ class RabbitMQ(LocalServer):
         if not cookie.exists():
             write_atomic(cookie, secrets.token_hex(20), mode=0o400)
 
-    def before_start(self) -> None:
+    def companions(self) -> dict[str, list[str]]:
         # Our own epmd, so it stops with RabbitMQ instead of lingering as a daemon.
-        if not self.epmd.running():
-            self.epmd.start(["epmd", "-port", str(self.port("epmd")), "-address", self.ctx.host],
-                            {}, "epmd")
+        return {"epmd": ["epmd", "-port", str(self.port("epmd")), "-address", self.ctx.host]}
 
     def argv(self) -> list[str]:
         return [str(SCRIPTS / "rabbitmq-server")]
@@ -187,8 +181,3 @@ class RabbitMQ(LocalServer):
     def ensure_service_user(self, user: str, password: str, service: str | None = None) -> None:
         self.api(f"users/{user}", "PUT", {"password": password, "tags": ""})
         self.api(f"permissions/%2F/{user}", "PUT", self.permissions(service))
-
-    def stop(self) -> bool:
-        stopped = super().stop()
-        self.epmd.stop()
-        return stopped

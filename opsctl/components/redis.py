@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 
-from opsctl.components.base import LocalServer
+from opsctl.components.base import Server
 from opsctl.files import write_atomic
 from opsctl.net import port_open
-from opsctl.targets.local.process import require_binary
+from opsctl.host import require_binary
 
 
-class Redis(LocalServer):
+class Redis(Server):
     def check_installed(self) -> None:
         require_binary("redis-server", "apt-get install -y redis-server")
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import sys
 from opsctl import httpclient
 from opsctl.components import keycloak_realm, vault
-from opsctl.components.base import Component, Context, LocalServer, Outcome
+from opsctl.components.base import Component, Server, Outcome
+from opsctl.context import Context
 from opsctl.errors import OpsError
 from opsctl.net import port_open
 from opsctl.registry import step_number
@@ -84,7 +85,7 @@ def environment(ctx: Context, name: str, client_secret: str) -> dict[str, str]:
     return env
 
 
-class BundledService(LocalServer):
+class BundledService(Server):
     """One service of the order flow, run as `python -m <module>`."""
 
     ready_timeout = 60.0

@@ -13,11 +13,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from opsctl.components.base import Component, Context, Health, Outcome
+from opsctl.components.base import Component, Health, Outcome
+from opsctl.context import Context
 from opsctl.errors import OpsError, UsageError
 from opsctl.files import read_json, write_json_atomic
-from opsctl.targets.local import artifacts
-from opsctl.targets.local.process import require_binary
+from opsctl import artifacts
+from opsctl.host import require_binary
 
 
 def kafka_jars(ctx: Context) -> Path:

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from opsctl import httpclient
-from opsctl.components.base import LocalServer
+from opsctl.components.base import Server
 from opsctl.errors import OpsError
 from opsctl.files import read_json, write_json_atomic
 
@@ -302,7 +302,7 @@ def _wait_until_kv_upgraded(client, mount: str, timeout: float = 30) -> None:
             time.sleep(0.2)
 
 
-class Vault(LocalServer):
+class Vault(Server):
     @property
     def binary(self) -> str:
         try:

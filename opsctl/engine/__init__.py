@@ -1,1 +1,2 @@
-"""Steps, ordering, the state file, dry-run plans and resume."""
+"""Steps, ordering, the state file, dry-run plans and resume. Runs components through their
+Component interface; imports no command and no target implementation."""

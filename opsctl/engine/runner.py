@@ -11,7 +11,8 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 
-from opsctl.components.base import Component, Context, Outcome
+from opsctl.components.base import Component, Outcome
+from opsctl.context import Context
 from opsctl.engine.state import StateFile
 from opsctl.errors import Interrupted, OpsError
 

@@ -1,0 +1,71 @@
+"""Where the platform runs. A target brings a component to its desired state, stops it,
+purges it, reports its health, and says where it answers (`address`): the one way anyone
+learns where a component is. Components describe what they should be and never import
+this package; the engine and the commands reach a target only through the run context
+(`ctx.runtime`).
+
+    targets/local/       supervised processes on this machine (the default)
+    targets/kubernetes/  helm releases on a cluster (not available yet)
+
+May import opsctl.spec, opsctl.net, opsctl.errors, opsctl.files, opsctl.host and the types
+of opsctl.components.base; never a command.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from opsctl.components.base import Health, Outcome, Server
+    from opsctl.net import Address
+    from opsctl.spec import Spec
+
+IMPLEMENTATIONS = {"local": "opsctl.targets.local.target:LocalTarget",
+                   "kubernetes": "opsctl.targets.kubernetes:KubernetesTarget"}
+
+
+class Target:
+    """What every target implements, for the components that run as servers (the others
+    configure running systems through their APIs and need no target)."""
+
+    name: str
+
+    def __init__(self, state_dir: Path):
+        self.state_dir = state_dir
+
+    def check_available(self) -> None:
+        """Raise a UsageError saying what to do when this target cannot be used here."""
+
+    def address(self, spec: Spec, name: str, port: str = "") -> Address:
+        raise NotImplementedError
+
+    def apply(self, server: Server) -> Outcome:
+        """Bring `server` to its desired state (a plan only, in a dry run)."""
+        raise NotImplementedError
+
+    def health(self, server: Server) -> Health:
+        raise NotImplementedError
+
+    def stop(self, server: Server) -> bool:
+        """Stop it; True if it was running."""
+        raise NotImplementedError
+
+    def purge(self, server: Server) -> None:
+        """Delete its data, logs and state."""
+        raise NotImplementedError
+
+    def running(self, server: Server) -> bool:
+        raise NotImplementedError
+
+    def logfile(self, server: Server) -> Path:
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        """Once everything is stopped: stop what runs the servers (the local supervisor)."""
+
+
+def get(name: str, state_dir: Path) -> Target:
+    module, _, cls = IMPLEMENTATIONS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)(state_dir)

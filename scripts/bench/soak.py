@@ -53,12 +53,12 @@ def tree_rss_mib(pid: int) -> float:
 
 
 def memory(work: Workdir) -> dict[str, float]:
-    from opsctl.components import local_servers
+    from opsctl.components import servers
     from opsctl.components.services import BundledService
 
     ctx = workdir_context(work)
-    processes = [c.process for c in local_servers(ctx)]
-    processes += [BundledService(name, ctx).process for name in ctx.spec.services]
+    processes = [ctx.runtime.process(c) for c in servers(ctx)]
+    processes += [ctx.runtime.process(BundledService(name, ctx)) for name in ctx.spec.services]
     return {p.name: round(tree_rss_mib(pid), 1) for p in processes if (pid := p.pid())}
 
 

@@ -212,7 +212,7 @@ def pytest_runtest_makereport(item, call):
 def workdir_context(work: Workdir):
     """opsctl's run context for a working directory, as the CLI would build it there."""
     from opsctl import spec
-    from opsctl.components.base import Context
+    from opsctl.context import Context
 
     loaded = spec.load(str(work.path / "opsctl.yaml"))
     return Context(loaded, "local", work.path / ".opsctl")

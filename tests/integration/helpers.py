@@ -8,6 +8,12 @@ import time
 import uuid
 
 
+def process_of(server):
+    """The local process of a server or service (pid, log file): the local target's, which
+    the components themselves know nothing of."""
+    return server.ctx.runtime.process(server)
+
+
 def wait_for(predicate, timeout: float = 60, interval: float = 0.1, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while True:

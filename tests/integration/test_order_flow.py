@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.integration.conftest import workdir_context
-from tests.integration.helpers import TopicReader, stored, wait_for
+from tests.integration.helpers import TopicReader, process_of, stored, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -180,7 +180,7 @@ def test_no_accepted_order_is_lost_when_workers_die_and_rabbitmq_restarts_under_
 
     wait_for(lambda: accepting_more(0), 30, what="the API to accept orders")
     for name in ("premium-consumer", "regular-consumer", "digital-consumer", "cdc-bridge"):
-        os.kill(BundledService(name, ctx).process.pid(), signal.SIGKILL)
+        os.kill(process_of(BundledService(name, ctx)).pid(), signal.SIGKILL)
         before = len(load.accepted)
         wait_for(lambda: accepting_more(before), 30, what=f"orders accepted while {name} is down")
         restart = flow.run("services", "start", name)

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from tests.integration.conftest import components_where, workdir_context
-from tests.integration.helpers import wait_for
+from tests.integration.helpers import process_of, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -108,7 +108,7 @@ def test_secrets_file_is_private_and_secrets_are_not_printed(platform):
 def _pid(platform, name: str) -> int:
     from opsctl.components import build
 
-    return build(name, workdir_context(platform)).process.pid()
+    return process_of(build(name, workdir_context(platform))).pid()
 
 
 def _stop(platform, name: str, sig: int) -> None:

@@ -18,7 +18,7 @@ import pytest
 
 from opsctl.components.services import BundledService
 from tests.integration.conftest import REPO, cache_dir, free_ports, service_env, workdir_context
-from tests.integration.helpers import wait_for
+from tests.integration.helpers import process_of, wait_for
 
 pytestmark = pytest.mark.integration
 STREAM = "order-screening"
@@ -180,7 +180,7 @@ def test_the_local_spark_driver_listens_on_loopback_only(screening):
     """Spark in local mode binds 127.0.0.1 (SPARK_LOCAL_IP): nothing of the job's driver, its
     JVM included, listens where another machine could reach it."""
     assert screening.run("jobs", "stream", "start").returncode == 0  # running already: unchanged
-    driver = BundledService(STREAM, workdir_context(screening)).process.pid()
+    driver = process_of(BundledService(STREAM, workdir_context(screening))).pid()
     assert driver, "the streaming job is not running"
     family = tree(driver)
     java = [p for p in family if b"java" in proc(p, "cmdline")]
@@ -193,7 +193,7 @@ def test_a_restarted_stream_continues_from_its_checkpoint_and_flags_nothing_twic
     db = mongo(screening)
     before = len(validation_messages(screening))
     assert screening.run("jobs", "stream", "start").returncode == 0  # running already: unchanged
-    log = BundledService(STREAM, workdir_context(screening)).process.logfile
+    log = process_of(BundledService(STREAM, workdir_context(screening))).logfile
     logged = log.stat().st_size
     assert screening.run("jobs", "stream", "stop").returncode == 0
     said = log.read_bytes()[logged:].decode(errors="replace")
@@ -225,14 +225,14 @@ def test_soak_idle_minutes_then_traffic_then_the_driver_killed_screens_every_ord
     wave = ["orders", "simulate", "--rate", "10", "--duration", "3", "--anomaly-rate", "0.3"]
     assert screening.run(*wave, "--seed", "11").returncode == 0  # opens the job's broker connection
     all_settled(db, 180, "wave 1 screened")
-    driver, held = stream.process.pid(), db.orders.count_documents({"validation.status": "held"})
+    driver, held = process_of(stream).pid(), db.orders.count_documents({"validation.status": "held"})
     restarts = stream_row(screening)["restarts"]
 
     time.sleep(180)
     assert screening.run(*wave, "--seed", "12").returncode == 0
     all_settled(db, 180, "the orders after 3 idle minutes screened")
     assert db.orders.count_documents({"validation.status": "held"}) > held, "nothing held after the pause"
-    assert stream.process.pid() == driver and stream_row(screening)["restarts"] == restarts, \
+    assert process_of(stream).pid() == driver and stream_row(screening)["restarts"] == restarts, \
         "the job died while idle"
 
     batches = lambda: {d["_id"]: d["validation"]["batch"]  # noqa: E731
@@ -242,7 +242,7 @@ def test_soak_idle_minutes_then_traffic_then_the_driver_killed_screens_every_ord
     assert screening.run(*wave, "--seed", "13").returncode == 0  # while the job is down
     all_settled(db, 240, "the orders sent while the job was down screened after its restart",
                 screened_over=len(before))
-    assert stream.process.pid() not in (None, driver)
+    assert process_of(stream).pid() not in (None, driver)
     assert stream_row(screening)["restarts"] == restarts + 1
     after = batches()
     assert {k: after[k] for k in before} == before  # nothing screened again
@@ -376,7 +376,7 @@ def test_the_stream_runs_on_a_spark_cluster_with_the_model_shipped_to_its_execut
         assert list(spark_cluster.work_dir.glob(f"{app['id']}/*/vae/model.json")), "no model on the executor"
         # The cluster authenticates the job (spark.authenticate): its secret came from Vault
         # into the driver's JVM, never through an argument or the environment.
-        driver = BundledService(STREAM, workdir_context(screening)).process.pid()
+        driver = process_of(BundledService(STREAM, workdir_context(screening))).pid()
         for pid in tree(driver):
             for part in ("cmdline", "environ"):
                 assert spark_cluster.secret.encode() not in proc(pid, part), part

@@ -13,7 +13,7 @@ import pytest
 
 from opsctl.targets.local import supervisor
 from tests.integration.conftest import workdir_context
-from tests.integration.helpers import wait_for
+from tests.integration.helpers import process_of, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -47,12 +47,12 @@ def test_status_shows_every_service_and_the_stream(running):
 
 def test_a_killed_service_is_restarted_by_the_supervisor_and_counted(running):
     consumer = service(running, "regular-consumer")
-    first, restarts = consumer.process.pid(), status_rows(running)[1]["regular-consumer"]["restarts"]
+    first, restarts = process_of(consumer).pid(), status_rows(running)[1]["regular-consumer"]["restarts"]
     # The supervisor outlived the opsctl command that started the service.
     supervisord = int((running.path / ".opsctl/local/supervisor/supervisord.pid").read_text())
     assert Path(f"/proc/{supervisord}").exists() and Path(f"/proc/{first}").exists()
     os.kill(first, signal.SIGKILL)
-    wait_for(lambda: consumer.process.pid() not in (None, first) and consumer.health().ok, 60,
+    wait_for(lambda: process_of(consumer).pid() not in (None, first) and consumer.health().ok, 60,
              interval=0.5, what="regular-consumer restarted and healthy")
     code, rows = wait_for(lambda: (lambda r: r[1]["regular-consumer"]["restarts"] > restarts and r)(
         status_rows(running)), 30, interval=0.5, what="the restart counted")
@@ -64,7 +64,7 @@ def test_a_service_that_keeps_dying_is_reported_failed_with_its_log_and_status_e
     consumer = service(running, "digital-consumer")
     pid = None
     for _ in range(supervisor.RESTART_LIMIT):
-        pid = wait_for(lambda: consumer.process.pid() not in (None, pid) and consumer.process.pid(), 60,
+        pid = wait_for(lambda: process_of(consumer).pid() not in (None, pid) and process_of(consumer).pid(), 60,
                        interval=0.2, what="digital-consumer running (again)")
         time.sleep(supervisor.START_SECONDS + 0.5)  # counted as started, not as a failed start
         os.kill(pid, signal.SIGKILL)
@@ -74,7 +74,7 @@ def test_a_service_that_keeps_dying_is_reported_failed_with_its_log_and_status_e
     assert code == 3
     assert row["detail"].startswith("failed: exited unexpectedly") and row["restarts"] == supervisor.RESTART_LIMIT
     assert "  | " in row["last_error"]  # the last lines of its log
-    assert consumer.process.pid() is None  # given up on: not restarted again
+    assert process_of(consumer).pid() is None  # given up on: not restarted again
 
     text = running.run("status")
     assert text.returncode == 3 and "digital-consumer" in text.stderr and "exited unexpectedly" in text.stderr

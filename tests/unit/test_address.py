@@ -5,7 +5,7 @@ import pytest
 
 from opsctl import spec
 from opsctl.components import build, keycloak_realm, nginx, services, vault
-from opsctl.components.base import Context
+from opsctl.context import Context
 
 
 @pytest.fixture

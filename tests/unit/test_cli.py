@@ -164,3 +164,68 @@ def test_commands_print_only_through_ui():
                     and isinstance(node.value, ast.Name) and node.value.id == "ui":
                 offenders.append(f"{path.name}:{node.lineno} ui.{node.attr}")
     assert not offenders, offenders
+
+
+# --- the conventions of kubectl, helm and gh, at the root ---------------------------------
+@pytest.mark.parametrize("shell,marker", [("bash", "complete_bash"), ("zsh", "compdef"), ("fish", "complete_fish")])
+def test_completion_prints_a_script_for_each_shell(cwd, shell, marker):
+    result = opsctl(cwd, "completion", shell)
+    assert result.returncode == 0 and marker in result.stdout and "_OPSCTL_COMPLETE" in result.stdout
+    assert result.stderr == ""
+
+
+def test_the_completion_script_completes_commands_and_service_names(cwd):
+    def complete(words: str) -> list[str]:
+        result = opsctl(cwd, env={"_OPSCTL_COMPLETE": "complete_bash", "COMP_WORDS": words,
+                                  "COMP_CWORD": str(len(words.split()) - 1)})
+        assert result.returncode == 0, result.stderr
+        return result.stdout.split()
+
+    assert "services" in complete("opsctl ser")
+    assert {"start", "stop", "status"} <= set(complete("opsctl services st"))
+    assert "regular-consumer" in complete("opsctl services logs reg")
+
+
+def test_an_unknown_shell_is_a_usage_error(cwd):
+    result = opsctl(cwd, "completion", "tcsh")
+    assert result.returncode == 2 and "bash" in result.stderr
+
+
+def unreachable(cwd) -> None:
+    """An opsctl.yaml whose servers nobody listens on (a free port), so nothing is reached."""
+    import socket
+
+    sockets = [socket.socket() for _ in range(3)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    rabbitmq, vault, keycloak = (s.getsockname()[1] for s in sockets)
+    for s in sockets:
+        s.close()
+    (cwd / "opsctl.yaml").write_text(
+        f"components:\n  rabbitmq: {{ports: {{management: {rabbitmq}}}}}\n  vault: {{ports: {{http: {vault}}}}}\n"
+        f"  keycloak: {{ports: {{http: {keycloak}}}}}\n")
+
+
+@pytest.mark.parametrize("group", ["queues", "keycloak", "vault"])
+def test_a_diff_that_cannot_compare_exits_2_so_that_1_always_means_drift(cwd, group):
+    unreachable(cwd)
+    result = opsctl(cwd, group, "diff", "-o", "json")
+    assert result.returncode == 2, result.stdout + result.stderr
+    error = json.loads(result.stdout)["error"]
+    assert error["exit_code"] == 2 and "not reachable" in error["message"] + error["hint"] or \
+        "connect" in error["message"], error
+
+
+def test_quiet_leaves_only_errors_on_stderr_and_no_color_plain_text(cwd):
+    (cwd / "opsctl.yaml").write_text("components:\n  rabbitmq:\n    ports: {amqp: 5999}\n")
+    loud = opsctl(cwd, "config", "validate")
+    quiet = opsctl(cwd, "-q", "config", "validate")
+    assert loud.returncode == quiet.returncode == 0
+    assert quiet.stdout == loud.stdout and "valid" in loud.stderr and quiet.stderr == ""
+    unreachable(cwd)
+    for args, env in ((["--no-color"], {}), ([], {"NO_COLOR": "1"})):
+        failed = opsctl(cwd, *args, "queues", "diff", env={"FORCE_COLOR": "1", "TERM": "xterm", **env})
+        assert failed.returncode == 2 and "error:" in failed.stderr
+        assert "\x1b[" not in failed.stderr, args or env
+    coloured = opsctl(cwd, "queues", "diff", env={"FORCE_COLOR": "1", "TERM": "xterm"})
+    assert "\x1b[" in coloured.stderr  # the control: colour is on unless turned off

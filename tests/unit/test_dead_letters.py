@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from opsctl import spec
-from opsctl.components.base import Context
+from opsctl.context import Context
 from opsctl.dead_letters import Letter
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from opsctl import spec as spec_mod
-from opsctl.components.base import Component, Context, Outcome
+from opsctl.components.base import Component, Outcome
+from opsctl.context import Context
 from opsctl.engine.runner import run_steps
 from opsctl.engine.state import StateFile, exclusive
 from opsctl.errors import OpsError

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from opsctl import spec
-from opsctl.components.base import Context
+from opsctl.context import Context
 from opsctl.components.mongodb import MongoDB
 from opsctl.components.nginx import Nginx
 from opsctl.components.rabbitmq import RabbitMQ

@@ -7,7 +7,7 @@ import pytest
 
 from opsctl import spec
 from opsctl.components import spark
-from opsctl.components.base import Context
+from opsctl.context import Context
 from opsctl.errors import UsageError
 
 

@@ -8,57 +8,15 @@ of how it was started (`<name>.run.json`: the configuration fingerprint, the com
 from __future__ import annotations
 
 import os
-import pwd
-import shutil
 import signal
-import socket
 import time
 from pathlib import Path
 from typing import Callable
 
 from opsctl.errors import Interrupted, OpsError
 from opsctl.files import read_json, write_json_atomic
+from opsctl.host import chown_tree
 from opsctl.targets.local import supervisor
-
-
-def port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def require_binary(name: str, install: str) -> str:
-    path = shutil.which(name)
-    if not path:
-        raise OpsError(f"{name} is not installed", f"install it with: {install} (or run scripts/setup)")
-    return path
-
-
-def system_user(name: str | None) -> str | None:
-    """The user a server must run as: `name` when we are root (some servers refuse root)."""
-    if name is None or os.geteuid() != 0:
-        return None
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        raise OpsError(f"system user '{name}' does not exist",
-                       "run scripts/setup (it installs the packages that create it)")
-    return name
-
-
-def chown_tree(path: Path, user: str | None) -> None:
-    if not user:
-        return
-    entry = pwd.getpwnam(user)
-    os.chown(path, entry.pw_uid, entry.pw_gid)
-    for root, dirs, files in os.walk(path):
-        os.chown(root, entry.pw_uid, entry.pw_gid)
-        for name in files:
-            os.chown(os.path.join(root, name), entry.pw_uid, entry.pw_gid, follow_symlinks=False)
 
 
 class Process:

@@ -13,7 +13,7 @@ import zipfile
 from pathlib import Path
 
 from opsctl.errors import OpsError
-from opsctl.targets.local.process import require_binary
+from opsctl.host import require_binary
 
 POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
   <modelVersion>4.0.0</modelVersion>

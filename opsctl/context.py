@@ -1,0 +1,74 @@
+"""The run context: the spec, the target and the state folder of one opsctl run, shared by
+the engine, the components and the targets. Imports no component and no target module at
+load time (the target is looked up when first used)."""
+
+from __future__ import annotations
+
+import os
+import secrets as pysecrets
+import threading
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from opsctl.files import read_json, write_json_atomic
+from opsctl.net import Address
+from opsctl.spec import Spec
+
+if TYPE_CHECKING:
+    from opsctl.targets import Target
+
+
+@dataclass
+class Context:
+    """Everything a step needs to know about this run."""
+
+    spec: Spec
+    target: str
+    state_dir: Path
+    dry_run: bool = False
+    cancel: threading.Event = field(default_factory=threading.Event)
+    _secrets_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def host(self) -> str:
+        return self.spec.platform.bind_address
+
+    @cached_property
+    def runtime(self) -> Target:
+        """The target the platform runs on (opsctl.targets): it runs the components."""
+        from opsctl import targets
+
+        return targets.get(self.target, self.state_dir)
+
+    def address(self, name: str, port: str = "") -> Address:
+        """Where component or service `name` answers on its port `port` (else its first),
+        as the target says: the one way to learn it."""
+        return self.runtime.address(self.spec, name, port)
+
+    @property
+    def cache_dir(self) -> Path:
+        """Downloaded artifacts (Maven); shared between working directories via $OPSCTL_CACHE_DIR."""
+        env = os.environ.get("OPSCTL_CACHE_DIR")
+        return Path(env).resolve() if env else self.state_dir / "cache"
+
+    def local_dir(self, component: str) -> Path:
+        return self.state_dir / "local" / component
+
+    @property
+    def secrets_file(self) -> Path:
+        return self.state_dir / "secrets.json"
+
+    def secret(self, component: str, key: str, generate=lambda: pysecrets.token_urlsafe(24)) -> str:
+        """A generated credential, kept in a 0600 file until Vault holds the services' ones."""
+        with self._secrets_lock:
+            data = read_json(self.secrets_file, default={}) or {}
+            value = data.get(component, {}).get(key)
+            if value is None and self.dry_run:
+                return "(to be generated)"  # a plan writes nothing
+            if value is None:
+                value = generate()
+                data.setdefault(component, {})[key] = value
+                write_json_atomic(self.secrets_file, data, mode=0o600)
+            return value

@@ -1,0 +1,70 @@
+"""The seams a newcomer relies on: components know no target, the engine no local machinery,
+every target answers through the same interface, and no module grows past a screen-full."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from opsctl import spec
+from opsctl.components import build
+from opsctl.context import Context
+from opsctl.errors import USAGE, UsageError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def imports(path: Path) -> set[str]:
+    """Every module a file imports, at the top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+@pytest.mark.parametrize("folder,forbidden", [("components", "opsctl.targets"),
+                                              ("engine", "opsctl.targets.local")])
+def test_a_layer_does_not_import_what_is_below_the_seam(folder, forbidden):
+    offenders = {p.name: sorted(m for m in imports(p) if m == forbidden or m.startswith(forbidden + "."))
+                 for p in sorted((ROOT / "opsctl" / folder).glob("*.py"))}
+    assert not {name: found for name, found in offenders.items() if found}
+
+
+def test_no_module_is_over_500_lines():
+    sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines())
+             for folder in ("opsctl", "services/order_services") for p in (ROOT / folder).rglob("*.py")}
+    assert not {path: n for path, n in sizes.items() if n > 500}
+
+
+def test_every_package_says_what_it_owns():
+    missing = [str(p.relative_to(ROOT)) for folder in ("opsctl", "services/order_services")
+               for p in (ROOT / folder).rglob("__init__.py") if not ast.get_docstring(ast.parse(p.read_text()))]
+    assert not missing
+
+
+@pytest.mark.parametrize("operation", ["apply", "health", "stop", "purge", "running", "logfile"])
+def test_the_kubernetes_target_says_it_is_not_available_through_the_same_interface(tmp_path, operation):
+    ctx = Context(spec.load(None), "kubernetes", tmp_path / ".opsctl")
+    server = build("rabbitmq", ctx)
+    with pytest.raises(UsageError) as info:
+        getattr(ctx.runtime, operation)(server)
+    assert info.value.code == USAGE and "not available yet" in info.value.message
+    with pytest.raises(UsageError):
+        ctx.runtime.check_available()
+    with pytest.raises(UsageError):
+        ctx.address("rabbitmq", "amqp")
+    assert not (tmp_path / ".opsctl").exists()  # nothing was written
+
+
+def test_the_local_target_says_where_each_component_answers(tmp_path):
+    ctx = Context(spec.load(None), "local", tmp_path / ".opsctl")
+    assert str(ctx.address("rabbitmq", "management")) == "127.0.0.1:15672"
+    assert ctx.runtime.name == "local"
+    with pytest.raises(KeyError):
+        ctx.address("rabbitmq", "nope")
