@@ -1,15 +1,8 @@
-"""opsctl jobs: the AI screening's jobs (train, score, evaluate) and its streaming job.
-
-The jobs run in the services' package (`python -m order_services.screening`, which opsctl
-does not import): they report progress as JSON lines, rendered here.
-"""
+"""opsctl jobs: the AI screening's jobs (train, score, evaluate) and its streaming job,
+over opsctl.app.jobs: parse, call, render."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -17,7 +10,6 @@ import typer
 
 from opsctl import ui
 from opsctl.commands.common import OutputOption, context, set_output
-from opsctl.errors import FAILED, OpsError, UsageError
 
 app = typer.Typer(help="AI screening: train and evaluate the VAE, score orders, run the streaming job.",
                   no_args_is_help=True)
@@ -37,52 +29,6 @@ EpochsOption = Annotated[Optional[int], typer.Option(min=1, max=10000, help="Tra
 SeedOption = Annotated[Optional[int], typer.Option(help="Seed: the same data and seed give the same model [default: screening.seed].")]
 
 
-def _existing(path: Path) -> Path:
-    if not path.is_file():
-        raise UsageError(f"{path}: no such file", "give a JSON-lines file of orders (opsctl orders generate writes one)")
-    return path
-
-
-def _require_model(ctx) -> Path:
-    from opsctl.components import spark
-
-    if not spark.has_model(ctx):
-        raise UsageError(f"no model in {spark.model_dir(ctx)}", "train one first: opsctl jobs train-vae")
-    return spark.model_dir(ctx)
-
-
-def run_job(job: str, *args: str, output: ui.Output, title: str) -> dict:
-    """Run one screening job; a progress bar from its epoch events; its result (or OpsError)."""
-    argv = [sys.executable, "-m", "order_services.screening", job, *args]
-    result, error = None, None
-    # stderr to a file, not a pipe: a chatty job could fill the pipe while we read stdout.
-    with tempfile.TemporaryFile("w+") as stderr_file, \
-            subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr_file, text=True) as process, \
-            ui.progress(title, "epochs", output) as progress:
-        for line in process.stdout:
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if event.get("event") == "progress":
-                progress(event["epoch"], event["epochs"], f"loss {event['loss']:.4f}")
-            elif event.get("event") == "result":
-                result = event
-            elif event.get("event") == "error":
-                error = event["message"]
-        process.wait()
-        stderr_file.seek(0)
-        stderr = stderr_file.read()
-    if error:
-        raise (UsageError if process.returncode == 2 else OpsError)(error)
-    if result is None:
-        tail = "\n".join(stderr.strip().splitlines()[-8:])
-        raise OpsError(f"the {job} job failed (exit {process.returncode}):\n{tail}",
-                       "is the services' screening extra installed? run scripts/setup")
-    result.pop("event")
-    return result
-
-
 @app.command("train-vae")
 def train_vae(
     source: Annotated[str, typer.Option("--from", help="mongo (the stored regular orders) or a JSON-lines FILE.")] = "mongo",
@@ -93,26 +39,11 @@ def train_vae(
     """Train the VAE on normal orders and save it as the platform's model; a running
     streaming job is restarted to use it."""
     set_output(output)
+    from opsctl.app import jobs
+
     ctx = context()
-    from opsctl.components import spark
-
-    settings = ctx.spec.screening
-    model = spark.model_dir(ctx)
-    data = model.parent / ".training-orders.jsonl"
-    try:
-        if source == "mongo":
-            from opsctl.commands.orders import export_orders
-
-            export_orders(ctx, data)
-        else:
-            data = _existing(Path(source))
-        result = run_job("train", "--data", str(data), "--model", str(model),
-                         "--epochs", str(epochs or settings.epochs), "--seed", str(settings.seed if seed is None else seed),
-                         "--target-fpr", str(settings.target_fpr), output=output, title="training")
-    finally:
-        if source == "mongo":
-            data.unlink(missing_ok=True)
-    result["stream_restarted"] = _restart_stream_if_running(ctx)
+    with ui.progress("training", "epochs", output) as progress:
+        result = jobs.train(ctx, source, epochs, seed, progress).data
     training = result["training"]
     ui.render_or_json(output, result, lambda: ui.table(None, ["model", "value"], [
         ["saved in", result["model"]], ["orders", f"{training['orders']} ({training['unusable']} unusable)"],
@@ -130,10 +61,10 @@ def score(
 ) -> None:
     """Score orders offline with the platform's model: flagged or not, and why not scored."""
     set_output(output)
-    model = _require_model(context())
-    out = out or file.with_name(file.name + ".scores.jsonl")
-    result = run_job("score", "--data", str(_existing(file)), "--model", str(model), "--out", str(out),
-                     output=output, title="scoring")
+    from opsctl.app import jobs
+
+    with ui.progress("scoring", "epochs", output) as progress:
+        result = jobs.score(context(), file, out, progress).data
     ui.render_or_json(output, result, lambda: ui.table(None, ["orders", "scored", "flagged", "unusable", "scores in"], [
         [result["orders"], result["scored"], result["flagged"], result["unusable"], result["out"]]]))
 
@@ -148,10 +79,10 @@ def evaluate(
     """Detection quality: the VAE against an IsolationForest on the same split, ROC-AUC and
     PR-AUC overall and per anomaly kind."""
     set_output(output)
-    ctx = context()
-    settings = ctx.spec.screening
-    result = run_job("evaluate", "--data", str(_existing(file)), "--epochs", str(epochs or settings.epochs),
-                     "--seed", str(settings.seed if seed is None else seed), output=output, title="evaluating")
+    from opsctl.app import jobs
+
+    with ui.progress("evaluating", "epochs", output) as progress:
+        result = jobs.evaluate(context(), file, epochs, seed, progress).data
 
     def render() -> None:
         ui.table(f"trained on {result['trained_on']} normal orders, tested on {result['tested_on']}",
@@ -163,40 +94,6 @@ def evaluate(
         ui.info(f"VAE at its threshold: false-positive rate {at['false_positive_rate']}, recall {at['recall']}")
 
     ui.render_or_json(output, result, render)
-
-
-def _restart_stream_if_running(ctx) -> bool:
-    """Restart a running stream (on a new model): on the master it was started on."""
-    from opsctl.components.services import BundledService
-
-    stream = BundledService(ctx.spec.stream_job, ctx)
-    if not ctx.runtime.running(stream):
-        return False
-    stream.stop()
-    _start_stream(ctx)
-    return True
-
-
-def _placement(master: str | None, conf: list[str] | None) -> tuple[str, dict[str, str]]:
-    """--master and --conf, checked (a UsageError, exit 2, names the accepted forms)."""
-    from opsctl.components import spark
-
-    return spark.check_master(master or spark.LOCAL_MASTER), spark.check_conf(conf or [])
-
-
-def _start_stream(ctx, placement: tuple[str, dict[str, str]] | None = None):
-    """Start (or restart on changed settings) the stream; `placement` (master, Spark
-    properties) is kept for later restarts, None keeps the one kept."""
-    from opsctl.components import build, keycloak_realm, spark
-    from opsctl.components.services import BundledService
-
-    _require_model(ctx)
-    build("spark", ctx).check_installed()
-    if placement is not None:
-        spark.check_reachable(placement[0])
-        spark.set_stream_placement(ctx, *placement)
-    job = ctx.spec.stream_job
-    return BundledService(job, ctx, keycloak_realm.client_secret(ctx, job)).reconcile()
 
 
 @stream_app.command("start")
@@ -216,14 +113,14 @@ authenticated.
 start) keeps the job where it runs; a start without --master runs it in local mode again.
     """
     set_output(output)
-    placement = _placement(master, conf)
-    ctx = context()
-    outcome = _start_stream(ctx, placement)
-    data = {"job": ctx.spec.stream_job, "master": placement[0], "state": outcome.state, "detail": outcome.detail}
-    ui.render_or_json(output, data, lambda: ui.table(None, ["job", "master", "state", "detail"], [
-        [ctx.spec.stream_job, placement[0], ui.styled(outcome.state), outcome.detail]]))
-    if outcome.state == "failed":
-        raise typer.Exit(FAILED)
+    from opsctl.app import jobs
+
+    where = jobs.placement(master, conf)  # a bad --master is refused before anything else
+    result = jobs.start_stream(context(), where)
+    r = result.data
+    ui.render_or_json(output, r, lambda: ui.table(None, ["job", "master", "state", "detail"], [
+        [r["job"], r["master"], ui.styled(r["state"]), r["detail"]]]))
+    raise typer.Exit(result.code)
 
 
 @stream_app.command("submit-command")
@@ -239,31 +136,13 @@ def stream_submit_command(
 secret (Vault). Stop `opsctl jobs stream` first: both use the same checkpoint and metrics port.
     """
     set_output(output)
-    import importlib.util
     import shlex
 
-    from opsctl.components import build, spark
-    from opsctl.components.services import environment
+    from opsctl.app import jobs
 
-    master, properties = _placement(master, conf)
-    ctx = context()
-    build("spark", ctx).check_installed()  # the Kafka source jars, fetched if they are not
-    stream = ctx.spec.stream_job
-    pyspark, job = importlib.util.find_spec("pyspark"), importlib.util.find_spec(ctx.spec.services[stream].module)
-    if pyspark is None or job is None:
-        raise OpsError("pyspark or the services' screening job is not installed",
-                       "run scripts/setup (installs the services with their screening extra)")
-    env = environment(ctx, stream, "")
-    for name in ("OIDC_CLIENT_SECRET", "SPARK_MASTER", "SPARK_JARS", "PYSPARK_SUBMIT_ARGS"):
-        env.pop(name, None)  # the secret is named below; spark-submit's arguments give the rest
-    names = ctx.spec.names
-    secrets = {"OIDC_CLIENT_SECRET": f"Vault {names.vault.kv_mount}/{names.vault.clients_path}/{stream}, "
-                                     "key client_secret"}
-    properties.setdefault("spark.pyspark.python", sys.executable)  # driver and executors: the services' Python
-    argv = [str(Path(list(pyspark.submodule_search_locations)[0], "bin", "spark-submit")), "--master", master,
-            "--deploy-mode", "client", "--name", stream, "--jars", ",".join(str(j) for j in spark.job_jars(ctx)),
-            *[a for k, v in sorted(properties.items()) for a in ("--conf", f"{k}={v}")], job.origin]
-    data = {"argv": argv, "env": env, "secret_env": secrets}
+    where = jobs.placement(master, conf)
+    data = jobs.submit_command(context(), where).data
+    argv, env, secrets = data["argv"], data["env"], data["secret_env"]
 
     def render() -> None:
         lines = ["# The driver's environment. Also set, from Vault (opsctl never prints secrets):"]
@@ -286,15 +165,9 @@ def stream_cluster_conf(output: OutputOption = ui.Output.text) -> None:
 worker with --properties-file auth.conf (or add the lines to their conf/spark-defaults.conf).
     """
     set_output(output)
-    from opsctl.components import vault
+    from opsctl.app import jobs
 
-    ctx = context()
-    stream = ctx.spec.stream_job
-    secret = (vault.kv_read(ctx, vault.admin(ctx), stream) or {}).get("spark_auth_secret")
-    if not secret:
-        raise OpsError(f"Vault holds no spark_auth_secret for {stream}",
-                       "run opsctl install (it generates the job's secrets), then this again")
-    properties = {"spark.authenticate": "true", "spark.authenticate.secret": secret}
+    properties = jobs.cluster_conf(context()).data["properties"]
     ui.render_or_json(output, {"properties": properties},
                       lambda: ui.out("\n".join(f"{k} {v}" for k, v in properties.items())))
 
@@ -303,40 +176,23 @@ worker with --properties-file auth.conf (or add the lines to their conf/spark-de
 def stream_stop(output: OutputOption = ui.Output.text) -> None:
     """Stop the streaming job after the batch in hand (its checkpoint keeps its place)."""
     set_output(output)
-    from opsctl.components.services import BundledService
+    from opsctl.app import jobs
 
-    ctx = context()
-    stream = ctx.spec.stream_job
-    stopped = BundledService(stream, ctx).stop()
-    ui.render_or_json(output, {"job": stream, "stopped": stopped}, lambda: ui.table(
-        None, ["job", "result"], [[stream, ui.styled("stopped") if stopped else "not running"]]))
+    r = jobs.stop_stream(context()).data
+    ui.render_or_json(output, r, lambda: ui.table(
+        None, ["job", "result"], [[r["job"], ui.styled("stopped") if r["stopped"] else "not running"]]))
 
 
 @stream_app.command("status")
 def stream_status(output: OutputOption = ui.Output.text) -> None:
     """Whether the streaming job runs, and what it has scored, flagged and dead-lettered."""
     set_output(output)
-    from opsctl import httpclient
-    from opsctl.components import spark
-    from opsctl.components.services import BundledService
-    from opsctl.errors import UNHEALTHY
+    from opsctl.app import jobs
 
-    ctx = context()
-    stream = ctx.spec.stream_job
-    health = BundledService(stream, ctx).health()
-    master = spark.stream_placement(ctx)["master"]
-    counts = {}
-    if health.health == "healthy":
-        metrics = {"screening_orders_scored_total": "scored", "screening_orders_flagged_total": "flagged",
-                   "screening_records_dead_lettered_total": "dead_lettered"}
-        for line in httpclient.get(f"{health.endpoint}/metrics").splitlines():
-            name, _, value = line.partition(" ")
-            if name in metrics:
-                counts[metrics[name]] = int(float(value))
-    data = {"job": stream, "health": health.health, "master": master, "endpoint": health.endpoint,
-            "detail": health.detail, **counts}
-    ui.render_or_json(output, data, lambda: ui.table(None, ["job", "health", "master", "scored", "flagged", "dead-lettered", "detail"], [
-        [stream, ui.styled(health.health), master, counts.get("scored", "-"), counts.get("flagged", "-"),
-         counts.get("dead_lettered", "-"), health.detail]]))
-    if health.health != "healthy":
-        raise typer.Exit(UNHEALTHY)
+    result = jobs.stream_status(context())
+    r = result.data
+    ui.render_or_json(output, r, lambda: ui.table(
+        None, ["job", "health", "master", "scored", "flagged", "dead-lettered", "detail"],
+        [[r["job"], ui.styled(r["health"]), r["master"], r.get("scored", "-"), r.get("flagged", "-"),
+          r.get("dead_lettered", "-"), r["detail"]]]))
+    raise typer.Exit(result.code)

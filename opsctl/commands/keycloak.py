@@ -9,20 +9,9 @@ import typer
 from opsctl import ui
 from opsctl.commands import reconcile
 from opsctl.commands.common import OutputOption, context, set_output
-from opsctl.errors import UsageError
 
 app = typer.Typer(help="The Keycloak realm: clients, roles, scopes, signing key.",
                   no_args_is_help=True)
-
-
-def _realm(dry_run: bool, key: str | None = None, cert: str | None = None):
-    from opsctl.components.keycloak_realm import KeycloakRealm, load_signing_key
-
-    if bool(key) != bool(cert):
-        raise UsageError("--signing-key and --signing-cert go together",
-                         "give both files (PEM), or neither to let opsctl generate them")
-    ctx = context(dry_run=dry_run)
-    return KeycloakRealm("keycloak-realm", ctx, load_signing_key(key, cert) if key else None)
 
 
 @app.command()
@@ -36,11 +25,16 @@ def apply(
 ) -> None:
     """Create or update the realm so it matches the spec; says what it changed."""
     set_output(output)
-    reconcile.run([_realm(dry_run, signing_key, signing_cert)], dry_run, output, "keycloak")
+    from opsctl.app import config
+
+    step = config.realm(context(dry_run=dry_run), signing_key, signing_cert)
+    reconcile.render(config.apply([step], dry_run), output, "keycloak")
 
 
 @app.command()
 def diff(output: OutputOption = ui.Output.text) -> None:
     """Drift between the spec and the live realm, per object. Exits 0 in sync, 1 on drift, 2 on an error."""
     set_output(output)
-    reconcile.diff(lambda: [_realm(True)], output, "keycloak")
+    from opsctl.app import config
+
+    reconcile.render(config.diff(lambda: [config.realm(context(dry_run=True))]), output, "keycloak")

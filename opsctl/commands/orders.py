@@ -115,32 +115,6 @@ def generate(
         f"{count} orders in {out}", ["label", "orders"], sorted(labels.items())))
 
 
-def export_orders(ctx, dest: Path) -> int:
-    """ecommerce.orders (as the CDC bridge sees them) into a JSON-lines file. An order the
-    screening holds for validation carries `label: held`, so that training leaves it out
-    (it still counts in its customer's history)."""
-    import json
-
-    from opsctl.components import build
-    from opsctl.files import write_atomic
-
-    names = ctx.spec.names.mongodb
-    try:
-        with build("mongodb", ctx).client() as client:
-            docs = list(client[names.database][names.orders].find())
-    except Exception as e:  # pymongo's errors: the server is not there
-        raise OpsError(f"cannot read {names.database}.{names.orders} from MongoDB: {e}",
-                       "is the platform running? opsctl status") from None
-    if not docs:
-        raise UsageError(f"{names.database}.{names.orders} holds no orders to train on",
-                         "send some first (opsctl orders simulate), or train --from a file")
-    for doc in docs:
-        if (doc.pop("validation", None) or {}).get("status") == "held":
-            doc["label"] = "held"
-    write_atomic(dest, "".join(json.dumps(d, default=str) + "\n" for d in docs))
-    return len(docs)
-
-
 @app.command()
 def export(
     out: Annotated[Path, typer.Option(help="The JSON-lines file to write.")] = Path("orders.jsonl"),
@@ -149,6 +123,8 @@ def export(
     """Write the stored regular orders (MongoDB, as the CDC bridge streams them) to a file,
     for scoring or training offline."""
     set_output(output)
+    from opsctl.app.orders import export_orders
+
     count = export_orders(context(), out)
     ui.render_or_json(output, {"out": str(out), "orders": count},
                       lambda: ui.info(f"{count} orders written to {out}"))

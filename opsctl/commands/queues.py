@@ -9,18 +9,9 @@ import typer
 from opsctl import ui
 from opsctl.commands import reconcile
 from opsctl.commands.common import OutputOption, context, set_output
-from opsctl.errors import UNHEALTHY, UsageError
 
 app = typer.Typer(help="RabbitMQ: exchanges, queues and bindings of the order flow.",
                   no_args_is_help=True)
-
-
-def _topology(dry_run: bool, recreate: bool = False, force: bool = False):
-    from opsctl.components import build
-
-    step = build("rabbitmq-topology", context(dry_run=dry_run))
-    step.recreate, step.force = recreate, force
-    return step
 
 
 @app.command()
@@ -34,27 +25,32 @@ def apply(
 ) -> None:
     """Declare the exchanges, queues and bindings of the spec; says what it changed."""
     set_output(output)
-    if force and not recreate:
-        raise UsageError("--force only makes sense with --recreate")
-    reconcile.run([_topology(dry_run, recreate, force)], dry_run, output, "queues")
+    from opsctl.app import config
+
+    step = config.topology(context(dry_run=dry_run), recreate, force)
+    reconcile.render(config.apply([step], dry_run), output, "queues")
 
 
 @app.command()
 def diff(output: OutputOption = ui.Output.text) -> None:
     """Drift between the spec and RabbitMQ, per object. Exits 0 in sync, 1 on drift, 2 on an error."""
     set_output(output)
-    reconcile.diff(lambda: [_topology(True)], output, "queues")
+    from opsctl.app import config
+
+    reconcile.render(config.diff(lambda: [config.topology(context(dry_run=True))]), output, "queues")
 
 
 @app.command()
 def status(output: OutputOption = ui.Output.text) -> None:
     """Depth, consumers and publish/deliver rates of the order queues. Exits 3 if one is missing."""
     set_output(output)
-    rows = _topology(True).queue_status()
-    ui.render_or_json(output, {"queues": rows}, lambda: ui.table(
+    from opsctl.app import config
+
+    result = config.queue_status(context(dry_run=True))
+    rows = result.data["queues"]
+    ui.render_or_json(output, result.data, lambda: ui.table(
         None, ["queue", "messages", "ready", "unacked", "consumers", "publish/s", "deliver/s"],
         [[r["queue"], *(["missing"] + [""] * 5 if not r["exists"] else [
             r["messages"], r["ready"], r["unacked"], r["consumers"],
             f"{r['publish_rate']:.1f}", f"{r['deliver_rate']:.1f}"])] for r in rows]))
-    if not all(r["exists"] for r in rows):
-        raise typer.Exit(UNHEALTHY)
+    raise typer.Exit(result.code)

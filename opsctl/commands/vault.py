@@ -211,13 +211,6 @@ def status(output: OutputOption = ui.Output.text) -> None:
         raise typer.Exit(UNHEALTHY)
 
 
-def _config_steps(dry_run: bool):
-    from opsctl.components import build
-
-    ctx = context(dry_run=dry_run)
-    return [build("vault-auth", ctx), build("service-credentials", ctx)]
-
-
 @app.command()
 def apply(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the changes; make none.")] = False,
@@ -225,7 +218,9 @@ def apply(
 ) -> None:
     """Configure JWT auth, the reader policy, the service roles and the services' credentials."""
     set_output(output)
-    reconcile.run(_config_steps(dry_run), dry_run, output, "vault")
+    from opsctl.app import config
+
+    reconcile.render(config.apply(config.vault_steps(context(dry_run=dry_run)), dry_run), output, "vault")
 
 
 @app.command()
@@ -233,4 +228,6 @@ def diff(output: OutputOption = ui.Output.text) -> None:
     """Drift between the spec and Vault (and the service users it holds). Exits 0 in sync,
     1 on drift, 2 on an error."""
     set_output(output)
-    reconcile.diff(lambda: _config_steps(True), output, "vault")
+    from opsctl.app import config
+
+    reconcile.render(config.diff(lambda: config.vault_steps(context(dry_run=True))), output, "vault")

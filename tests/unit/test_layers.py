@@ -28,12 +28,22 @@ def imports(path: Path) -> set[str]:
     return found
 
 
+def offenders(files, forbidden: str) -> dict[str, list[str]]:
+    found = {p.name: sorted(m for m in imports(p) if m == forbidden or m.startswith(forbidden + "."))
+             for p in files}
+    return {name: modules for name, modules in found.items() if modules}
+
+
 @pytest.mark.parametrize("folder,forbidden", [("components", "opsctl.targets"),
-                                              ("engine", "opsctl.targets.local")])
-def test_a_layer_does_not_import_what_is_below_the_seam(folder, forbidden):
-    offenders = {p.name: sorted(m for m in imports(p) if m == forbidden or m.startswith(forbidden + "."))
-                 for p in sorted((ROOT / "opsctl" / folder).glob("*.py"))}
-    assert not {name: found for name, found in offenders.items() if found}
+                                              ("engine", "opsctl.targets.local"),
+                                              ("app", "opsctl.ui"), ("app", "opsctl.commands")])
+def test_a_layer_does_not_import_across_its_seam(folder, forbidden):
+    assert not offenders(sorted((ROOT / "opsctl" / folder).glob("*.py")), forbidden)
+
+
+@pytest.mark.parametrize("command", ["services", "jobs", "platform", "keycloak", "queues", "reconcile"])
+def test_a_command_on_the_application_layer_reaches_no_component_itself(command):
+    assert not offenders([ROOT / "opsctl" / "commands" / f"{command}.py"], "opsctl.components")
 
 
 def test_no_module_is_over_500_lines():
