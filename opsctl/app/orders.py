@@ -1,14 +1,68 @@
-"""Orders out of the platform: the stored regular orders as a JSON-lines file."""
+"""Orders in and out of the platform: simulated traffic through the edge, and the stored
+regular orders as a JSON-lines file."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+from typing import Callable
 
-from opsctl.components import build
+from opsctl.app import Result
+from opsctl.components import build, keycloak_realm
+from opsctl.components.nginx import edge_url
 from opsctl.context import Context
-from opsctl.errors import OpsError, UsageError
+from opsctl.errors import FAILED, OpsError, UsageError
 from opsctl.files import write_atomic
+
+
+class TokenSource:
+    """The people client's token, renewed 30 s before it expires."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.client = ctx.spec.names.keycloak.client
+        self.secret = keycloak_realm.client_secret(ctx, self.client)
+        self.token, self.expires = "", 0.0
+
+    def __call__(self) -> str:
+        if time.monotonic() >= self.expires:
+            answer = keycloak_realm.client_credentials(self.ctx, self.client, self.secret)
+            self.token = answer["access_token"]
+            self.expires = time.monotonic() + answer.get("expires_in", 60) - 30
+        return self.token
+
+
+def simulate(ctx: Context, rate: float, duration: float, anomaly_rate: float, concurrency: int,
+             seed: int | None, tick: Callable) -> Result:
+    """Authenticated orders at a steady rate through the edge, as clients send them; `tick`
+    sees the running result. Exit 1 if any order was not accepted."""
+    import asyncio
+
+    from opsctl.orders import OrderGenerator, run_load
+
+    url = f"{edge_url(ctx)}/orders"
+    tokens = TokenSource(ctx)
+    tokens()  # fail early, clearly, if Keycloak or Vault is not there
+    generator = OrderGenerator(ctx.spec.catalogue.products, anomaly_rate, seed)
+    try:
+        result = asyncio.run(run_load(url, tokens, generator, rate, duration, concurrency, tick))
+    except OSError as e:
+        raise OpsError(f"the edge of the order API is not reachable at {url}: {e}",
+                       "start it and the API: opsctl install --only nginx; "
+                       "opsctl services start order-creator")
+    return Result({"url": url, **result.summary()}, 0 if result.accepted == result.sent else FAILED)
+
+
+def generate(ctx: Context, count: int, anomaly_rate: float, seed: int, rate: float, out: Path) -> Result:
+    """Labelled orders (as stored, with created_at and a `label`) for training offline."""
+    from collections import Counter
+
+    from opsctl.orders import labelled
+
+    orders = labelled(ctx.spec.catalogue.products, count, anomaly_rate, seed, rate)
+    write_atomic(out, "".join(json.dumps(o) + "\n" for o in orders))
+    return Result({"out": str(out), "orders": count, "labels": dict(Counter(o["label"] for o in orders))})
 
 
 def export_orders(ctx: Context, dest: Path) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,29 +9,10 @@ import typer
 
 from opsctl import ui
 from opsctl.commands.common import OutputOption, context, set_output
-from opsctl.errors import FAILED, OpsError, UsageError
+from opsctl.errors import UsageError
 
 app = typer.Typer(help="Orders: simulated, authenticated traffic for the order API.",
                   no_args_is_help=True)
-
-
-class TokenSource:
-    """The people client's token, renewed 30 s before it expires."""
-
-    def __init__(self, ctx):
-        from opsctl.components import keycloak_realm
-
-        self.ctx, self.realm = ctx, keycloak_realm
-        self.client = ctx.spec.names.keycloak.client
-        self.secret = keycloak_realm.client_secret(ctx, self.client)
-        self.token, self.expires = "", 0.0
-
-    def __call__(self) -> str:
-        if time.monotonic() >= self.expires:
-            answer = self.realm.client_credentials(self.ctx, self.client, self.secret)
-            self.token = answer["access_token"]
-            self.expires = time.monotonic() + answer.get("expires_in", 60) - 30
-        return self.token
 
 
 @app.command()
@@ -48,31 +28,18 @@ def simulate(
     """Send authenticated orders at a steady rate; live progress, then a summary.
     Exits 1 if any order was not accepted."""
     set_output(output)
-    import asyncio
+    from opsctl.app import orders
 
-    from opsctl.components.nginx import edge_url
-    from opsctl.orders import OrderGenerator, run_load
+    with ui.live_line(output) as show:
+        def tick(result) -> None:
+            p99 = result.percentile(0.99)
+            show(f"sent {result.sent}/{result.planned}  accepted {result.accepted}  "
+                 f"rejected {sum(result.rejected.values())}  errors {sum(result.errors.values())}"
+                 f"  p99 {p99 * 1000 if p99 else 0:.1f} ms")
 
-    ctx = context()
-    url = f"{edge_url(ctx)}/orders"  # as clients send orders: through the edge
-    tokens = TokenSource(ctx)
-    tokens()  # fail early, clearly, if Keycloak or Vault is not there
-    generator = OrderGenerator(ctx.spec.catalogue.products, anomaly_rate, seed)
-
-    try:
-        with ui.live_line(output) as show:
-            def tick(result) -> None:
-                p99 = result.percentile(0.99)
-                show(f"sent {result.sent}/{result.planned}  accepted {result.accepted}  "
-                     f"rejected {sum(result.rejected.values())}  errors {sum(result.errors.values())}"
-                     f"  p99 {p99 * 1000 if p99 else 0:.1f} ms")
-
-            result = asyncio.run(run_load(url, tokens, generator, rate, duration, concurrency, tick))
-    except OSError as e:
-        raise OpsError(f"the edge of the order API is not reachable at {url}: {e}",
-                       "start it and the API: opsctl install --only nginx; "
-                       "opsctl services start order-creator")
-    summary = result.summary()
+        result = orders.simulate(context(), rate, duration, anomaly_rate, concurrency, seed, tick)
+    summary = dict(result.data)
+    url = summary.pop("url")
     if output == ui.Output.json:
         ui.print_json(summary)
     else:
@@ -85,8 +52,7 @@ def simulate(
             ["achieved rate", f"{summary['rate_per_s']}/s"],
             ["latency p50 / p99 / max", f"{lat['p50']} / {lat['p99']} / {lat['max']} ms"],
         ])
-    if result.accepted != result.sent:
-        raise typer.Exit(FAILED)
+    raise typer.Exit(result.code)
 
 
 @app.command()
@@ -102,17 +68,11 @@ def generate(
     """Write labelled orders (as stored, with created_at and a `label`: normal or the anomaly
     kind) for training and evaluating the screening model offline."""
     set_output(output)
-    import json
-    from collections import Counter
+    from opsctl.app import orders
 
-    from opsctl.files import write_atomic
-    from opsctl.orders import labelled
-
-    orders = labelled(context().spec.catalogue.products, count, anomaly_rate, seed, rate)
-    write_atomic(out, "".join(json.dumps(o) + "\n" for o in orders))
-    labels = dict(Counter(o["label"] for o in orders))
-    ui.render_or_json(output, {"out": str(out), "orders": count, "labels": labels}, lambda: ui.table(
-        f"{count} orders in {out}", ["label", "orders"], sorted(labels.items())))
+    data = orders.generate(context(), count, anomaly_rate, seed, rate, out).data
+    ui.render_or_json(output, data, lambda: ui.table(
+        f"{count} orders in {out}", ["label", "orders"], sorted(data["labels"].items())))
 
 
 @app.command()
@@ -160,7 +120,7 @@ def list_dead_letters(
 ) -> None:
     """Every dead letter: order id, type, the queue it came from, why, when."""
     set_output(output)
-    from opsctl import dead_letters as dl
+    from opsctl.app import dead_letters as dl
 
     found = dl.list_letters(context(), limit)
     if output == ui.Output.json:
@@ -178,7 +138,7 @@ def show(
 ) -> None:
     """The whole message: its document, properties and headers."""
     set_output(output)
-    from opsctl import dead_letters as dl
+    from opsctl.app import dead_letters as dl
 
     letters = dl.show(context(), letter_id)
     if output == ui.Output.json:
@@ -198,7 +158,7 @@ def redrive(ids: IdsArgument, output: OutputOption = ui.Output.text) -> None:
     """Publish them again to order-exchange with their routing key (their type); once the
     broker confirmed, take them off the dead-letter queue."""
     set_output(output)
-    from opsctl import dead_letters as dl
+    from opsctl.app import dead_letters as dl
 
     result = dl.redrive(context(), ids)
     if output == ui.Output.json:
@@ -217,7 +177,7 @@ def drop(
 ) -> None:
     """Remove them from the dead-letter queue for good (asks first, unless --yes)."""
     set_output(output)
-    from opsctl import dead_letters as dl
+    from opsctl.app import dead_letters as dl
 
     if not yes and not ui.confirm(f"Drop {len(ids)} dead letter(s) for good: {', '.join(ids)}?"):
         raise UsageError("dropping deletes the orders for good; nothing was dropped",

@@ -21,13 +21,9 @@ def export(
     an environment from `opsctl token --postman-env ENV_FILE`.
     """
     set_output(output)
-    from opsctl import postman
-    from opsctl.components import keycloak_realm
-    from opsctl.components.nginx import edge_url
+    from opsctl.app import identity
 
-    ctx = context()
-    postman.write_collection(file, postman.collection(
-        edge_url(ctx), keycloak_realm.token_url(ctx), ctx.spec.names.keycloak.client))
-    ui.render_or_json(output, {"collection": file},
+    result = identity.postman_collection(context(), file)
+    ui.render_or_json(output, result.data,
                       lambda: ui.info(f"collection written: {file}\n"
                                       f"environment: opsctl token --postman-env ENV_FILE"))

@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import base64
-import json
 from typing import Annotated, Optional
 
 import typer
 
 from opsctl import ui
 from opsctl.commands.common import OutputOption, context, set_output
-from opsctl.errors import UsageError
-
-
-def _decode(token: str) -> dict:
-    """Header and claims, for reading: the signature is not checked here."""
-    def part(segment: str) -> dict:
-        return json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
-
-    header, claims, _ = token.split(".")
-    return {"header": part(header), "claims": part(claims)}
 
 
 def token(
@@ -35,29 +23,15 @@ def token(
 ) -> None:
     """Get an access token by the client-credentials grant; the client secret comes from Vault."""
     set_output(output)
-    from opsctl.components import keycloak_realm
+    from opsctl.app import identity
 
-    ctx = context()
-    client = client or ctx.spec.names.keycloak.client
-    secret = keycloak_realm.client_secret(ctx, client)
-    answer = keycloak_realm.client_credentials(ctx, client, secret)
-    access = answer["access_token"]
+    result = identity.token(context(), client, postman_env).data
     if postman_env:
-        from opsctl import postman
-        from opsctl.components.nginx import edge_url
-
-        try:
-            postman.write_environment(postman_env, postman.environment(
-                f"{ctx.spec.platform.name} ({ctx.target})", edge_url(ctx),
-                keycloak_realm.token_url(ctx), client, secret, access))
-        except (ValueError, OSError) as e:
-            raise UsageError(str(e), "or give another --postman-env path")
         ui.info(f"Postman environment written: {postman_env}")
+    access = result["access_token"]
     if output == ui.Output.json:
-        ui.print_json({"access_token": access, "token_type": answer.get("token_type"),
-                       "expires_in": answer.get("expires_in"), "scope": answer.get("scope"),
-                       **(_decode(access) if decode else {})})
+        ui.print_json({**result, **(identity.decode(access) if decode else {})})
     elif decode:
-        ui.print_json(_decode(access))
+        ui.print_json(identity.decode(access))
     else:
         ui.out(access)

@@ -14,7 +14,7 @@ import yaml
 
 from opsctl import spec
 from opsctl.context import Context
-from opsctl.dead_letters import Letter
+from opsctl.app.dead_letters import Letter
 
 
 def props(**kw):
