@@ -1,5 +1,5 @@
-"""The bundled order services as local processes (package order_services, see
-docs/ORDER_FLOW.md): their environment, built from the spec, and their supervision.
+"""The bundled order services (package order_services, see docs/ORDER_FLOW.md) as servers
+the target runs: their environment, built from each one's wiring in the spec's `services:`.
 
 Each service gets its settings as environment variables and logs in to Vault by itself
 for its credentials; the one secret it is handed is its own Keycloak client secret
