@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.integration.conftest import Workdir  # noqa: E402
+from tests.integration.conftest import NAMES, Workdir  # noqa: E402
 
 
 def everything_on(work: Workdir) -> None:
@@ -26,26 +26,26 @@ def books(work: Workdir) -> dict[str, int]:
     from pymongo import MongoClient
 
     with psycopg.connect(host="127.0.0.1", port=work.port("postgres", "postgres"), user="postgres",
-                         password=work.admin_secret("postgres", "password"), dbname="orders") as pg:
+                         password=work.admin_secret("postgres", "password"), dbname=NAMES.postgres.database) as pg:
         priority = pg.execute("SELECT count(*) FROM priority_orders").fetchone()[0]
-    with MongoClient(f"mongodb://127.0.0.1:{work.port('mongodb', 'mongo')}/?replicaSet=rs0",
+    with MongoClient(f"mongodb://127.0.0.1:{work.port('mongodb', 'mongo')}/?replicaSet={NAMES.mongodb.replica_set}",
                      username="opsctl-admin", password=work.admin_secret("mongodb", "admin_password"),
                      authSource="admin") as mongo:
-        db = mongo.ecommerce
-        regular, digital = db.orders.count_documents({}), db.digital_orders.count_documents({})
-        screened = db.orders.count_documents({"validation.status": {"$exists": True}})
-        held = db.orders.count_documents({"validation.status": "held"})
+        db = mongo[NAMES.mongodb.database]
+        regular, digital = db[NAMES.mongodb.orders].count_documents({}), db[NAMES.mongodb.digital_orders].count_documents({})
+        screened = db[NAMES.mongodb.orders].count_documents({"validation.status": {"$exists": True}})
+        held = db[NAMES.mongodb.orders].count_documents({"validation.status": "held"})
         stream_dead = db.screening_dead_letters.count_documents({})
     connection = work.amqp()
     channel = connection.channel()
     depths = {q: channel.queue_declare(q, passive=True).method.message_count
-              for q in ("priority-orders", "regular-orders", "digital-orders", "orders-dead-letter",
-                        "orders-validation")}
+              for q in (NAMES.queues.priority, NAMES.queues.regular, NAMES.queues.digital, NAMES.queues.dead_letter,
+                        NAMES.queues.validation)}
     connection.close()
     return {"priority": priority, "regular": regular, "digital": digital, "screened": screened,
             "held": held, "stream_dead_lettered": stream_dead,
-            "dead_lettered": depths["orders-dead-letter"], "validation_queue": depths["orders-validation"],
-            "in_queues": depths["priority-orders"] + depths["regular-orders"] + depths["digital-orders"]}
+            "dead_lettered": depths[NAMES.queues.dead_letter], "validation_queue": depths[NAMES.queues.validation],
+            "in_queues": depths[NAMES.queues.priority] + depths[NAMES.queues.regular] + depths[NAMES.queues.digital]}
 
 
 def caught_up(work: Workdir, accepted: int, timeout: float = 300) -> tuple[float, dict]:

@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from books import caught_up, everything_on  # noqa: E402
-from tests.integration.conftest import Workdir, port_override, reachable_dir  # noqa: E402
+from tests.integration.conftest import NAMES, Workdir, port_override, reachable_dir  # noqa: E402
 
 
 LUA = Path(__file__).with_name("orders.lua")
@@ -79,7 +79,7 @@ def end_to_end(work: Workdir, orders: int) -> list[float]:
     token = people_token(work)
     consumer = Consumer({"bootstrap.servers": f"127.0.0.1:{work.port('kafka', 'broker')}",
                          "group.id": f"bench-{uuid.uuid4().hex}", "auto.offset.reset": "earliest"})
-    consumer.subscribe(["orders-topic"])  # from the start; records of other orders are skipped
+    consumer.subscribe([NAMES.topics.orders])  # from the start; records of other orders are skipped
     created = {}
     url = orders_url(work)
     with httpx.Client(headers={"Authorization": f"Bearer {token}"}) as client:
@@ -107,7 +107,7 @@ WORKERS = ("premium-consumer", "regular-consumer", "digital-consumer", "cdc-brid
 def purge_order_queues(work: Workdir) -> None:
     connection = work.amqp()
     channel = connection.channel()
-    for queue in ("priority-orders", "regular-orders", "digital-orders"):
+    for queue in (NAMES.queues.priority, NAMES.queues.regular, NAMES.queues.digital):
         channel.queue_purge(queue)
     connection.close()
 

@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from books import books  # noqa: E402
-from tests.integration.conftest import OPSCTL, Workdir, port_override, reachable_dir  # noqa: E402
+from tests.integration.conftest import NAMES, OPSCTL, Workdir, port_override, reachable_dir  # noqa: E402
 
 
 def quality(orders: int, folder: Path) -> dict:
@@ -62,7 +62,7 @@ def batch_throughput(folder: Path, count: int = 200_000) -> dict:
 
 
 def unscreened(db) -> int:
-    return db.orders.count_documents({"validation": {"$exists": False}})
+    return db[NAMES.mongodb.orders].count_documents({"validation": {"$exists": False}})
 
 
 def catch_up(work: Workdir, db, count: int) -> dict:
@@ -74,14 +74,14 @@ def catch_up(work: Workdir, db, count: int) -> dict:
              timeout=1800)
     while books(work)["in_queues"]:
         time.sleep(0.5)  # the consumers store them
-    waiting, held = unscreened(db), db.orders.count_documents({"validation.status": "held"})
+    waiting, held = unscreened(db), db[NAMES.mongodb.orders].count_documents({"validation.status": "held"})
     started = time.monotonic()
     assert work.run("jobs", "stream", "start").returncode == 0
     while unscreened(db) and time.monotonic() - started < 1800:
         time.sleep(0.5)
     took = time.monotonic() - started
     return {"orders": waiting, "seconds": took, "per_s": waiting / took,
-            "flagged": db.orders.count_documents({"validation.status": "held"}) - held, "left": unscreened(db)}
+            "flagged": db[NAMES.mongodb.orders].count_documents({"validation.status": "held"}) - held, "left": unscreened(db)}
 
 
 def stream(rate: float, duration: float, backlog: int) -> dict:
@@ -98,14 +98,14 @@ def stream(rate: float, duration: float, backlog: int) -> dict:
                 sys.exit(f"{' '.join(args)} failed:\n{result.stdout}{result.stderr}")
         sent = work.run("orders", "simulate", "--rate", str(rate), "--duration", str(duration),
                         "--anomaly-rate", "0.05", "-o", "json", check_json=True).json
-        db = MongoClient(f"mongodb://127.0.0.1:{work.port('mongodb', 'mongo')}/?replicaSet=rs0",
+        db = MongoClient(f"mongodb://127.0.0.1:{work.port('mongodb', 'mongo')}/?replicaSet={NAMES.mongodb.replica_set}",
                          username="opsctl-admin", password=work.admin_secret("mongodb", "admin_password"),
-                         authSource="admin", tz_aware=True)["ecommerce"]
+                         authSource="admin", tz_aware=True)[NAMES.mongodb.database]
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and unscreened(db):
             time.sleep(1)
         kafka, api = [], []
-        for doc in db.orders.find({"validation": {"$exists": True}}):
+        for doc in db[NAMES.mongodb.orders].find({"validation": {"$exists": True}}):
             v = doc["validation"]
             kafka.append((v["screened_at"] - v["kafka_at"]).total_seconds())
             api.append(v["screened_at"].timestamp() - features.created_at(doc))

@@ -49,9 +49,32 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
+# The shared test platform's names, moved from platform.yaml's defaults like its ports, so
+# that a test (or opsctl) that assumed a default name fails. NAMES: as loaded with them.
+TEST_NAMES = {
+    "realm": "opsctl-test-realm",
+    "exchanges": {"orders": "t-order-exchange", "digital": "t-digital-order-exchange", "dead_letter": "t-orders-dlx"},
+    "queues": {"priority": "t-priority-orders", "regular": "t-regular-orders", "digital": "t-digital-orders",
+               "validation": "t-orders-validation", "dead_letter": "t-orders-dead-letter"},
+    "topics": {"orders": "t-orders-topic"},
+    "mongodb": {"database": "t_ecommerce", "orders": "t_orders", "digital_orders": "t_digital_orders"},
+    "postgres": {"database": "t_orders"},
+}
+
+
+def _names_with(override: dict):
+    from opsctl import spec
+
+    default = yaml.safe_load(spec.DEFAULT_SPEC.read_text())
+    return spec.Spec.model_validate(spec.deep_merge(default, {"names": override})).names
+
+
+NAMES = _names_with(TEST_NAMES)
+
+
 def port_override(components: list[str] | None = None) -> dict:
     """An opsctl.yaml body that moves every port of these components to a free one (of
-    every component and service, and the realm, when none are named)."""
+    every component and service, and the names (TEST_NAMES), when none are named)."""
     from opsctl import spec
 
     default = yaml.safe_load(spec.DEFAULT_SPEC.read_text())
@@ -64,9 +87,9 @@ def port_override(components: list[str] | None = None) -> dict:
     override: dict = {"components": {}}
     for name, key in wanted:
         override["components"].setdefault(name, {"ports": {}})["ports"][key] = next(ports)
-    if services:  # the whole platform: its realm moves too
+    if services:  # the whole platform: its names move too
         override["services"] = {name: {field: next(ports)} for name, field in services}
-        override["names"] = {"realm": "opsctl-test-realm"}
+        override["names"] = TEST_NAMES
     return override
 
 

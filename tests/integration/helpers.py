@@ -37,11 +37,12 @@ QUIET.setLevel(logging.CRITICAL)  # librdkafka's reconnect attempts while Kafka 
 
 
 class TopicReader:
-    """Reads orders-topic from the beginning; keeps every record seen."""
+    """Reads the orders topic from the beginning; keeps every record seen."""
 
-    def __init__(self, platform, topic: str = "orders-topic"):
+    def __init__(self, platform, topic: str | None = None):
         from confluent_kafka import Consumer, TopicPartition
 
+        topic = topic or platform.names.topics.orders
         self.consumer = Consumer({
             "bootstrap.servers": f"127.0.0.1:{platform.port('kafka', 'broker')}",
             "group.id": f"test-{uuid.uuid4()}", "enable.auto.commit": False,

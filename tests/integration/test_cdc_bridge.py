@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import service_env
+from tests.integration.conftest import NAMES, service_env
 from tests.integration.helpers import stored, wait_for
 from tests.integration.test_order_workers import (Paced, mongo, order, publish, rabbit, topic,  # noqa: F401 (fixtures)
                                                   topology, workers)
@@ -32,7 +32,7 @@ def test_regular_orders_reach_kafka_keyed_by_order_id(topology, workers, rabbit,
     for document in orders + [digital]:
         publish(rabbit, document)
     ids = [o["order_id"] for o in orders]
-    wait_for(lambda: stored(mongo["digital_orders"], [digital["order_id"]]), what="digital stored")
+    wait_for(lambda: stored(mongo[NAMES.mongodb.digital_orders], [digital["order_id"]]), what="digital stored")
     keys = topic.wait_for_keys(ids)
     assert digital["order_id"] not in keys  # only ecommerce.orders is streamed
     values = {key: value for key, value in topic.records if key in ids}
@@ -67,7 +67,7 @@ def test_cdc_bridge_killed_mid_burst_loses_nothing_and_resumes_from_its_token(
     bridge.start()
     burst.join(30)
     assert burst.error is None and burst.published == 300
-    wait_for(lambda: len(stored(mongo["orders"], ids)) == 300, timeout=90, what="300 stored")
+    wait_for(lambda: len(stored(mongo[NAMES.mongodb.orders], ids)) == 300, timeout=90, what="300 stored")
     keys = topic.wait_for_keys(ids)
     assert all(keys[i] >= 1 for i in ids)
     print(f"\ncdc-bridge: {at_kill} of 300 on the topic at kill -9; "
@@ -117,7 +117,7 @@ def test_cdc_bridge_rescans_when_its_token_does_not_match_the_store(
     else:
         state["cluster_time"] = {"t": state["cluster_time"]["t"] + 1_000_000, "i": 1}
     path.write_text(json.dumps(state))
-    total = mongo["orders"].count_documents({})
+    total = mongo[NAMES.mongodb.orders].count_documents({})
 
     bridge.start()
     assert bridge.metric("cdc_rescans_total") == 1
@@ -148,7 +148,7 @@ def test_cdc_bridge_carries_on_after_a_server_restart(topology, workers, rabbit,
     if server == "kafka":  # the consumer stores them; the bridge cannot deliver them yet
         for document in during:
             publish(rabbit, document)
-        wait_for(lambda: len(stored(mongo["orders"], [o["order_id"] for o in during])) == 20,
+        wait_for(lambda: len(stored(mongo[NAMES.mongodb.orders], [o["order_id"] for o in during])) == 20,
                  what="20 orders stored while Kafka is down")
         time.sleep(3)
     else:
@@ -170,7 +170,7 @@ def test_cdc_bridge_throughput(workers, mongo, topic):
     base = bridge.metric("records_published_total")
     orders = [order("regular") for _ in range(2000)]
     started = time.monotonic()
-    mongo["orders"].insert_many([{"_id": o["order_id"], **o,
+    mongo[NAMES.mongodb.orders].insert_many([{"_id": o["order_id"], **o,
                                   "received_at": dt.datetime.now(dt.timezone.utc)}
                                  for o in orders])
     wait_for(lambda: bridge.metric("records_published_total") >= base + 2000, timeout=120,

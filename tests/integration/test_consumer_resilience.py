@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from tests.integration.conftest import NAMES
 from tests.integration.helpers import stored, wait_for
 from tests.integration.test_order_workers import (DEAD_LETTER, QUEUES, Paced, admin_connection,  # noqa: F401
                                                   mongo, order, postgres, priority_rows, publish, rabbit,
@@ -25,7 +26,7 @@ def test_consumer_stopped_mid_burst_stores_every_message_once(topology, workers,
     ids = [o["order_id"] for o in orders]
 
     def rows() -> dict[str, list]:
-        return priority_rows(postgres, ids) if kind == "priority" else stored(mongo["orders"], ids)
+        return priority_rows(postgres, ids) if kind == "priority" else stored(mongo[NAMES.mongodb.orders], ids)
 
     worker = workers(service)
     burst = Paced(topology, orders, rate=150)
@@ -75,7 +76,7 @@ def test_store_down_holds_the_messages_without_using_up_their_tries(
     def rows() -> dict[str, list]:
         if kind == "priority":
             return priority_rows(postgres, ids)
-        return stored(mongo["orders"], ids)
+        return stored(mongo[NAMES.mongodb.orders], ids)
     wait_for(lambda: len(rows()) == 10, timeout=60,
              what="the held orders stored once the store is back")
     assert {k: len(v) for k, v in rows().items()} == {i: 1 for i in ids}
@@ -111,7 +112,7 @@ def test_consumer_reconnects_when_rabbitmq_restarts(topology, workers, rabbit, m
     worker = workers("regular-consumer")
     first = order("regular")
     publish(rabbit, first)
-    wait_for(lambda: stored(mongo["orders"], [first["order_id"]]), what="the first order stored")
+    wait_for(lambda: stored(mongo[NAMES.mongodb.orders], [first["order_id"]]), what="the first order stored")
     rabbit.connection.close()
 
     assert build("rabbitmq", workdir_context(topology)).stop()  # as `opsctl down` stops it
@@ -125,7 +126,7 @@ def test_consumer_reconnects_when_rabbitmq_restarts(topology, workers, rabbit, m
     for document in later:
         publish(channel, document)
     ids = [o["order_id"] for o in later]
-    wait_for(lambda: len(stored(mongo["orders"], ids)) == 10, timeout=90,
+    wait_for(lambda: len(stored(mongo[NAMES.mongodb.orders], ids)) == 10, timeout=90,
              what="the orders published after the restart stored")
     connection.close()
     assert worker.process.poll() is None
@@ -144,10 +145,10 @@ def test_sigterm_acknowledges_what_it_stored_and_gives_back_the_rest(workers, ra
     stored_metric = 'messages_processed_total{result="stored"}'
     wait_for(lambda: worker.metric(stored_metric) >= 200, interval=0.01, what="200 stored")
     assert worker.stop() == 0  # the prefetched rest, if any, is given back ("gave back N")
-    before = len(stored(mongo["orders"], ids))
+    before = len(stored(mongo[NAMES.mongodb.orders], ids))
     assert before < 2000
     worker.start()
-    wait_for(lambda: len(stored(mongo["orders"], ids)) == 2000, timeout=120, what="all stored")
+    wait_for(lambda: len(stored(mongo[NAMES.mongodb.orders], ids)) == 2000, timeout=120, what="all stored")
     assert worker.metric('messages_processed_total{result="duplicate"}') == 0
     assert worker.metric(stored_metric) == 2000 - before
     assert worker.stop() == 0

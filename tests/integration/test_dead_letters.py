@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from tests.integration.conftest import NAMES
+
 from tests.integration.helpers import wait_for
 from tests.integration.test_order_services import redis_admin  # noqa: F401 (fixture)
 from tests.integration.test_order_workers import (  # noqa: F401 (fixtures)
@@ -58,7 +60,7 @@ def test_a_data_error_is_dead_lettered_at_once_with_its_reason(workers, rabbit, 
     headers = props.headers
     assert "x-attempts" not in headers and "x-death" not in headers  # ours, not RabbitMQ's
     assert "Unicode" in headers["x-dead-letter-reason"], headers
-    assert headers["x-dead-letter-queue"] == "priority-orders"
+    assert headers["x-dead-letter-queue"] == NAMES.queues.priority
     assert headers["x-dead-letter-routing-key"] == "priority"
     assert headers["x-dead-lettered-by"] == "premium-consumer" and headers["x-dead-lettered-at"]
     assert props.message_id == bad["order_id"] and props.priority == 5
@@ -127,7 +129,7 @@ def test_the_dead_letters_command_and_the_alert(topology, workers, rabbit, redis
     letters = {d["id"]: d for d in listed.json["letters"]}
     assert set(letters) == {first["order_id"], second["order_id"]}
     letter = letters[first["order_id"]]
-    assert letter["type"] == "priority" and letter["queue"] == "priority-orders"
+    assert letter["type"] == "priority" and letter["queue"] == NAMES.queues.priority
     assert "Unicode" in letter["reason"] and letter["dead_lettered_at"]
     assert depth(rabbit, DEAD_LETTER) == 2  # looking took nothing away
     text = topology.run("orders", "dead-letters")  # no verb: list, for people
@@ -136,7 +138,7 @@ def test_the_dead_letters_command_and_the_alert(topology, workers, rabbit, redis
     shown = cli(topology, "show", first["order_id"])
     assert shown.returncode == 0, shown.stderr
     assert shown.json["body"] == first
-    assert shown.json["headers"]["x-dead-letter-queue"] == "priority-orders"
+    assert shown.json["headers"]["x-dead-letter-queue"] == NAMES.queues.priority
     assert shown.json["properties"]["message_id"] == first["order_id"]
 
     unknown = cli(topology, "show", "no-such-order")

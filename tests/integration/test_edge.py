@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from opsctl.components import nginx
-from tests.integration.conftest import Workdir, port_override, reachable_dir, workdir_context
+from tests.integration.conftest import NAMES, Workdir, port_override, reachable_dir, workdir_context
 from tests.integration.helpers import wait_for
 
 pytestmark = pytest.mark.integration
@@ -125,10 +125,10 @@ def test_an_order_posted_to_the_edge_is_accepted_and_stored(api, people):
     assert answer.headers["X-Request-ID"] == request_id
     order = answer.json()
     assert httpx.get(f"{edge(api)}/order/{order['order_id']}", headers=people).json() == order
-    with MongoClient(f"mongodb://127.0.0.1:{api.port('mongodb', 'mongo')}/?replicaSet=rs0",
+    with MongoClient(f"mongodb://127.0.0.1:{api.port('mongodb', 'mongo')}/?replicaSet={NAMES.mongodb.replica_set}",
                      username="opsctl-admin", password=api.admin_secret("mongodb", "admin_password"),
                      authSource="admin") as mongo:
-        stored = wait_for(lambda: mongo.ecommerce.orders.find_one({"_id": order["order_id"]}), 60,
+        stored = wait_for(lambda: mongo[NAMES.mongodb.database][NAMES.mongodb.orders].find_one({"_id": order["order_id"]}), 60,
                           what="the order in MongoDB")
     assert stored["total"] == 10.0
     # The edge passed it to the order API, on the port of the spec.

@@ -13,7 +13,7 @@ import hvac
 import pytest
 
 from opsctl import httpclient
-from tests.integration.conftest import workdir_context
+from tests.integration.conftest import NAMES, workdir_context
 from tests.integration.test_identity import pgp_key
 
 pytestmark = pytest.mark.integration
@@ -34,7 +34,7 @@ def vault(platform, token: str | None = None) -> hvac.Client:
 
 def kv(platform, path: str) -> dict:
     return vault(platform).secrets.kv.v2.read_secret_version(
-        path=path, mount_point="secret", raise_on_deleted_version=True)["data"]["data"]
+        path=path, mount_point=NAMES.vault.kv_mount, raise_on_deleted_version=True)["data"]["data"]
 
 
 def root_accessors(platform) -> list[str]:
@@ -123,8 +123,8 @@ def _generated_secrets(platform) -> dict[str, str]:
         found[f"unseal share {i} (hex)"] = record["keys"][i]
     found["vault admin token"] = admin_token(platform)
     client = vault(platform)
-    for client_id in client.secrets.kv.v2.list_secrets(path="keycloak/clients", mount_point="secret")["data"]["keys"]:
-        found[f"client secret {client_id}"] = kv(platform, f"keycloak/clients/{client_id}")["client_secret"]
+    for client_id in client.secrets.kv.v2.list_secrets(path=NAMES.vault.clients_path, mount_point=NAMES.vault.kv_mount)["data"]["keys"]:
+        found[f"client secret {client_id}"] = kv(platform, f"{NAMES.vault.clients_path}/{client_id}")["client_secret"]
     for service in service_names(platform):
         for key, value in kv(platform, service).items():
             if key.endswith("_password"):
@@ -158,7 +158,7 @@ def test_no_log_holds_a_generated_secret(running):
 def _mongo(platform, **auth):
     from pymongo import MongoClient
 
-    return MongoClient(f"mongodb://127.0.0.1:{platform.port('mongodb', 'mongo')}/?replicaSet=rs0",
+    return MongoClient(f"mongodb://127.0.0.1:{platform.port('mongodb', 'mongo')}/?replicaSet={NAMES.mongodb.replica_set}",
                        serverSelectionTimeoutMS=5000, **auth)
 
 
@@ -166,42 +166,42 @@ def test_mongodb_refuses_an_unauthenticated_client_and_each_service_may_only_do_
     from pymongo.errors import OperationFailure
 
     with _mongo(platform) as anonymous:
-        for action in (lambda: anonymous.ecommerce.orders.find_one(),
-                       lambda: anonymous.ecommerce.orders.insert_one({"_id": "anonymous"}),
+        for action in (lambda: anonymous[NAMES.mongodb.database][NAMES.mongodb.orders].find_one(),
+                       lambda: anonymous[NAMES.mongodb.database][NAMES.mongodb.orders].insert_one({"_id": "anonymous"}),
                        lambda: anonymous.admin.command("listDatabases")):
             with pytest.raises(OperationFailure) as info:
                 action()
             assert info.value.code == 13  # Unauthorized
     with _mongo(platform, username="opsctl-admin", authSource="admin",
                 password=platform.admin_secret("mongodb", "admin_password")) as admin:
-        assert "ecommerce" in admin.list_database_names() or admin.ecommerce.command("ping")
+        assert NAMES.mongodb.database in admin.list_database_names() or admin[NAMES.mongodb.database].command("ping")
 
     consumer = kv(platform, "regular-consumer")
     with _mongo(platform, username=consumer["mongodb_username"], password=consumer["mongodb_password"],
-                authSource="ecommerce") as client:
-        orders = client.ecommerce.orders
+                authSource=NAMES.mongodb.database) as client:
+        orders = client[NAMES.mongodb.database][NAMES.mongodb.orders]
         orders.update_one({"_id": "hardening-probe"}, {"$set": {"ok": 1}}, upsert=True)
         assert orders.find_one({"_id": "hardening-probe"})["ok"] == 1
         for action in (lambda: orders.delete_one({"_id": "hardening-probe"}), lambda: orders.drop(),
                        lambda: orders.create_index("ok"), lambda: client.admin.command("listDatabases"),
                        lambda: client.other.things.insert_one({}),
-                       lambda: client.ecommerce.command("createUser", "intruder", pwd="x" * 12, roles=[])):
+                       lambda: client[NAMES.mongodb.database].command("createUser", "intruder", pwd="x" * 12, roles=[])):
             with pytest.raises(OperationFailure) as info:
                 action()
             assert info.value.code == 13
     bridge = kv(platform, "cdc-bridge")
     with _mongo(platform, username=bridge["mongodb_username"], password=bridge["mongodb_password"],
-                authSource="ecommerce") as client:
-        assert client.ecommerce.orders.find_one({"_id": "hardening-probe"})
+                authSource=NAMES.mongodb.database) as client:
+        assert client[NAMES.mongodb.database][NAMES.mongodb.orders].find_one({"_id": "hardening-probe"})
         with pytest.raises(OperationFailure):
-            client.ecommerce.orders.insert_one({"_id": "from-the-bridge"})
+            client[NAMES.mongodb.database][NAMES.mongodb.orders].insert_one({"_id": "from-the-bridge"})
     with pytest.raises(OperationFailure):  # one service's password is not another's
         with _mongo(platform, username=bridge["mongodb_username"], password=consumer["mongodb_password"],
-                    authSource="ecommerce") as client:
-            client.ecommerce.command("ping")
+                    authSource=NAMES.mongodb.database) as client:
+            client[NAMES.mongodb.database].command("ping")
     with _mongo(platform, username="opsctl-admin", authSource="admin",
                 password=platform.admin_secret("mongodb", "admin_password")) as admin:
-        admin.ecommerce.orders.delete_one({"_id": "hardening-probe"})  # the platform is shared
+        admin[NAMES.mongodb.database][NAMES.mongodb.orders].delete_one({"_id": "hardening-probe"})  # the platform is shared
 
 
 # --- RabbitMQ ----------------------------------------------------------------------------
@@ -236,24 +236,24 @@ def test_a_consumers_user_cannot_publish_orders_or_delete_a_queue(platform):
     assert platform.run("queues", "apply").returncode == 0
     body = b'{"probe": true}'
     consumer = "regular-consumer"
-    assert _refused(platform, consumer, lambda ch: ch.basic_publish("order-exchange", "priority", body)) == 403
-    assert _refused(platform, consumer, lambda ch: ch.queue_delete("regular-orders")) == 403
-    assert _refused(platform, consumer, lambda ch: ch.queue_delete("priority-orders")) == 403
+    assert _refused(platform, consumer, lambda ch: ch.basic_publish(NAMES.exchanges.orders, "priority", body)) == 403
+    assert _refused(platform, consumer, lambda ch: ch.queue_delete(NAMES.queues.regular)) == 403
+    assert _refused(platform, consumer, lambda ch: ch.queue_delete(NAMES.queues.priority)) == 403
     assert _refused(platform, consumer, lambda ch: ch.queue_declare("its-own-queue")) == 403
-    assert _refused(platform, consumer, lambda ch: ch.basic_get("priority-orders")) == 403
+    assert _refused(platform, consumer, lambda ch: ch.basic_get(NAMES.queues.priority)) == 403
     # What it does: passive declares, consume its queue, a retry copy, dead letters.
     assert _refused(platform, consumer, lambda ch: (
-        ch.queue_declare("regular-orders", passive=True), ch.exchange_declare("order-exchange", passive=True),
-        ch.basic_get("regular-orders"), ch.basic_publish("orders-dlx", "", body))) == 0
+        ch.queue_declare(NAMES.queues.regular, passive=True), ch.exchange_declare(NAMES.exchanges.orders, passive=True),
+        ch.basic_get(NAMES.queues.regular), ch.basic_publish(NAMES.exchanges.dead_letter, "", body))) == 0
     creator = "order-creator"
-    assert _refused(platform, creator, lambda ch: ch.exchange_declare("order-exchange", passive=True)) == 0
-    assert _refused(platform, creator, lambda ch: ch.basic_get("regular-orders")) == 403
-    assert _refused(platform, creator, lambda ch: ch.basic_publish("orders-dlx", "", body)) == 403
-    assert _refused(platform, creator, lambda ch: ch.exchange_delete("order-exchange")) == 403
-    assert _refused(platform, "order-screening", lambda ch: ch.basic_get("orders-validation")) == 403
+    assert _refused(platform, creator, lambda ch: ch.exchange_declare(NAMES.exchanges.orders, passive=True)) == 0
+    assert _refused(platform, creator, lambda ch: ch.basic_get(NAMES.queues.regular)) == 403
+    assert _refused(platform, creator, lambda ch: ch.basic_publish(NAMES.exchanges.dead_letter, "", body)) == 403
+    assert _refused(platform, creator, lambda ch: ch.exchange_delete(NAMES.exchanges.orders)) == 403
+    assert _refused(platform, "order-screening", lambda ch: ch.basic_get(NAMES.queues.validation)) == 403
     management = f"http://127.0.0.1:{platform.port('rabbitmq', 'management')}/api"
     admin = ("opsctl-admin", platform.admin_secret("rabbitmq", "admin_password"))
-    httpclient.request("DELETE", f"{management}/queues/%2F/orders-dead-letter/contents", auth=admin)
+    httpclient.request("DELETE", f"{management}/queues/%2F/{NAMES.queues.dead_letter}/contents", auth=admin)
     # A second install finds every permission as it wants it.
     code, steps = platform.steps("--only", "service-credentials")
     assert code == 0 and steps["service-credentials"]["state"] == "unchanged", steps

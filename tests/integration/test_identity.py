@@ -9,7 +9,7 @@ import hvac
 import pytest
 
 from opsctl import httpclient
-from tests.integration.conftest import Workdir, port_override, reachable_dir
+from tests.integration.conftest import NAMES, Workdir, port_override, reachable_dir
 
 pytestmark = pytest.mark.integration
 
@@ -63,14 +63,14 @@ def test_people_token_carries_key_id_audiences_and_roles(platform):
     header, claims = answer["header"], answer["claims"]
     assert header["alg"] == "RS256"
     assert claims["iss"] == f"{keycloak_url(platform)}/realms/{platform.names.realm}"
-    assert {"order-api", "vault"} <= set(claims["aud"])
-    assert "create-orders-client-role" in claims["resource_access"]["create-orders-client"]["roles"]
-    assert "create-orders-role" in claims["realm_access"]["roles"]
-    assert "create_orders_scope" in claims["scope"].split()
+    assert {NAMES.keycloak.order_api_audience, "vault"} <= set(claims["aud"])
+    assert NAMES.keycloak.client_role in claims["resource_access"][NAMES.keycloak.client]["roles"]
+    assert NAMES.keycloak.realm_role in claims["realm_access"]["roles"]
+    assert NAMES.keycloak.scope in claims["scope"].split()
 
     # The kid is that of the key opsctl generated and keeps in Vault.
     cert = root(platform).secrets.kv.v2.read_secret_version(
-        path="keycloak/signing-key", mount_point="secret", raise_on_deleted_version=True,
+        path=NAMES.vault.signing_key_path, mount_point=NAMES.vault.kv_mount, raise_on_deleted_version=True,
     )["data"]["data"]["certificate"]
     body = "".join(l for l in cert.strip().splitlines() if not l.startswith("-----"))
     certs = httpclient.get(f"{keycloak_url(platform)}/realms/{platform.names.realm}"
@@ -89,29 +89,29 @@ def test_service_token_logs_in_to_vault_and_reads_only_its_own_secret(platform):
     for service in SERVICES:
         jwt = token(platform, "--client", service)["access_token"]
         client = vault_client(platform)
-        login = client.auth.jwt.jwt_login(role=service, jwt=jwt, path="jwt")
+        login = client.auth.jwt.jwt_login(role=service, jwt=jwt, path=NAMES.vault.jwt_path)
         assert login["auth"]["lease_duration"] <= 300
-        assert "vault-reader-scope" in login["auth"]["policies"]
+        assert NAMES.vault.reader_policy in login["auth"]["policies"]
         secret = client.secrets.kv.v2.read_secret_version(
-            path=service, mount_point="secret", raise_on_deleted_version=True)["data"]["data"]
+            path=service, mount_point=NAMES.vault.kv_mount, raise_on_deleted_version=True)["data"]["data"]
         assert secret, service
         other = next(s for s in SERVICES if s != service)
         with pytest.raises(hvac.exceptions.Forbidden):
-            client.secrets.kv.v2.read_secret_version(path=other, mount_point="secret",
+            client.secrets.kv.v2.read_secret_version(path=other, mount_point=NAMES.vault.kv_mount,
                                                      raise_on_deleted_version=True)
         with pytest.raises(hvac.exceptions.Forbidden):
-            client.secrets.kv.v2.read_secret_version(path="keycloak/clients/create-orders-client",
-                                                     mount_point="secret",
+            client.secrets.kv.v2.read_secret_version(path=f"{NAMES.vault.clients_path}/{NAMES.keycloak.client}",
+                                                     mount_point=NAMES.vault.kv_mount,
                                                      raise_on_deleted_version=True)
 
 
 def test_a_token_cannot_log_in_as_another_service(platform):
     jwt = token(platform, "--client", "order-creator")["access_token"]
     with pytest.raises(hvac.exceptions.InvalidRequest):
-        vault_client(platform).auth.jwt.jwt_login(role="stock-service", jwt=jwt, path="jwt")
+        vault_client(platform).auth.jwt.jwt_login(role="stock-service", jwt=jwt, path=NAMES.vault.jwt_path)
     people = token(platform)["access_token"]  # has the vault audience, not the service role
     with pytest.raises(hvac.exceptions.InvalidRequest):
-        vault_client(platform).auth.jwt.jwt_login(role="order-creator", jwt=people, path="jwt")
+        vault_client(platform).auth.jwt.jwt_login(role="order-creator", jwt=people, path=NAMES.vault.jwt_path)
 
 
 def test_service_credentials_in_vault_work_against_the_real_servers(platform):
@@ -120,11 +120,11 @@ def test_service_credentials_in_vault_work_against_the_real_servers(platform):
     from pymongo import MongoClient
 
     secrets = {s: root(platform).secrets.kv.v2.read_secret_version(
-        path=s, mount_point="secret", raise_on_deleted_version=True)["data"]["data"] for s in SERVICES}
+        path=s, mount_point=NAMES.vault.kv_mount, raise_on_deleted_version=True)["data"]["data"] for s in SERVICES}
     stock = secrets["stock-service"]
     with psycopg.connect(host="127.0.0.1", port=platform.port("postgres", "postgres"),
                          user=stock["postgres_username"], password=stock["postgres_password"],
-                         dbname="orders") as conn:
+                         dbname=NAMES.postgres.database) as conn:
         conn.execute("CREATE TABLE IF NOT EXISTS probe (id int)")
     creator = secrets["order-creator"]
     r = redis.Redis(port=platform.port("redis", "redis"), username=creator["redis_username"],
@@ -136,10 +136,10 @@ def test_service_credentials_in_vault_work_against_the_real_servers(platform):
         redis.Redis(port=platform.port("redis", "redis"), username=creator["redis_username"],
                     password="wrong").ping()
     regular = secrets["regular-consumer"]
-    with MongoClient(f"mongodb://127.0.0.1:{platform.port('mongodb', 'mongo')}/?replicaSet=rs0",
+    with MongoClient(f"mongodb://127.0.0.1:{platform.port('mongodb', 'mongo')}/?replicaSet={NAMES.mongodb.replica_set}",
                      username=regular["mongodb_username"], password=regular["mongodb_password"],
-                     authSource="ecommerce", serverSelectionTimeoutMS=3000) as mongo:
-        mongo.ecommerce.probe.insert_one({"ok": 1})
+                     authSource=NAMES.mongodb.database, serverSelectionTimeoutMS=3000) as mongo:
+        mongo[NAMES.mongodb.database].probe.insert_one({"ok": 1})
     premium = secrets["premium-consumer"]
     assert {"rabbitmq_username", "rabbitmq_password", "postgres_username"} <= set(premium)
     users = httpclient.get(f"http://127.0.0.1:{platform.port('rabbitmq', 'management')}/api/users",
@@ -149,19 +149,19 @@ def test_service_credentials_in_vault_work_against_the_real_servers(platform):
 
 def test_keycloak_drift_is_shown_per_object_and_repaired(platform):
     admin = keycloak_admin(platform)
-    uuid = admin.get_client_id("create-orders-client")
+    uuid = admin.get_client_id(NAMES.keycloak.client)
     user = admin.get_client_service_account_user(uuid)
-    admin.delete_realm_roles_of_user(user["id"], [admin.get_realm_role("create-orders-role")])
+    admin.delete_realm_roles_of_user(user["id"], [admin.get_realm_role(NAMES.keycloak.realm_role)])
     admin.update_realm(platform.names.realm, {"accessTokenLifespan": 3600})
 
     diff = platform.run("keycloak", "diff", "-o", "json", check_json=True)
     assert diff.returncode == 1
     objects = {c["object"] for c in diff.json["changes"]}
-    assert objects == {f"realm {platform.names.realm}", "service account of create-orders-client"}
+    assert objects == {f"realm {platform.names.realm}", f"service account of {NAMES.keycloak.client}"}
     apply = platform.run("keycloak", "apply")
     assert apply.returncode == 0 and "changed 2" in apply.stdout
     assert platform.run("keycloak", "diff").returncode == 0
-    assert "create-orders-role" in token(platform)["claims"]["realm_access"]["roles"]
+    assert NAMES.keycloak.realm_role in token(platform)["claims"]["realm_access"]["roles"]
 
 
 def test_vault_drift_is_shown_and_repaired(platform):
@@ -176,7 +176,7 @@ def test_vault_drift_is_shown_and_repaired(platform):
 
 def test_client_secret_is_never_printed(platform):
     secret = root(platform).secrets.kv.v2.read_secret_version(
-        path="keycloak/clients/create-orders-client", mount_point="secret",
+        path=f"{NAMES.vault.clients_path}/{NAMES.keycloak.client}", mount_point=NAMES.vault.kv_mount,
         raise_on_deleted_version=True)["data"]["data"]["client_secret"]
     for args in (["keycloak", "apply"], ["keycloak", "diff", "-o", "json"], ["token", "--decode"],
                  ["install", "--skip", "services"], ["vault", "status"]):
@@ -284,8 +284,8 @@ def test_validate_jwt_accepts_real_keycloak_tokens_and_checks_the_role(platform)
     from order_services.auth import JWTValidator, add_auth_error_handler, require_token
 
     issuer = f"{keycloak_url(platform)}/realms/{platform.names.realm}"
-    validator = JWTValidator(issuer=issuer, audience="order-api",
-                             required_role="create-orders-client-role", client="create-orders-client")
+    validator = JWTValidator(issuer=issuer, audience=NAMES.keycloak.order_api_audience,
+                             required_role=NAMES.keycloak.client_role, client=NAMES.keycloak.client)
     app = FastAPI()
     add_auth_error_handler(app)
 
@@ -300,14 +300,14 @@ def test_validate_jwt_accepts_real_keycloak_tokens_and_checks_the_role(platform)
     client = TestClient(app)
     people = token(platform)["access_token"]
     ok = client.post("/orders", headers={"Authorization": f"Bearer {people}"})
-    assert ok.status_code == 200 and ok.json() == {"azp": "create-orders-client"}
+    assert ok.status_code == 200 and ok.json() == {"azp": NAMES.keycloak.client}
     # A service token of the same realm lacks the order API audience: rejected.
     service = token(platform, "--client", "order-creator")["access_token"]
     denied = client.post("/orders", headers={"Authorization": f"Bearer {service}"})
     assert denied.status_code == 401 and "invalid_token" in denied.headers["WWW-Authenticate"]
     # With the audience right but the role missing: 403.
     vault_validator = JWTValidator(issuer=issuer, audience="vault", client="order-creator",
-                                   required_role="create-orders-client-role")
+                                   required_role=NAMES.keycloak.client_role)
     from order_services.auth import AuthError
 
     with pytest.raises(AuthError) as info:
@@ -321,7 +321,7 @@ def test_service_secrets_helper_logs_in_reads_and_logs_in_again(platform):
     from order_services.secrets import KeycloakToken, VaultSecrets
 
     stored = root(platform).secrets.kv.v2.read_secret_version(
-        path="keycloak/clients/stock-service", mount_point="secret",
+        path="keycloak/clients/stock-service", mount_point=NAMES.vault.kv_mount,
         raise_on_deleted_version=True)["data"]["data"]
     now = [0.0]
     helper = VaultSecrets(

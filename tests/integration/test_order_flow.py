@@ -11,7 +11,7 @@ import uuid
 import httpx
 import pytest
 
-from tests.integration.conftest import workdir_context
+from tests.integration.conftest import NAMES, workdir_context
 from tests.integration.helpers import TopicReader, process_of, stored, wait_for
 
 pytestmark = pytest.mark.integration
@@ -66,23 +66,23 @@ def test_each_order_type_reaches_its_store_and_regular_orders_reach_kafka(flow):
     priority, regular, digital = (place(flow, kind) for kind in ("priority", "regular", "digital"))
 
     with psycopg.connect(host="127.0.0.1", port=flow.port("postgres", "postgres"), user="postgres",
-                         password=flow.admin_secret("postgres", "password"), dbname="orders") as conn:
+                         password=flow.admin_secret("postgres", "password"), dbname=NAMES.postgres.database) as conn:
         row = wait_for(lambda: conn.execute(
             "SELECT document FROM priority_orders WHERE order_id = %s", [priority["order_id"]]).fetchone(),
             what="the priority order in PostgreSQL")
     assert row[0]["total"] == priority["total"]
 
-    with MongoClient(f"mongodb://127.0.0.1:{flow.port('mongodb', 'mongo')}/?replicaSet=rs0",
+    with MongoClient(f"mongodb://127.0.0.1:{flow.port('mongodb', 'mongo')}/?replicaSet={NAMES.mongodb.replica_set}",
                      username="opsctl-admin", password=flow.admin_secret("mongodb", "admin_password"),
                      authSource="admin") as mongo:
-        db = mongo.ecommerce
-        assert wait_for(lambda: db.orders.find_one({"_id": regular["order_id"]}), what="the regular order")
-        assert wait_for(lambda: db.digital_orders.find_one({"_id": digital["order_id"]}), what="the digital order")
-        assert db.orders.count_documents({"_id": {"$in": [priority["order_id"], digital["order_id"]]}}) == 0
+        db = mongo[NAMES.mongodb.database]
+        assert wait_for(lambda: db[NAMES.mongodb.orders].find_one({"_id": regular["order_id"]}), what="the regular order")
+        assert wait_for(lambda: db[NAMES.mongodb.digital_orders].find_one({"_id": digital["order_id"]}), what="the digital order")
+        assert db[NAMES.mongodb.orders].count_documents({"_id": {"$in": [priority["order_id"], digital["order_id"]]}}) == 0
 
     consumer = Consumer({"bootstrap.servers": f"127.0.0.1:{flow.port('kafka', 'broker')}",
                          "group.id": f"test-{uuid.uuid4().hex}", "auto.offset.reset": "earliest"})
-    consumer.subscribe(["orders-topic"])
+    consumer.subscribe([NAMES.topics.orders])
     try:
         def seen():
             message = consumer.poll(1)
@@ -125,7 +125,7 @@ def test_prometheus_has_the_order_queues_depth_and_rates(flow):
         return httpclient.get(f"{base}?query={query}")["data"]["result"]
 
     depth = wait_for(lambda: series("rabbitmq_queue_messages_ready"), 60, what="queue depth in Prometheus")
-    assert {"priority-orders", "regular-orders", "digital-orders"} <= {s["metric"]["queue"] for s in depth}
+    assert {NAMES.queues.priority, NAMES.queues.regular, NAMES.queues.digital} <= {s["metric"]["queue"] for s in depth}
     assert series("rabbitmq_queue_messages_published_total") or series("rabbitmq_global_messages_received_total")
 
 
@@ -196,15 +196,15 @@ def test_no_accepted_order_is_lost_when_workers_die_and_rabbitmq_restarts_under_
 
     priority, regular, digital = (load.ids(kind) for kind in SteadyLoad.KINDS)
     with psycopg.connect(host="127.0.0.1", port=flow.port("postgres", "postgres"), user="postgres",
-                         password=flow.admin_secret("postgres", "password"), dbname="orders") as conn:
+                         password=flow.admin_secret("postgres", "password"), dbname=NAMES.postgres.database) as conn:
         wait_for(lambda: conn.execute("SELECT count(*) FROM priority_orders WHERE order_id = ANY(%s)",
                                       [priority]).fetchone()[0] == len(priority),
                  120, what=f"{len(priority)} priority orders in PostgreSQL")
 
-    with MongoClient(f"mongodb://127.0.0.1:{flow.port('mongodb', 'mongo')}/?replicaSet=rs0",
+    with MongoClient(f"mongodb://127.0.0.1:{flow.port('mongodb', 'mongo')}/?replicaSet={NAMES.mongodb.replica_set}",
                      username="opsctl-admin", password=flow.admin_secret("mongodb", "admin_password"),
                      authSource="admin") as mongo:
-        for collection, ids in ((mongo.ecommerce.orders, regular), (mongo.ecommerce.digital_orders, digital)):
+        for collection, ids in ((mongo[NAMES.mongodb.database][NAMES.mongodb.orders], regular), (mongo[NAMES.mongodb.database][NAMES.mongodb.digital_orders], digital)):
             wait_for(lambda: len(stored(collection, ids)) == len(ids), 120,
                      what=f"{len(ids)} orders in {collection.name}")
 

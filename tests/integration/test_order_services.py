@@ -18,11 +18,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import service_env
+from tests.integration.conftest import NAMES, service_env
 
 pytestmark = pytest.mark.integration
 
-QUEUES = {"priority": "priority-orders", "regular": "regular-orders", "digital": "digital-orders"}
+QUEUES = {"priority": NAMES.queues.priority, "regular": NAMES.queues.regular, "digital": NAMES.queues.digital}
 ORDER = {
     "customer": {"id": "c-1042", "name": "Ada Lovelace", "email": "ada@example.org"},
     "items": [{"product": "Laptop", "category": "electronics", "quantity": 1, "price": 420.0},
@@ -190,7 +190,7 @@ def pg_admin(topology):
     import psycopg
 
     conn = psycopg.connect(host="127.0.0.1", port=topology.port("postgres", "postgres"),
-                           dbname="orders", user="postgres",
+                           dbname=NAMES.postgres.database, user="postgres",
                            password=topology.admin_secret("postgres", "password"), autocommit=True)
     yield conn
     conn.close()
@@ -268,7 +268,7 @@ def test_each_type_answers_201_and_lands_in_its_queue(orders, people, rabbit, re
         assert document["customer"] == ORDER["customer"] and document["items"] == ORDER["items"]
         [(method, properties, body)] = drain(rabbit, QUEUES[kind])
         assert json.loads(body) == document
-        assert method.exchange == "order-exchange" and method.routing_key == kind
+        assert method.exchange == NAMES.exchanges.orders and method.routing_key == kind
         assert properties.delivery_mode == 2  # persistent
         assert properties.content_type == "application/json"
         assert properties.message_id == document["order_id"]
@@ -432,7 +432,7 @@ def test_create_publishes_random_orders_from_the_catalogue(orders, stock, people
     response = httpx.post(f"{orders.url}/create", json={"number_of_orders": 12}, headers=people,
                           timeout=30)
     assert response.status_code == 201, response.text
-    created = response.json()["orders"]
+    created = response.json()[NAMES.mongodb.orders]
     assert len(created) == 12
     for order in created:
         assert 1 <= len(order["items"]) <= 3

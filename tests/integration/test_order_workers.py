@@ -22,13 +22,13 @@ from pathlib import Path
 import pika
 import pytest
 
-from tests.integration.conftest import service_env
+from tests.integration.conftest import NAMES, service_env
 from tests.integration.helpers import TopicReader, stored, wait_for
 
 pytestmark = pytest.mark.integration
 
-EXCHANGE, DEAD_LETTER = "order-exchange", "orders-dead-letter"
-QUEUES = {"priority": "priority-orders", "regular": "regular-orders", "digital": "digital-orders"}
+EXCHANGE, DEAD_LETTER = NAMES.exchanges.orders, NAMES.queues.dead_letter
+QUEUES = {"priority": NAMES.queues.priority, "regular": NAMES.queues.regular, "digital": NAMES.queues.digital}
 WORKERS = ("premium-consumer", "regular-consumer", "digital-consumer", "cdc-bridge")
 
 
@@ -244,7 +244,7 @@ class Postgres:
     def __init__(self, platform):
         creds = vault_secrets(platform, "premium-consumer")
         self.params = dict(host="127.0.0.1", port=platform.port("postgres", "postgres"),
-                           dbname="orders", user=creds["postgres_username"],
+                           dbname=NAMES.postgres.database, user=creds["postgres_username"],
                            password=creds["postgres_password"], autocommit=True)
         self.conn = None
 
@@ -288,10 +288,10 @@ def mongo(topology):
     from pymongo import MongoClient
 
     creds = vault_secrets(topology, "regular-consumer")
-    client = MongoClient(f"mongodb://127.0.0.1:{topology.port('mongodb', 'mongo')}/?replicaSet=rs0",
+    client = MongoClient(f"mongodb://127.0.0.1:{topology.port('mongodb', 'mongo')}/?replicaSet={NAMES.mongodb.replica_set}",
                          username=creds["mongodb_username"], password=creds["mongodb_password"],
-                         authSource="ecommerce", tz_aware=True, serverSelectionTimeoutMS=10000)
-    yield client["ecommerce"]
+                         authSource=NAMES.mongodb.database, tz_aware=True, serverSelectionTimeoutMS=10000)
+    yield client[NAMES.mongodb.database]
     client.close()
 
 
@@ -349,8 +349,8 @@ def test_regular_and_digital_orders_are_stored_once_in_mongodb(workers, rabbit, 
                  worker.metric('messages_processed_total{result="duplicate"}') >= 30,
                  what=f"{worker.service}: 30 messages processed")
         assert worker.metric('messages_processed_total{result="duplicate"}') == 15
-    for kind, collection, other in (("regular", "orders", "digital_orders"),
-                                    ("digital", "digital_orders", "orders")):
+    orders_, digital_ = NAMES.mongodb.orders, NAMES.mongodb.digital_orders
+    for kind, collection, other in (("regular", orders_, digital_), ("digital", digital_, orders_)):
         ids = [o["order_id"] for o in orders[kind]]
         found = stored(mongo[collection], ids)
         assert {k: len(v) for k, v in found.items()} == {i: 1 for i in ids}
@@ -368,13 +368,13 @@ def test_malformed_message_is_dead_lettered_and_the_consumer_keeps_going(workers
     publish(rabbit, json.dumps({"type": "regular", "total": 1}).encode(), "regular")  # no order_id
     good = order("regular")
     publish(rabbit, good)
-    wait_for(lambda: stored(mongo["orders"], [good["order_id"]]), what="the good order stored")
+    wait_for(lambda: stored(mongo[NAMES.mongodb.orders], [good["order_id"]]), what="the good order stored")
     letters = dead_letters(rabbit, 2)
     assert {body for _, body in letters} == {b"{this is not json",
                                             json.dumps({"type": "regular", "total": 1}).encode()}
     reasons = set()
     for props, _ in letters:
-        assert props.headers["x-dead-letter-queue"] == "regular-orders"
+        assert props.headers["x-dead-letter-queue"] == NAMES.queues.regular
         assert props.headers["x-dead-letter-routing-key"] == "regular"
         reasons.add(props.headers["x-dead-letter-reason"].split(":")[0])
     assert reasons == {"not JSON", "no order_id (a non-empty string); it can never be stored"}
@@ -396,7 +396,7 @@ def test_data_the_store_refuses_is_dead_lettered_at_once(workers, rabbit, postgr
     took = time.monotonic() - started
     assert json.loads(body)["order_id"] == poison["order_id"]
     assert "x-attempts" not in props.headers
-    assert props.headers["x-dead-letter-queue"] == "priority-orders"
+    assert props.headers["x-dead-letter-queue"] == NAMES.queues.priority
     assert "Unicode" in props.headers["x-dead-letter-reason"]
     assert props.message_id == poison["order_id"] and props.priority == 5
     assert took < 1.5, f"{took:.2f}s: the queue waited for a message that can never be stored"
@@ -418,7 +418,7 @@ def test_a_passing_store_refusal_is_retried_then_dead_lettered(topology, workers
     attempts = int(worker.env["DELIVERY_ATTEMPTS"])
     unlucky, before, after = order("priority"), order("priority"), order("priority")
     admin = psycopg.connect(host="127.0.0.1", port=topology.port("postgres", "postgres"),
-                            dbname="orders", user="postgres", autocommit=True,
+                            dbname=NAMES.postgres.database, user="postgres", autocommit=True,
                             password=topology.admin_secret("postgres", "password"))
     admin.execute("CREATE OR REPLACE FUNCTION test_refuse() RETURNS trigger LANGUAGE plpgsql AS $$ "
                   "BEGIN IF NEW.order_id = TG_ARGV[0] THEN RAISE EXCEPTION 'no' USING "

@@ -32,7 +32,8 @@ def test_first_install_starts_every_local_server(platform):
 
 def test_the_platform_installs_with_every_port_and_the_realm_moved_in_opsctl_yaml(platform):
     """The shared test platform is itself the proof: opsctl.yaml moves every port of every
-    component and service and the realm away from platform.yaml's, and everything works there."""
+    component and service, the realm, the queues, exchanges, topic and databases away from
+    platform.yaml's, and everything works there."""
     from opsctl import spec
 
     default = yaml.safe_load(spec.DEFAULT_SPEC.read_text())
@@ -43,7 +44,13 @@ def test_the_platform_installs_with_every_port_and_the_realm_moved_in_opsctl_yam
     for name, service in default["services"].items():
         field = "port" if "port" in service else "metrics_port"
         assert moved["services"][name][field] != service[field], f"services.{name} is not moved"
-    assert platform.names.realm != default["names"]["realm"]
+    names = platform.names
+    assert names.realm != default["names"]["realm"]
+    for group in ("queues", "exchanges", "topics"):
+        for key, name in default["names"][group].items():
+            assert getattr(getattr(names, group), key) != name, f"names.{group}.{key} is not moved"
+    assert names.mongodb.database != default["names"]["mongodb"]["database"]
+    assert names.postgres.database != default["names"]["postgres"]["database"]
     assert platform.first_install[0] == 0
     claims = platform.run("token", "-o", "json", "--decode", check_json=True).json["claims"]
     assert claims["iss"].endswith(f":{moved['components']['keycloak']['ports']['http']}/realms/{platform.names.realm}")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from opsctl.components.services import BundledService
-from tests.integration.conftest import REPO, cache_dir, free_ports, service_env, workdir_context
+from tests.integration.conftest import NAMES, REPO, cache_dir, free_ports, service_env, workdir_context
 from tests.integration.helpers import process_of, wait_for
 
 pytestmark = pytest.mark.integration
@@ -42,9 +42,9 @@ def screening(platform):
 def mongo(platform):
     from pymongo import MongoClient
 
-    return MongoClient(f"mongodb://127.0.0.1:{platform.port('mongodb', 'mongo')}/?replicaSet=rs0",
+    return MongoClient(f"mongodb://127.0.0.1:{platform.port('mongodb', 'mongo')}/?replicaSet={NAMES.mongodb.replica_set}",
                        username="opsctl-admin", password=platform.admin_secret("mongodb", "admin_password"),
-                       authSource="admin", tz_aware=True)["ecommerce"]
+                       authSource="admin", tz_aware=True)[NAMES.mongodb.database]
 
 
 def validation_messages(platform) -> list[dict]:
@@ -53,7 +53,7 @@ def validation_messages(platform) -> list[dict]:
     channel = connection.channel()
     bodies = []
     while True:
-        method, _, body = channel.basic_get("orders-validation", auto_ack=False)
+        method, _, body = channel.basic_get(NAMES.queues.validation, auto_ack=False)
         if method is None:
             break
         bodies.append(json.loads(body))
@@ -66,7 +66,7 @@ def produce(platform, values: list[bytes]) -> None:
 
     producer = Producer({"bootstrap.servers": f"127.0.0.1:{platform.port('kafka', 'broker')}"})
     for value in values:
-        producer.produce("orders-topic", key=b"bad", value=value)
+        producer.produce(NAMES.topics.orders, key=b"bad", value=value)
     assert producer.flush(30) == 0
 
 
@@ -78,7 +78,7 @@ def test_flagged_orders_are_held_for_validation_as_offline_scoring_flags_them(sc
     assert sent.returncode == 0, sent.json
     bad = [b"{not json", json.dumps({"order_id": "no-items", "customer": {"id": "c"}}).encode()]
     produce(screening, bad)
-    wait_for(lambda: db.orders.count_documents({}), 60, what="regular orders in MongoDB")
+    wait_for(lambda: db[NAMES.mongodb.orders].count_documents({}), 60, what="regular orders in MongoDB")
 
     started = screening.run("jobs", "stream", "start", "-o", "json", check_json=True)
     assert started.returncode == 0 and started.json["state"] == "changed", started.stderr
@@ -86,9 +86,9 @@ def test_flagged_orders_are_held_for_validation_as_offline_scoring_flags_them(sc
     # run, most of them flagged: they are unlike the training orders, and a few it cannot
     # score), screened in batches of 2,000 first.
     all_settled(db, 480, "every order screened")
-    held = {d["_id"] for d in db.orders.find({"validation.status": "held"}, {"_id": 1})}
+    held = {d["_id"] for d in db[NAMES.mongodb.orders].find({"validation.status": "held"}, {"_id": 1})}
     # This test's orders, not the earlier modules' (most of those are flagged).
-    ours = {d["_id"] for d in db.orders.find({"created_at": {"$gte": began}}, {"_id": 1})}
+    ours = {d["_id"] for d in db[NAMES.mongodb.orders].find({"created_at": {"$gte": began}}, {"_id": 1})}
     assert ours
     assert 0 < len(held & ours) < len(ours) / 2, f"{len(held & ours)} of {len(ours)} flagged: expected a few"
     queued = validation_messages(screening)
@@ -103,7 +103,7 @@ def test_flagged_orders_are_held_for_validation_as_offline_scoring_flags_them(sc
     # Offline scoring of the same orders flags the same ones.
     export = Path(screening.path / "stored.jsonl")
     export.write_text("".join(json.dumps({**d, "order_id": d["_id"]}, default=str) + "\n"
-                              for d in db.orders.find({}, {"validation": 0})))
+                              for d in db[NAMES.mongodb.orders].find({}, {"validation": 0})))
     scored = screening.run("jobs", "score", str(export), "--out", str(export) + ".scores", "-o", "json",
                            check_json=True)
     assert scored.returncode == 0, scored.stderr
@@ -204,7 +204,7 @@ def test_a_restarted_stream_continues_from_its_checkpoint_and_flags_nothing_twic
     assert more.returncode == 0
     assert screening.run("jobs", "stream", "start").returncode == 0
     all_settled(db, 180, "the new orders screened", screened_over=was)
-    held = db.orders.count_documents({"validation.status": "held"})
+    held = db[NAMES.mongodb.orders].count_documents({"validation.status": "held"})
     assert len(validation_messages(screening)) == held >= before
 
 
@@ -225,18 +225,18 @@ def test_soak_idle_minutes_then_traffic_then_the_driver_killed_screens_every_ord
     wave = ["orders", "simulate", "--rate", "10", "--duration", "3", "--anomaly-rate", "0.3"]
     assert screening.run(*wave, "--seed", "11").returncode == 0  # opens the job's broker connection
     all_settled(db, 180, "wave 1 screened")
-    driver, held = process_of(stream).pid(), db.orders.count_documents({"validation.status": "held"})
+    driver, held = process_of(stream).pid(), db[NAMES.mongodb.orders].count_documents({"validation.status": "held"})
     restarts = stream_row(screening)["restarts"]
 
     time.sleep(180)
     assert screening.run(*wave, "--seed", "12").returncode == 0
     all_settled(db, 180, "the orders after 3 idle minutes screened")
-    assert db.orders.count_documents({"validation.status": "held"}) > held, "nothing held after the pause"
+    assert db[NAMES.mongodb.orders].count_documents({"validation.status": "held"}) > held, "nothing held after the pause"
     assert process_of(stream).pid() == driver and stream_row(screening)["restarts"] == restarts, \
         "the job died while idle"
 
     batches = lambda: {d["_id"]: d["validation"]["batch"]  # noqa: E731
-                       for d in db.orders.find({"validation.batch": {"$exists": True}}, {"validation.batch": 1})}
+                       for d in db[NAMES.mongodb.orders].find({"validation.batch": {"$exists": True}}, {"validation.batch": 1})}
     before = batches()
     os.kill(driver, signal.SIGKILL)
     assert screening.run(*wave, "--seed", "13").returncode == 0  # while the job is down
@@ -246,7 +246,7 @@ def test_soak_idle_minutes_then_traffic_then_the_driver_killed_screens_every_ord
     assert stream_row(screening)["restarts"] == restarts + 1
     after = batches()
     assert {k: after[k] for k in before} == before  # nothing screened again
-    held_ids = sorted(d["_id"] for d in db.orders.find({"validation.status": "held"}, {"_id": 1}))
+    held_ids = sorted(d["_id"] for d in db[NAMES.mongodb.orders].find({"validation.status": "held"}, {"_id": 1}))
     assert sorted(m["order_id"] for m in validation_messages(screening)) == held_ids  # each once
 
 
@@ -329,13 +329,13 @@ def children(pid: int) -> list[int]:
 
 
 def screened(db) -> int:
-    return db.orders.count_documents({"validation.status": {"$exists": True}})
+    return db[NAMES.mongodb.orders].count_documents({"validation.status": {"$exists": True}})
 
 
 def unsettled(db) -> list[dict]:
     """A few stored orders the stream has neither screened nor dead-lettered (as unscorable)."""
     dead = [order_id for order_id in db.screening_dead_letters.distinct("order_id") if order_id]
-    return list(db.orders.find({"validation.status": {"$exists": False}, "_id": {"$nin": dead}},
+    return list(db[NAMES.mongodb.orders].find({"validation.status": {"$exists": False}, "_id": {"$nin": dead}},
                                {"_id": 1, "created_at": 1, "customer.id": 1}).limit(5))
 
 
@@ -441,7 +441,7 @@ def test_airflow_runs_the_nightly_dag_export_retrain_and_score_against_the_platf
     model = screening.path / ".opsctl" / "models" / "vae" / "model.json"
     before = json.loads(model.read_text())["training"]
     db = mongo(screening)
-    stored, held = db.orders.count_documents({}), db.orders.count_documents({"validation.status": "held"})
+    stored, held = db[NAMES.mongodb.orders].count_documents({}), db[NAMES.mongodb.orders].count_documents({"validation.status": "held"})
     assert held, "the earlier tests held some orders for validation"
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
     env.update(AIRFLOW_HOME=str(tmp_path), AIRFLOW__CORE__LOAD_EXAMPLES="False",
@@ -453,7 +453,7 @@ def test_airflow_runs_the_nightly_dag_export_retrain_and_score_against_the_platf
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "state=success" in result.stdout + result.stderr
     after = json.loads(model.read_text())["training"]
-    assert after["to"] > before["to"] and after["orders"] == stored - held
+    assert after["to"] > before["to"] and after[NAMES.mongodb.orders] == stored - held
     scores = (screening.path / ".opsctl" / "orders-2026-01-02.jsonl.scores.jsonl").read_text().splitlines()
     assert len(scores) == stored
 
