@@ -452,17 +452,14 @@ def event_time(event: dict) -> float:
     return float(cluster.time) if cluster is not None else time.time()
 
 
-def start(name: str) -> int:
+def start(name: str) -> Bridge:
     from order_services.secrets import VaultSecrets
 
     settings = Settings.from_env()
-    vault = VaultSecrets.from_env()
-    bridge = Bridge(settings, vault)
-    signal.signal(signal.SIGTERM, bridge.stop)
-    signal.signal(signal.SIGINT, bridge.stop)
+    bridge = Bridge(settings, VaultSecrets.from_env())
     log.info("%s starting: %s.%s → Kafka %s at %s", settings.service, settings.database,
              settings.collection, settings.topic, settings.kafka_bootstrap)
-    return bridge.run()
+    return bridge
 
 
 def main() -> int:

@@ -475,16 +475,14 @@ def make_metrics():
     return processed, processing
 
 
-def start(name: str) -> int:
+def start(name: str) -> Consumer:
     logging.getLogger("pika").setLevel(logging.CRITICAL)  # its errors are reported here, once
     settings = Settings.from_env()
     credentials = Credentials()
     store = (PostgresStore if settings.store == "postgres" else MongoStore)(settings, credentials)
     consumer = Consumer(settings, credentials, store, make_metrics())
-    signal.signal(signal.SIGTERM, consumer.stop)
-    signal.signal(signal.SIGINT, consumer.stop)
     log.info("%s starting: %s → %s", settings.service, settings.queue, store.describe())
-    return consumer.run()
+    return consumer
 
 
 def main() -> int:

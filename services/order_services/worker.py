@@ -4,7 +4,7 @@ doubles as readiness."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Protocol
 
 from order_services.settings import ConfigError
 
@@ -47,18 +47,33 @@ def serve_metrics(port: int) -> str:
     return f"http://{host}:{port}/metrics"
 
 
-def run_worker(default_name: str, start: Callable[[str], int]) -> int:
-    """A worker's main: logs to stdout at LOG_LEVEL, then start(its SERVICE_NAME); a
+class Worker(Protocol):
+    def run(self) -> int: ...
+
+    def stop(self, signum=None, frame=None) -> None: ...
+
+
+def run_worker(default_name: str, start: Callable[[str], "Worker | int"]) -> int:
+    """A worker's main, the one lifecycle they share: logs to stdout at LOG_LEVEL, then
+    start(its SERVICE_NAME) makes the worker, which runs until SIGTERM or SIGINT stops it
+    (the work in hand finished first), its exit code the process's. A start that runs the
+    work itself returns the exit code instead (the stream: its handlers wait for Spark). A
     ConfigError is a message on stderr and exit code 2, never a retry."""
     import logging
     import os
+    import signal
     import sys
 
     logging.basicConfig(stream=sys.stdout, level=os.environ.get("LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     name = os.environ.get("SERVICE_NAME") or default_name
     try:
-        return start(name)
+        worker = start(name)
+        if isinstance(worker, int):
+            return worker
+        signal.signal(signal.SIGTERM, worker.stop)
+        signal.signal(signal.SIGINT, worker.stop)
+        return worker.run()
     except ConfigError as e:
         print(f"{name}: configuration error: {e}", file=sys.stderr, flush=True)
         logging.getLogger(name).error("configuration error: %s", e)
