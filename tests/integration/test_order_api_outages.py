@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.integration.test_order_services import (ORDER, QUEUES, Service, drain, orders, people,  # noqa: F401
-                                                   rabbit, redis_admin, topology)
+                                                   rabbit, redis_admin, stock, topology)
 
 pytestmark = pytest.mark.integration
 

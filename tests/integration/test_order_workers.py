@@ -70,7 +70,8 @@ class Worker:
         with open(self.log_path, "w") as out:
             self.process = subprocess.Popen([sys.executable, "-m", self.module],
                                             env=self.env, cwd=self.cwd, stdout=out,
-                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            umask=0o077)  # as opsctl starts it
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

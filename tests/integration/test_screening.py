@@ -208,6 +208,16 @@ def test_a_restarted_stream_continues_from_its_checkpoint_and_flags_nothing_twic
     assert len(validation_messages(screening)) == held >= before
 
 
+def test_the_streams_checkpoint_is_its_owners_only(screening):
+    """Spark's checkpoint under the job's STATE_DIR is private like everything under .opsctl/
+    (Hadoop's file system applies a umask of its own, not the process's)."""
+    from tests.integration.test_hardening import _open_to_others
+
+    state = screening.path / ".opsctl" / "local" / "order-screening" / "state"
+    assert (state / "checkpoint" / "offsets").is_dir()
+    assert not _open_to_others(state)
+
+
 def stream_row(platform) -> dict:
     result = platform.run("status", "-o", "json", check_json=True)
     return next(r for r in result.json["components"] if r["component"] == "order-screening")
@@ -453,7 +463,7 @@ def test_airflow_runs_the_nightly_dag_export_retrain_and_score_against_the_platf
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "state=success" in result.stdout + result.stderr
     after = json.loads(model.read_text())["training"]
-    assert after["to"] > before["to"] and after[NAMES.mongodb.orders] == stored - held
+    assert after["to"] > before["to"] and after["orders"] == stored - held
     scores = (screening.path / ".opsctl" / "orders-2026-01-02.jsonl.scores.jsonl").read_text().splitlines()
     assert len(scores) == stored
 

@@ -330,7 +330,10 @@ def start(name: str) -> int:
     # more threads than cores spin-wait against each other and the platform's servers.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     options = {"spark.app.name": name, "spark.sql.shuffle.partitions": "2", "spark.ui.enabled": "false",
-               "spark.sql.execution.arrow.pyspark.enabled": "true"}
+               "spark.sql.execution.arrow.pyspark.enabled": "true",
+               # Hadoop's file system applies its own umask (022), not the process's: the
+               # checkpoint stays its owner's only, like everything else under STATE_DIR.
+               "spark.hadoop.fs.permissions.umask-mode": "077"}
     # No SPARK_MASTER: spark-submit's --master, or its default local[*] (a master set here
     # would override the one spark-submit was given).
     if os.environ.get("SPARK_MASTER"):
