@@ -127,7 +127,7 @@ def _stop(platform, name: str, sig: int) -> None:
         try:  # gone, or a zombie nobody reaps (this sandbox's init does not)
             if open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
                 return
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # gone while /proc was read
             return
         time.sleep(0.1)
     raise AssertionError(f"{name} (pid {pid}) did not exit")
