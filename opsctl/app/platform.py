@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Callable
 
-from opsctl.app import Result
+from opsctl.app import Result, in_parallel
 from opsctl.components import all_steps, infrastructure, servers
 from opsctl.components.base import Component
 from opsctl.components.services import BundledService
@@ -77,8 +76,7 @@ def install(ctx: Context, steps: list[Component], board, parallel: int,
 def status(ctx: Context) -> Result:
     """Every component, bundled service and the streaming job; exit 3 if any is not ok."""
     components = infrastructure(ctx) + [BundledService(name, ctx) for name in ctx.spec.services]
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        healths = list(pool.map(lambda c: c.health(), components))
+    healths = in_parallel(components, lambda c: c.health(), at_most=8)
     return Result({"target": ctx.target, "components": [asdict(h) for h in healths]},
                   0 if all(h.ok for h in healths) else UNHEALTHY)
 
@@ -92,10 +90,8 @@ def down(ctx: Context, purge: bool) -> Result:
     services = [BundledService(name, ctx) for name in ctx.spec.services]
     components = servers(ctx)
     with exclusive(ctx.state_dir / "opsctl.lock", "down"):
-        with ThreadPoolExecutor(max_workers=len(services)) as pool:
-            stopped = dict(zip([s.name for s in services], pool.map(lambda s: s.stop(), services)))
-        with ThreadPoolExecutor(max_workers=max(1, len(components))) as pool:
-            stopped.update(zip([c.name for c in components], pool.map(lambda c: c.stop(), components)))
+        stopped = {s.name: was for s, was in zip(services, in_parallel(services, lambda s: s.stop()))}
+        stopped.update(zip([c.name for c in components], in_parallel(components, lambda c: c.stop())))
         ctx.runtime.shutdown()  # nothing left to run them
         if purge:
             for component in [*services, *components]:

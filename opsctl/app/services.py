@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
-from opsctl.app import Result
+from opsctl.app import Result, in_parallel
 from opsctl.components.services import BundledService
 from opsctl.context import Context
 from opsctl.errors import FAILED, UNHEALTHY, OpsError, UsageError
@@ -19,11 +18,6 @@ def selected(ctx: Context, names: list[str] | None, everything: bool = False) ->
     if unknown:
         raise UsageError(f"unknown service(s): {', '.join(unknown)}", f"services are: {', '.join(known)}")
     return names or [n for n in known if everything or ctx.spec.services[n].autostart]
-
-
-def _each(services: list, call) -> list:
-    with ThreadPoolExecutor(max_workers=max(1, len(services))) as pool:
-        return list(pool.map(call, services))
 
 
 def start(ctx: Context, names: list[str] | None) -> Result:
@@ -46,12 +40,12 @@ def start(ctx: Context, names: list[str] | None) -> Result:
 
 def stop(ctx: Context, names: list[str] | None) -> Result:
     services = [BundledService(name, ctx) for name in selected(ctx, names, everything=True)]
-    stopped = _each(services, lambda s: s.stop())
+    stopped = in_parallel(services, lambda s: s.stop())
     return Result({"services": [{"service": s.name, "stopped": was} for s, was in zip(services, stopped)]})
 
 
 def status(ctx: Context, names: list[str] | None) -> Result:
-    healths = _each([BundledService(name, ctx) for name in selected(ctx, names)], lambda s: s.health())
+    healths = in_parallel([BundledService(name, ctx) for name in selected(ctx, names)], lambda s: s.health())
     return Result({"services": [asdict(h) for h in healths]},
                   0 if all(h.ok for h in healths) else UNHEALTHY)
 
