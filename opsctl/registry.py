@@ -14,7 +14,7 @@ COMPONENTS = {
     "prometheus-grafana": "opsctl.components.prometheus:Prometheus",
     "rabbitmq": "opsctl.components.rabbitmq:RabbitMQ",
     "cert-manager": None,
-    "consul": None,
+    "consul": "opsctl.components.consul:Consul",
     "mongodb": "opsctl.components.mongodb:MongoDB",
     "postgres": "opsctl.components.postgres:Postgres",
     "vault": "opsctl.components.vault:Vault",

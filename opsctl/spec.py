@@ -211,6 +211,26 @@ class Service(Strict):
         return self
 
 
+Colour = Literal["blue", "green"]
+# The ports of one Consul agent; each datacenter's are components.consul.ports <dc>_<port>.
+CONSUL_PORTS = ("http", "grpc", "grpc_tls", "dns", "server", "serf_lan")
+
+
+class Mesh(Strict):
+    """The two colours of the platform, each a Consul datacenter with its own copy of the
+    bundled services (the stateful servers are shared on the local target)."""
+
+    datacenters: dict[Colour, Name]
+
+    @model_validator(mode="after")
+    def _two(self) -> "Mesh":
+        if set(self.datacenters) != {"blue", "green"}:
+            raise ValueError("mesh.datacenters names a datacenter for each of blue and green")
+        if len(set(self.datacenters.values())) != 2:
+            raise ValueError("mesh.datacenters: blue and green need datacenters of their own")
+        return self
+
+
 class Spec(Strict):
     apiVersion: Literal["opsctl/v1"]
     platform: Platform
@@ -221,6 +241,7 @@ class Spec(Strict):
     services: dict[Name, Service]
     catalogue: Catalogue
     screening: ScreeningSettings
+    mesh: Mesh
 
     @model_validator(mode="after")
     def _consistent(self) -> "Spec":
@@ -256,6 +277,12 @@ class Spec(Strict):
             unknown = [c for c in service.calls if c not in self.services or not self.services[c].port]
             if unknown:
                 raise ValueError(f"services.{name}.calls: {', '.join(unknown)} is not an HTTP service")
+        consul = self.components["consul"].ports
+        missing = [f"{dc}_{port}" for dc in self.mesh.datacenters.values() for port in CONSUL_PORTS
+                   if f"{dc}_{port}" not in consul]
+        if missing:
+            raise ValueError(f"components.consul.ports needs {', '.join(missing)} "
+                             f"(each datacenter's agent: <datacenter>_<port>)")
         if len([s for s in self.services.values() if s.runtime == "spark"]) != 1:
             raise ValueError("exactly one service is the streaming job (runtime: spark)")
         return self

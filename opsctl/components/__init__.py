@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-from opsctl.components.base import Component, Server, Skipped
+from opsctl.components.base import Component, Skipped
 from opsctl.context import Context
 from opsctl.registry import COMPONENTS, CONFIGURATION
 
@@ -39,6 +39,7 @@ def all_steps(ctx: Context) -> list[Component]:
     return infrastructure(ctx) + [build(name, ctx) for name in CONFIGURATION]
 
 
-def servers(ctx: Context) -> list[Server]:
-    """The components the target runs as servers (processes on the local target)."""
-    return [c for c in infrastructure(ctx) if isinstance(c, Server)]
+def servers(ctx: Context) -> list[Component]:
+    """The components that run servers on the target (processes on the local target): a
+    Server, or a component of several (Consul's agents)."""
+    return [c for c in infrastructure(ctx) if not isinstance(c, Skipped)]

@@ -112,3 +112,17 @@ def test_non_loopback_bind_address_is_refused_on_the_local_target(workdir, addre
 def test_loopback_bind_address_is_accepted(workdir, address):
     (workdir / "opsctl.yaml").write_text(f"platform:\n  bind_address: '{address}'\n")
     assert spec.load().platform.bind_address == address
+
+
+def test_each_colour_has_a_datacenter_whose_agent_ports_are_all_given(workdir):
+    s = spec.load()
+    assert s.mesh.datacenters == {"blue": "dc1", "green": "dc2"}
+    assert all(port < 32768 for port in s.components["consul"].ports.values())  # not ephemeral
+    err = error_of(workdir, "mesh:\n  datacenters: {blue: dc1, green: dc1}\n")
+    assert "blue and green need datacenters of their own" in err.message
+    err = error_of(workdir, "mesh:\n  datacenters: {red: dc3}\n")
+    assert "mesh.datacenters.red" in err.message
+    err = error_of(workdir, "mesh:\n  datacenters: {blue: dc1, green: east}\n")
+    assert "components.consul.ports needs east_http, east_grpc" in err.message
+    err = error_of(workdir, "components:\n  consul:\n    ports: {dc2_dns: 8600}\n")
+    assert "port 8600 is used twice" in err.message
