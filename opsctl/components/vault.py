@@ -176,7 +176,12 @@ def revoke_root_tokens(ctx, admin: str) -> int:
         raise
     revoked = 0
     for accessor in accessors:
-        info = _api(ctx, "POST", "auth/token/lookup-accessor", {"accessor": accessor}, token=admin)["data"]
+        try:
+            info = _api(ctx, "POST", "auth/token/lookup-accessor", {"accessor": accessor}, token=admin)["data"]
+        except httpclient.HTTPError as e:
+            if e.status == 400 and "invalid accessor" in e.body:
+                continue  # its token expired or was revoked since the list was read
+            raise
         if "root" in (info.get("policies") or []):
             _api(ctx, "POST", "auth/token/revoke-accessor", {"accessor": accessor}, token=admin)
             revoked += 1
