@@ -11,10 +11,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.integration.conftest import NAMES, Workdir  # noqa: E402
 
 
-def everything_on(work: Workdir) -> None:
-    """Install with the services, train the model on generated orders, start the stream."""
+def everything_on(work: Workdir, rate: float = 20) -> None:
+    """Install with the services, train the model on generated orders at `rate` orders/s (the
+    rate the benchmark will send: the recent-orders feature learns what usual is from it),
+    start the stream."""
     for step in (["install"],
-                 ["orders", "generate", "--count", "5000", "--seed", "1", "--out", "train.jsonl"],
+                 ["orders", "generate", "--count", "5000", "--seed", "1", "--rate", f"{rate:g}",
+                  "--out", "train.jsonl"],
                  ["jobs", "train-vae", "--from", "train.jsonl"], ["jobs", "stream", "start"]):
         done = work.run(*step, timeout=1800)
         if done.returncode != 0:

@@ -71,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Workdir(reachable_dir("opsctl-soak-"), port_override())
     try:
-        everything_on(work)
+        everything_on(work, args.rate)
         start_memory = memory(work)
         load = work.run("orders", "simulate", "--rate", f"{args.rate:g}", "--duration",
                         f"{args.minutes * 60:g}", "--anomaly-rate", f"{args.anomaly_rate:g}",
