@@ -14,7 +14,11 @@
 Installs the whole platform with its services in a fresh working directory on free
 ports, then purges it. Needs wrk (scripts/setup installs it). Clients use the edge, so the
 numbers include it; --direct posts to the API's own port instead, to see what the edge costs.
+--api-alone N instead installs without training or starting the stream, stops the workers
+and measures only the API, N times direct and N times through the edge (the spread between
+runs on a busy 2-core machine is wider than one run suggests).
 Usage: .venv/bin/python scripts/bench/orders.py [--connections 32] [--duration 20] [--direct]
+       .venv/bin/python scripts/bench/orders.py --api-alone 3
 """
 
 from __future__ import annotations
@@ -120,8 +124,12 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=20, help="seconds of each wrk run (default 20)")
     parser.add_argument("--direct", action="store_true",
                         help="post to the order API's own port, bypassing the edge (nginx)")
+    parser.add_argument("--api-alone", type=int, default=0, metavar="N",
+                        help="only the API (workers stopped, no stream), N runs direct and N through the edge")
     args = parser.parse_args()
     DIRECT = args.direct
+    if args.api_alone:
+        return api_alone(args.connections, args.duration, args.api_alone)
     work = Workdir(reachable_dir("opsctl-bench-"), port_override())
     try:
         everything_on(work)
@@ -172,6 +180,33 @@ def main() -> None:
         print(f"| end to end API → MongoDB → Kafka ({len(e2e)} regular orders) | "
               f"p50 {q(e2e, 0.5):.0f} ms, p99 {q(e2e, 0.99):.0f} ms, "
               f"mean {statistics.fmean(e2e) * 1000:.0f} ms |")
+
+
+def api_alone(connections: int, duration: float, runs: int) -> None:
+    """The API's peak with the workers stopped, `runs` times each way, alternating."""
+    global DIRECT
+    work = Workdir(reachable_dir("opsctl-bench-"), port_override())
+    rates: dict[str, list[float]] = {"direct": [], "edge": []}
+    try:
+        install = work.run("install", timeout=1800)
+        if install.returncode != 0:
+            sys.exit(install.stderr)
+        work.run("services", "stop", *WORKERS)
+        wrk(work, connections, 3)  # warm-up
+        for _ in range(runs):
+            for way in rates:
+                DIRECT = way == "direct"
+                purge_order_queues(work)
+                run = wrk(work, connections, duration)
+                rates[way].append(run["accepted_per_s"])
+                print(f"{way}: {run['accepted_per_s']:.0f} accepted/s, p50 {run['p50_ms']:.1f} ms, "
+                      f"p99 {run['p99_ms']:.1f} ms", file=sys.stderr, flush=True)
+    finally:
+        work.remove()
+    print("| way | accepted/s, each run | median |")
+    print("|---|---|---|")
+    for way, values in rates.items():
+        print(f"| {way} | {', '.join(f'{v:,.0f}' for v in values)} | {statistics.median(values):,.0f} |")
 
 
 if __name__ == "__main__":
