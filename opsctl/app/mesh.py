@@ -28,8 +28,7 @@ def status(ctx: Context) -> Result:
                "restarts": health.restarts, "peering": "unknown", "peer": ""}
         if health.ok:
             other = next(dc for dc in ctx.spec.mesh.datacenters.values() if dc != datacenter)
-            found = [p for p in agent.peerings() if p["Name"] == other]
-            row["peer"], row["peering"] = other, found[0]["State"] if found else "absent"
+            row["peer"], row["peering"] = other, agent.peering_with(other)
         rows.append(row)
     ok = all(r["health"] == "healthy" and r["peering"] == "ACTIVE" for r in rows)
     return Result({"datacenters": rows}, 0 if ok else UNHEALTHY)

@@ -3,7 +3,7 @@ for blue, dc2 for green), the two datacenters peered.
 
 Each agent is a real server (server mode, its own data folder, not -dev) with the service
 mesh and peering on and ACLs enforced (default deny): opsctl works with the management
-token it generated (secrets.json, then Vault), nobody else gets anything without a token.
+token it generated (in .opsctl/secrets.json, 0600), nobody else gets anything without a token.
 Peering needs no mesh gateway for its control plane: blue generates a token
 (/v1/peering/token), green establishes with it (/v1/peering/establish), and the peering
 goes ACTIVE over the agents' gRPC TLS ports with certificates from Consul's own Connect CA.
@@ -39,11 +39,6 @@ def management_token(ctx: Context) -> str:
     import uuid
 
     return ctx.secret("consul", "management_token", generate=lambda: str(uuid.uuid4()))
-
-
-def peer_name(ctx: Context, datacenter: str) -> str:
-    """What the other datacenter calls `datacenter`'s peering: the datacenter's name."""
-    return datacenter
 
 
 class ConsulAgent(Server):
@@ -121,8 +116,11 @@ class ConsulAgent(Server):
     def version(self) -> str:
         return self.api("GET", "agent/self")["Config"]["Version"]
 
-    def peerings(self) -> list[dict]:
-        return self.api("GET", "peerings") or []
+    def peering_with(self, datacenter: str) -> str:
+        """This side's state of the peering with `datacenter` (each side names the peering
+        after the other datacenter): ACTIVE, PENDING, TERMINATED, … or absent."""
+        found = [p for p in self.api("GET", "peerings") or [] if p["Name"] == datacenter]
+        return found[0]["State"] if found else "absent"
 
 
 class Consul(Component):
@@ -153,11 +151,7 @@ class Consul(Component):
     # --- peering ---------------------------------------------------------------------
     def peering_state(self) -> dict[str, str]:
         """Each datacenter's view of its peering with the other: ACTIVE, PENDING, … or absent."""
-        states = {}
-        for agent, other in self._pairs():
-            found = [p for p in agent.peerings() if p["Name"] == peer_name(self.ctx, other.datacenter)]
-            states[agent.datacenter] = found[0]["State"] if found else "absent"
-        return states
+        return {agent.datacenter: agent.peering_with(other.datacenter) for agent, other in self._pairs()}
 
     def _pairs(self) -> list[tuple[ConsulAgent, ConsulAgent]]:
         blue, green = self.agent("blue"), self.agent("green")
@@ -179,12 +173,12 @@ class Consul(Component):
         # A half-made or failed peering (one side deleted, a token never used) is made again.
         for agent, other in self._pairs():
             if states[agent.datacenter] != "absent":
-                agent.api("DELETE", f"peering/{peer_name(self.ctx, other.datacenter)}")
+                agent.api("DELETE", f"peering/{other.datacenter}")
         self._wait_deleted()
         token = acceptor.api("POST", "peering/token",
-                             {"PeerName": peer_name(self.ctx, dialer.datacenter)})["PeeringToken"]
+                             {"PeerName": dialer.datacenter})["PeeringToken"]
         dialer.api("POST", "peering/establish",
-                   {"PeerName": peer_name(self.ctx, acceptor.datacenter), "PeeringToken": token}, timeout=15)
+                   {"PeerName": acceptor.datacenter, "PeeringToken": token}, timeout=15)
         deadline = time.monotonic() + PEERING_TIMEOUT
         while True:
             states = self.peering_state()
