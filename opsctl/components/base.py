@@ -74,6 +74,10 @@ class Component:
     def purge(self) -> None:
         """Delete what this component keeps outside the state folder (most keep nothing)."""
 
+    def servers(self) -> list["Server"]:
+        """The servers the target runs for it: none, itself, or several (Consul's agents)."""
+        return []
+
     def _health(self, health: str, **kw) -> Health:
         return Health(self.name, self.number, self.ctx.target, health, **kw)
 
@@ -221,6 +225,9 @@ class Server(Component):
         return self.home.joinpath(*parts)
 
     # --- run by the target ---------------------------------------------------------------
+    def servers(self) -> list["Server"]:
+        return [self]
+
     def reconcile(self) -> Outcome:
         return self.ctx.runtime.apply(self)
 

@@ -132,6 +132,9 @@ class Consul(Component):
     def agents(self) -> list[ConsulAgent]:
         return [ConsulAgent(dc, self.ctx) for dc in self.ctx.spec.mesh.datacenters.values()]
 
+    def servers(self) -> list[ConsulAgent]:
+        return self.agents()
+
     def agent(self, colour: str) -> ConsulAgent:
         return ConsulAgent(self.ctx.spec.mesh.datacenters[colour], self.ctx)
 
@@ -161,15 +164,16 @@ class Consul(Component):
         """Peer the datacenters unless they already are (ACTIVE on both sides); say what
         was done. Blue accepts (generates the token), green dials (establishes)."""
         acceptor, dialer = self.agent("blue"), self.agent("green")
-        if self.ctx.dry_run:
-            try:
-                states = self.peering_state()
-            except (httpclient.HTTPError, OSError):
-                return f"peer {acceptor.datacenter} and {dialer.datacenter}"
-            return None if set(states.values()) == {"ACTIVE"} else f"peer {acceptor.datacenter} and {dialer.datacenter}"
-        states = self.peering_state()
-        if set(states.values()) == {"ACTIVE"}:
+        try:
+            states = self.peering_state()
+        except (httpclient.HTTPError, OSError):
+            if not self.ctx.dry_run:
+                raise
+            states = {}  # a plan before the agents run: they will be peered
+        if states and set(states.values()) == {"ACTIVE"}:
             return None
+        if self.ctx.dry_run:
+            return f"peer {acceptor.datacenter} and {dialer.datacenter}"
         # A half-made or failed peering (one side deleted, a token never used) is made again.
         for agent, other in self._pairs():
             if states[agent.datacenter] != "absent":

@@ -57,9 +57,7 @@ def memory(work: Workdir) -> dict[str, float]:
     from opsctl.components.services import BundledService
 
     ctx = workdir_context(work)
-    # A component of several servers (Consul: an agent per datacenter) counts each.
-    processes = [ctx.runtime.process(s) for c in servers(ctx)
-                 for s in (c.agents() if hasattr(c, "agents") else [c]) if hasattr(s, "home")]
+    processes = [ctx.runtime.process(s) for c in servers(ctx) for s in c.servers()]
     processes += [ctx.runtime.process(BundledService(name, ctx)) for name in ctx.spec.services]
     return {p.name: round(tree_rss_mib(pid), 1) for p in processes if (pid := p.pid())}
 
