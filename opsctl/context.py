@@ -42,10 +42,10 @@ class Context:
 
         return targets.get(self.target, self.state_dir)
 
-    def address(self, name: str, port: str = "") -> Address:
+    def address(self, name: str, port: str = "", colour: str | None = None) -> Address:
         """Where component or service `name` answers on its port `port` (else its first),
-        as the target says: the one way to learn it."""
-        return self.runtime.address(self.spec, name, port)
+        in `colour` for what runs in each, as the target says: the one way to learn it."""
+        return self.runtime.address(self.spec, name, port, colour)
 
     @property
     def cache_dir(self) -> Path:

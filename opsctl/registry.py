@@ -33,6 +33,7 @@ CONFIGURATION = {
     "service-credentials": "opsctl.components.credentials:ServiceCredentials",
     "rabbitmq-topology": "opsctl.components.rabbitmq_topology:RabbitMQTopology",
     "stock-catalogue": "opsctl.components.stock_catalogue:StockCatalogue",
+    "consul-config": "opsctl.components.mesh:MeshConfig",
     "services": "opsctl.components.services:Services",
 }
 

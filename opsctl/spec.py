@@ -195,6 +195,13 @@ class Service(Strict):
     def ports(self) -> dict[str, int]:
         return {"http": self.port} if self.port else {"metrics": self.metrics_port}
 
+    @property
+    def per_colour(self) -> bool:
+        """An HTTP service runs in each colour, behind that colour's ingress; a worker (of a
+        queue or a stream shared by both colours) runs once, on the live colour's build, so
+        that no order is stored, published or flagged twice."""
+        return self.port is not None
+
     @model_validator(mode="after")
     def _consistent(self) -> "Service":
         if (self.port is None) == (self.metrics_port is None):
@@ -216,18 +223,29 @@ Colour = Literal["blue", "green"]
 CONSUL_PORTS = ("http", "grpc", "grpc_tls", "dns", "server", "serf_lan")
 
 
+MESH_BLOCK = 100  # ports of one colour's mesh (gateways, ingress listeners, sidecars)
+
+
 class Mesh(Strict):
     """The two colours of the platform, each a Consul datacenter with its own copy of the
-    bundled services (the stateful servers are shared on the local target)."""
+    HTTP services (the stateful servers and the workers are shared on the local target)."""
 
     datacenters: dict[Colour, Name]
+    port_offset: dict[Colour, Annotated[int, Field(ge=0, le=10000)]]  # added to services.*.port
+    ports_from: dict[Colour, Port]  # the first of the colour's MESH_BLOCK mesh ports
 
     @model_validator(mode="after")
     def _two(self) -> "Mesh":
-        if set(self.datacenters) != {"blue", "green"}:
-            raise ValueError("mesh.datacenters names a datacenter for each of blue and green")
+        for field in ("datacenters", "port_offset", "ports_from"):
+            if set(getattr(self, field)) != {"blue", "green"}:
+                raise ValueError(f"mesh.{field} names a value for each of blue and green")
         if len(set(self.datacenters.values())) != 2:
             raise ValueError("mesh.datacenters: blue and green need datacenters of their own")
+        if len(set(self.port_offset.values())) != 2:
+            raise ValueError("mesh.port_offset: blue and green need different offsets")
+        low, high = sorted(self.ports_from.values())
+        if high - low < MESH_BLOCK or high + MESH_BLOCK > 65536:
+            raise ValueError(f"mesh.ports_from: each colour needs {MESH_BLOCK} ports of its own")
         return self
 
 
@@ -270,10 +288,6 @@ class Spec(Strict):
                     )
                 ports[port] = f"{name}.{port_name}"
         for name, service in self.services.items():
-            port = service.port or service.metrics_port
-            if port in ports:
-                raise ValueError(f"port {port} is used twice: {ports[port]} and services.{name}")
-            ports[port] = f"services.{name}"
             unknown = [c for c in service.calls if c not in self.services or not self.services[c].port]
             if unknown:
                 raise ValueError(f"services.{name}.calls: {', '.join(unknown)} is not an HTTP service")
@@ -283,9 +297,48 @@ class Spec(Strict):
         if missing:
             raise ValueError(f"components.consul.ports needs {', '.join(missing)} "
                              f"(each datacenter's agent: <datacenter>_<port>)")
+        taken = [(s.port or s.metrics_port, f"services.{name}") for name, s in self.services.items()
+                 if not s.per_colour]
+        for colour in self.mesh.datacenters:
+            taken += [(self.service_port(name, colour), f"services.{name} ({colour})")
+                      for name, s in self.services.items() if s.per_colour]
+            taken += [(port, f"mesh {colour} {what}") for what, port in self.mesh_ports(colour).items()]
+        for port, what in taken:
+            if port in ports:
+                raise ValueError(f"port {port} is used twice: {ports[port]} and {what}")
+            ports[port] = what
         if len([s for s in self.services.values() if s.runtime == "spark"]) != 1:
             raise ValueError("exactly one service is the streaming job (runtime: spark)")
         return self
+
+    def service_port(self, name: str, colour: str | None = None) -> int:
+        """Where colour's copy of HTTP service `name` listens: its port plus the colour's
+        offset; a worker (one copy) on its metrics port."""
+        service = self.services[name]
+        if not service.per_colour:
+            return service.metrics_port
+        return service.port + self.mesh.port_offset[colour or "blue"]
+
+    def mesh_ports(self, colour: str) -> dict[str, int]:
+        """The colour's mesh ports, laid out in its block from mesh.ports_from: the mesh
+        gateway, the ingress gateway (a listener per service the edge routes to), and each
+        HTTP service's sidecar (its public listener, admin, an upstream per service it calls)."""
+        base = self.mesh.ports_from[colour]
+        ports = {"mesh-gateway": base, "mesh-gateway/admin": base + 1, "ingress/admin": base + 2,
+                 "ingress": base + 3}  # the ingress's own port: its readiness, Consul's check
+        routed = [name for name, s in self.services.items() if s.routes]
+        meshed = [name for name, s in self.services.items() if s.per_colour]
+        if len(routed) > 10 or len(meshed) > 8 or any(len(self.services[n].calls) > 8 for n in meshed):
+            raise ValueError("the mesh's port block holds 10 routed services, 8 HTTP services and "
+                             "8 calls for each")
+        for i, name in enumerate(routed):
+            ports[f"ingress/{name}"] = base + 10 + i
+        for i, name in enumerate(meshed):
+            at = base + 20 + 10 * i
+            ports[f"{name}/sidecar"], ports[f"{name}/admin"] = at, at + 1
+            for j, callee in enumerate(self.services[name].calls):
+                ports[f"{name}/upstream/{callee}"] = at + 2 + j
+        return ports
 
     @property
     def stream_job(self) -> str:

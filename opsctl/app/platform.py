@@ -9,7 +9,7 @@ from typing import Callable
 from opsctl.app import Result, in_parallel
 from opsctl.components import all_steps, infrastructure, servers
 from opsctl.components.base import Component
-from opsctl.components.services import BundledService
+from opsctl.components.services import every_instance
 from opsctl.context import Context
 from opsctl.errors import FAILED, INTERRUPTED, UNHEALTHY, OpsError, UsageError
 
@@ -75,7 +75,7 @@ def install(ctx: Context, steps: list[Component], board, parallel: int,
 
 def status(ctx: Context) -> Result:
     """Every component, bundled service and the streaming job; exit 3 if any is not ok."""
-    components = infrastructure(ctx) + [BundledService(name, ctx) for name in ctx.spec.services]
+    components = infrastructure(ctx) + every_instance(ctx)
     healths = in_parallel(components, lambda c: c.health(), at_most=8)
     return Result({"target": ctx.target, "components": [asdict(h) for h in healths]},
                   0 if all(h.ok for h in healths) else UNHEALTHY)
@@ -87,7 +87,7 @@ def down(ctx: Context, purge: bool) -> Result:
     from opsctl.engine.state import exclusive
 
     # The services first: they hold connections to the servers.
-    services = [BundledService(name, ctx) for name in ctx.spec.services]
+    services = every_instance(ctx)
     components = servers(ctx)
     with exclusive(ctx.state_dir / "opsctl.lock", "down"):
         stopped = {s.name: was for s, was in zip(services, in_parallel(services, lambda s: s.stop()))}

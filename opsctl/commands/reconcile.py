@@ -17,7 +17,7 @@ def render(result: Result, output: ui.Output, what: str) -> None:
         ui.info(f"{what}: in sync, nothing to change")
     else:
         verb = "would change" if data["dry_run"] else "changed"
-        marks = {"create": "+", "update": "~"}
+        marks = {"create": "+", "update": "~", "delete": "-"}
         ui.table(f"{what}: {verb} {len(data['changes'])}", ["", "object", "detail"],
                  [[marks.get(r["action"], r["action"]), r["object"], r["detail"]] for r in data["changes"]])
     raise typer.Exit(result.code)

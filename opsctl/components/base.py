@@ -100,7 +100,7 @@ class Skipped(Component):
 class Change:
     """One difference between the spec and a running system, and how to remove it."""
 
-    action: str  # create | update
+    action: str  # create | update | delete
     target: str  # what, e.g. "client create-orders-client"
     detail: str = ""
     apply: Callable[[], None] = field(default=lambda: None, repr=False)
@@ -153,6 +153,7 @@ class Server(Component):
     stop_signal = signal.SIGTERM
     stop_timeout = 60.0
     stop_group = True  # the stop signal goes to every process of the server, not only its leader
+    reload_signal: int | None = None  # rereads its files on this signal: a change to them only is no restart
     run_as: str | None = None  # system user for servers that refuse to run as root
     stopped_health = "stopped"          # what a server stopped on purpose counts as (exit 3)
     never_started_health = "unhealthy"  # and one never installed here
@@ -211,8 +212,12 @@ class Server(Component):
         return f"components:\n    {self.name}:\n      ports: {{{key}: <free port>}}"
 
     def fingerprint(self) -> str:
-        """Changes when the server must restart to take a new configuration."""
+        """Changes when the server must restart (or reload) to take a new configuration."""
         return fingerprint(self.argv(), self.env(), self.config_files())
+
+    def launch_fingerprint(self) -> str:
+        """Changes when only a restart takes the new configuration (its command, environment)."""
+        return fingerprint(self.argv(), self.env())
 
     # --- helpers -----------------------------------------------------------------------
     def port(self, key: str) -> int:

@@ -7,6 +7,8 @@ token it generated (in .opsctl/secrets.json, 0600), nobody else gets anything wi
 Peering needs no mesh gateway for its control plane: blue generates a token
 (/v1/peering/token), green establishes with it (/v1/peering/establish), and the peering
 goes ACTIVE over the agents' gRPC TLS ports with certificates from Consul's own Connect CA.
+The services' traffic to the peer goes through each datacenter's mesh gateway, and the edge
+into a colour through its ingress gateway (opsctl.components.mesh): both run with the agents.
 """
 
 from __future__ import annotations
@@ -132,8 +134,13 @@ class Consul(Component):
     def agents(self) -> list[ConsulAgent]:
         return [ConsulAgent(dc, self.ctx) for dc in self.ctx.spec.mesh.datacenters.values()]
 
-    def servers(self) -> list[ConsulAgent]:
-        return self.agents()
+    def gateways(self) -> list[Server]:
+        from opsctl.components.mesh import gateways
+
+        return gateways(self.ctx)
+
+    def servers(self) -> list[Server]:
+        return [*self.agents(), *self.gateways()]
 
     def agent(self, colour: str) -> ConsulAgent:
         return ConsulAgent(self.ctx.spec.mesh.datacenters[colour], self.ctx)
@@ -147,6 +154,8 @@ class Consul(Component):
         peering = self.peer()
         if peering:
             changed.append(peering)
+        changed += [f"{g.name} {o.detail}" for g in self.gateways() for o in [g.reconcile()]
+                    if o.state in ("changed", "planned")]
         if not changed:
             return Outcome("unchanged", ", ".join(f"{a.datacenter} {a.endpoint()}" for a in self.agents()))
         return Outcome("planned" if self.ctx.dry_run else "changed", "; ".join(changed))
@@ -205,9 +214,9 @@ class Consul(Component):
 
     # --- health, stop, purge ---------------------------------------------------------
     def health(self) -> Health:
-        healths = [agent.health() for agent in self.agents()]
+        healths = [server.health() for server in self.servers()]
         bad = [h for h in healths if not h.ok]
-        endpoint = ", ".join(h.endpoint for h in healths)
+        endpoint = ", ".join(a.endpoint() for a in self.agents())
         restarts = sum(h.restarts for h in healths)
         last_error = "; ".join(h.last_error for h in healths if h.last_error)
         if bad:
@@ -224,8 +233,8 @@ class Consul(Component):
                             last_error=last_error, detail=detail)
 
     def stop(self) -> bool:
-        return any([agent.stop() for agent in self.agents()])
+        return any([server.stop() for server in reversed(self.servers())])
 
     def purge(self) -> None:
-        for agent in self.agents():
-            agent.purge()
+        for server in self.servers():
+            server.purge()

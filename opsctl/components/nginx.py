@@ -9,6 +9,7 @@ is down. The services listen on the bind address behind it, on the ports of `ser
 from __future__ import annotations
 
 import json
+import signal
 
 from opsctl import httpclient
 from opsctl.components.base import Server
@@ -44,11 +45,19 @@ ERRORS = {
     413: f"request body larger than {MAX_BODY_KIB} KiB",
     414: "request line too long",
     431: "request header too large",
-    500: "internal error at the edge",
+    500: "internal error",
     502: f"the service behind the edge is not answering: {RETRY}",
     503: f"the service behind the edge is unavailable: {RETRY}",
     504: f"the service behind the edge did not answer in time: {RETRY}",
 }
+
+
+# What the edge answers on a route in its own JSON, whoever said it first: itself (a slow or
+# oversized body) or what is behind it. The mesh answers 502/503/504 in plain text ("no healthy
+# upstream") when no instance of a service can take a request; a service's own 503 is answered
+# the same way (its reason is in its log, under the request id). A service's 4xx pass as they are.
+ROUTE_ERRORS = (408, 413, 500, 502, 503, 504)
+ROUTE_ERROR_PAGES = " ".join(f"error_page {s} @{s};" for s in ROUTE_ERRORS)
 
 
 def edge_url(ctx) -> str:
@@ -62,13 +71,22 @@ def _json_return(status: int, detail: str) -> str:
 
 
 class Nginx(Server):
+    # A new configuration (the other colour, a moved port) is a graceful reload: new workers
+    # take new connections while the old ones finish the requests in hand.
+    reload_signal = signal.SIGHUP
+
     def check_installed(self) -> None:
         require_binary("nginx", "apt-get install -y nginx-light")
 
     def upstreams(self) -> dict[str, Address]:
-        """service -> where it answers, for the bundled HTTP services the edge routes to (those
-        with routes in the spec: their public paths; /metrics and the rest stay internal)."""
-        return {name: self.ctx.address(name) for name, s in self.ctx.spec.services.items() if s.routes}
+        """service -> where the edge sends it: the live colour's ingress listener for each
+        bundled HTTP service with routes in the spec (their public paths; /metrics and the
+        rest stay internal)."""
+        from opsctl.components import live
+
+        colour = live.colour(self.ctx)
+        return {name: self.ctx.address("mesh", f"ingress/{name}", colour)
+                for name, s in self.ctx.spec.services.items() if s.routes}
 
     def config_files(self) -> dict[str, str]:
         home, host = self.home, self.ctx.host
@@ -82,7 +100,7 @@ class Nginx(Server):
     keepalive {UPSTREAM_KEEPALIVE};
     keepalive_timeout {UPSTREAM_IDLE}s;
   }}""")
-            routes += [f"    location {path} {{ proxy_pass http://{name}; }}"
+            routes += [f"    location {path} {{ proxy_pass http://{name}; {ROUTE_ERROR_PAGES} }}"
                        for path in self.ctx.spec.services[name].routes]
         headers = "add_header X-Request-ID $edge_request_id always;"
         errors = []
@@ -140,6 +158,7 @@ http {{
   # A request that failed is never sent again (to this or another server): a POST may have
   # placed its order already; the client retries, with its Idempotency-Key.
   proxy_next_upstream off;
+  proxy_intercept_errors on;  # on the routes, for ROUTE_ERRORS only
 
 {nl.join(upstreams)}
 

@@ -14,16 +14,21 @@ class Prometheus(Server):
     def check_installed(self) -> None:
         require_binary("prometheus", "apt-get install -y prometheus")
 
-    def _targets(self) -> dict[str, tuple[str, str]]:
-        """job -> (host:port, metrics path) of every local server that exposes metrics."""
+    def _targets(self) -> dict[str, list[dict]]:
+        """job -> static configs (targets, labels) of every local server that exposes
+        metrics on /metrics; each colour's copy of an HTTP service is labelled with it."""
         comps = self.ctx.spec.components
         jobs = {"prometheus": self.address("http")}
         if "prometheus" in comps["rabbitmq"].ports:
             jobs["rabbitmq"] = self.ctx.address("rabbitmq", "prometheus")
         if "management" in comps["keycloak"].ports:
             jobs["keycloak"] = self.ctx.address("keycloak", "management")
-        jobs.update((name, self.ctx.address(name)) for name in self.ctx.spec.services)  # the bundled services
-        return {job: (str(address), "/metrics") for job, address in jobs.items()}
+        configs = {job: [{"targets": [str(address)]}] for job, address in jobs.items()}
+        for name, service in self.ctx.spec.services.items():  # the bundled services
+            colours = self.ctx.spec.mesh.datacenters if service.per_colour else [None]
+            configs[name] = [{"targets": [str(self.ctx.address(name, colour=c))],
+                              **({"labels": {"colour": c}} if c else {})} for c in colours]
+        return configs
 
     def rules(self) -> dict:
         """The alerting rules: a dead-lettered order waits for a person (RabbitMQ's per-queue
@@ -45,10 +50,10 @@ class Prometheus(Server):
             "global": {"scrape_interval": "15s", "evaluation_interval": "5s"},
             "rule_files": [str(self.path("rules.yml"))],
             "scrape_configs": [
-                {"job_name": job, "metrics_path": path, "static_configs": [{"targets": [target]}],
+                {"job_name": job, "metrics_path": "/metrics", "static_configs": static,
                  # RabbitMQ's queue depths feed the dead-letter alert: scraped more often.
                  **({"scrape_interval": "5s"} if job == "rabbitmq" else {})}
-                for job, (target, path) in self._targets().items()
+                for job, static in self._targets().items()
             ],
         }
         return {"prometheus.yml": yaml.safe_dump(config, sort_keys=False),

@@ -11,15 +11,15 @@ from __future__ import annotations
 import sys
 from opsctl import httpclient
 from opsctl.components import keycloak_realm, vault
-from opsctl.components.base import Component, Server, Outcome
+from opsctl.components.base import Component, Health, Outcome, Server
 from opsctl.context import Context
 from opsctl.errors import OpsError
 from opsctl.net import port_open
 from opsctl.registry import step_number
 from opsctl.spec import Component as ComponentSpec
 
-def environment(ctx: Context, name: str, client_secret: str) -> dict[str, str]:
-    """Everything service `name` needs to run, as environment variables."""
+def environment(ctx: Context, name: str, client_secret: str, colour: str = "blue") -> dict[str, str]:
+    """Everything service `name` (of `colour`) needs to run, as environment variables."""
     spec, names = ctx.spec, ctx.spec.names
     rabbitmq, postgres, redis = (ctx.address(*at) for at in
                                  (("rabbitmq", "amqp"), ("postgres", "postgres"), ("redis", "redis")))
@@ -51,7 +51,8 @@ def environment(ctx: Context, name: str, client_secret: str) -> dict[str, str]:
         "REDIS_PORT": str(redis.port),
         "KAFKA_BOOTSTRAP": str(ctx.address("kafka", "broker")),
         "KAFKA_TOPIC": names.topics.orders,
-        "STATE_DIR": str(ctx.local_dir(name) / "state"),
+        "STATE_DIR": str(ctx.local_dir(server_name(ctx, name, colour)) / "state"),
+        "COLOUR": colour,
         "PYTHONUNBUFFERED": "1",
     }
     service = spec.services[name]
@@ -61,14 +62,15 @@ def environment(ctx: Context, name: str, client_secret: str) -> dict[str, str]:
     if service.calls or callers:
         env["STOCK_SERVICE_AUDIENCE"] = names.keycloak.stock_api_audience
         env["STOCK_SERVICE_ROLE"] = names.keycloak.service_role  # what the caller's account holds
-    if "stock-service" in service.calls:
-        env["STOCK_URL"] = ctx.address("stock-service").url()
+    if "stock-service" in service.calls:  # through its sidecar: the mesh finds an instance
+        env["STOCK_URL"] = ctx.address("mesh", f"{name}/upstream/stock-service", colour).url()
     if callers:
         env["STOCK_SERVICE_CLIENTS"] = ",".join(callers)
+    port = str(ctx.address(name, colour=colour).port)
     if service.port:
-        env.update(HTTP_HOST=ctx.host, HTTP_PORT=str(service.port))
+        env.update(HTTP_HOST=ctx.host, HTTP_PORT=port)
     else:
-        env.update(METRICS_HOST=ctx.host, METRICS_PORT=str(service.metrics_port))
+        env.update(METRICS_HOST=ctx.host, METRICS_PORT=port)
     if service.store:
         env["STORE"] = service.store
     if service.collection:
@@ -85,18 +87,80 @@ def environment(ctx: Context, name: str, client_secret: str) -> dict[str, str]:
     return env
 
 
+def server_name(ctx: Context, name: str, colour: str) -> str:
+    """order-creator-blue for an HTTP service's copy in a colour; a worker is its name."""
+    return f"{name}-{colour}" if ctx.spec.services[name].per_colour else name
+
+
 class BundledService(Server):
-    """One service of the order flow, run as `python -m <module>`."""
+    """One service of the order flow, run as `python -m <module>`: an HTTP service in each
+    colour (`colour`), a worker once, on the live colour's build (the default colour)."""
 
     ready_timeout = 60.0
 
-    def __init__(self, name: str, ctx: Context, client_secret: str | None = None):
+    def __init__(self, name: str, ctx: Context, client_secret: str | None = None,
+                 colour: str | None = None):
+        from opsctl.components import live
+
         self._client_secret = client_secret
-        super().__init__(name, ctx)
+        self.service = name
+        per_colour = ctx.spec.services[name].per_colour
+        if per_colour and colour is None:
+            raise ValueError(f"{name} runs in each colour: say which")  # a bug, not a user error
+        self.colour = colour or live.colour(ctx)
+        super().__init__(server_name(ctx, name, self.colour), ctx)
 
     def _component_spec(self) -> ComponentSpec:
+        key = "http" if self.ctx.spec.services[self.service].port else "metrics"
         return ComponentSpec(step=step_number(self.ctx.spec, "services"), version="bundled",
-                             ports=self.ctx.spec.services[self.name].ports)
+                             ports={key: self.address().port})
+
+    def address(self, port: str = ""):
+        return self.ctx.address(self.service, colour=self.colour)
+
+    @property
+    def sidecar(self):
+        """Its Envoy in the colour's mesh (HTTP services), else None."""
+        from opsctl.components.mesh import Sidecar
+
+        return Sidecar(self.service, self.ctx, self.colour) if self.ctx.spec.services[self.service].per_colour else None
+
+    def converge(self) -> str | None:
+        from opsctl.components.mesh import register
+
+        return register(self.ctx, self.service, self.colour)
+
+    # An HTTP service runs with its sidecar: started after it, stopped before it, and
+    # reported with it.
+    def reconcile(self) -> Outcome:
+        outcome = super().reconcile()
+        sidecar = self.sidecar
+        if sidecar is None:
+            return outcome
+        proxied = sidecar.reconcile()
+        if proxied.state not in ("changed", "planned"):
+            return outcome
+        details = [outcome.detail] if outcome.state in ("changed", "planned") else []
+        return Outcome(proxied.state, "; ".join(details + [f"sidecar {proxied.detail}"]))
+
+    def health(self) -> Health:
+        health = super().health()
+        sidecar = self.sidecar
+        if sidecar is None or not health.ok:
+            return health
+        proxied = sidecar.health()
+        if not proxied.ok:
+            health.health, health.detail = "unhealthy", f"sidecar {proxied.health}: {proxied.detail}"
+        return health
+
+    def stop(self) -> bool:
+        sidecar = self.sidecar
+        return any([sidecar.stop() if sidecar else False, super().stop()])
+
+    def purge(self) -> None:
+        if self.sidecar:
+            self.sidecar.purge()
+        super().purge()
 
     # Never started (installed with --skip services) is not down; stopped or failed is. The
     # streaming job, started on demand, is not down when stopped either.
@@ -104,21 +168,23 @@ class BundledService(Server):
 
     @property
     def stopped_health(self) -> str:
-        return "stopped" if self.ctx.spec.services[self.name].autostart else "n/a"
+        return "stopped" if self.ctx.spec.services[self.service].autostart else "n/a"
 
     def port_setting(self, key: str) -> str:
         field = "port" if key == "http" else "metrics_port"
-        return f"services:\n    {self.name}: {{{field}: <free port>}}"
+        if self.colour != "blue" and key == "http":
+            return f"mesh:\n    port_offset: {{{self.colour}: <another offset>}}"
+        return f"services:\n    {self.service}: {{{field}: <free port>}}"
 
     @property
     def stop_group(self) -> bool:
         # The streaming job's driver finishes the batch in hand on SIGTERM; its JVM must not
         # get the signal too, or it stops the SparkContext under that batch.
-        return self.ctx.spec.services[self.name].runtime != "spark"
+        return self.ctx.spec.services[self.service].runtime != "spark"
 
     @property
     def module(self) -> str:
-        return self.ctx.spec.services[self.name].module
+        return self.ctx.spec.services[self.service].module
 
     def check_installed(self) -> None:
         import importlib.util
@@ -129,7 +195,7 @@ class BundledService(Server):
 
     def env(self) -> dict[str, str]:
         secret = self._client_secret or "(read from Vault at start)"
-        return environment(self.ctx, self.name, secret)
+        return environment(self.ctx, self.service, secret, self.colour)
 
     def initialise(self) -> None:
         self.path("state").mkdir(exist_ok=True)
@@ -138,10 +204,10 @@ class BundledService(Server):
         return [sys.executable, "-m", self.module]
 
     def endpoint(self) -> str:
-        return self.ctx.address(self.name).url()
+        return self.address().url()
 
     def probe(self) -> bool:
-        if not port_open(self.ctx.address(self.name)):
+        if not port_open(self.address()):
             return False
         path = "/health" if "http" in self.spec.ports else "/metrics"
         return httpclient.answers(f"{self.endpoint()}{path}", timeout=1)
@@ -156,19 +222,43 @@ class Services(Component):
     def _component_spec(self) -> None:
         return None
 
-    def servers(self) -> list[BundledService]:
-        """The services with their client secrets (a plan reads them too, so that it compares
-        like with like; reading changes nothing)."""
-        client = vault.admin(self.ctx)
-        return [BundledService(name, self.ctx, keycloak_realm.client_secret(self.ctx, name, client))
-                for name, service in self.ctx.spec.services.items() if service.autostart]
+    def started(self) -> list[BundledService]:
+        """The services install starts, with their client secrets (a plan reads them too, so
+        that it compares like with like; reading changes nothing)."""
+        client, spec = vault.admin(self.ctx), self.ctx.spec
+        called = {callee for s in spec.services.values() for callee in s.calls}
+        # What others call starts first: the order API finds the stock service at its start.
+        names = sorted((n for n, s in spec.services.items() if s.autostart), key=lambda n: n not in called)
+        return [instance for name in names
+                for instance in instances(self.ctx, name, keycloak_realm.client_secret(self.ctx, name, client))]
+
+    def servers(self) -> list[Server]:
+        """Every instance with its sidecar."""
+        found = []
+        for instance in self.started():
+            found += [instance] + ([instance.sidecar] if instance.sidecar else [])
+        return found
 
     def reconcile(self) -> Outcome:
-        outcomes = [(server.name, server.reconcile()) for server in self.servers()]
+        outcomes = [(server.name, server.reconcile()) for server in self.started()]
         changed = [f"{name} {o.detail}" for name, o in outcomes if o.state in ("changed", "planned")]
         if not changed:
             return Outcome("unchanged", f"{len(outcomes)} services running")
         return Outcome("planned" if self.ctx.dry_run else "changed", "; ".join(changed))
 
     def stop(self) -> bool:
-        return any([BundledService(name, self.ctx).stop() for name in self.ctx.spec.services])
+        return any([s.stop() for s in every_instance(self.ctx)])
+
+
+def every_instance(ctx: Context) -> list[BundledService]:
+    """Every service's every instance (install's and the streaming job)."""
+    return [s for name in ctx.spec.services for s in instances(ctx, name)]
+
+
+def instances(ctx: Context, name: str, client_secret: str | None = None,
+              colour: str | None = None) -> list[BundledService]:
+    """Service `name` as it runs: an HTTP service in each colour (or in `colour`), a worker once."""
+    if not ctx.spec.services[name].per_colour:
+        return [BundledService(name, ctx, client_secret)]
+    colours = [colour] if colour else list(ctx.spec.mesh.datacenters)
+    return [BundledService(name, ctx, client_secret, c) for c in colours]

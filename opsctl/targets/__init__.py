@@ -38,7 +38,9 @@ class Target:
     def check_available(self) -> None:
         """Raise a UsageError saying what to do when this target cannot be used here."""
 
-    def address(self, spec: Spec, name: str, port: str = "") -> Address:
+    def address(self, spec: Spec, name: str, port: str = "", colour: str | None = None) -> Address:
+        """Where `name` answers on its port `port`; a service of both colours (and the
+        colour's mesh, name "mesh") in `colour`."""
         raise NotImplementedError
 
     def apply(self, server: Server) -> Outcome:

@@ -54,11 +54,11 @@ def tree_rss_mib(pid: int) -> float:
 
 def memory(work: Workdir) -> dict[str, float]:
     from opsctl.components import servers
-    from opsctl.components.services import BundledService
+    from opsctl.components.services import every_instance
 
     ctx = workdir_context(work)
     processes = [ctx.runtime.process(s) for c in servers(ctx) for s in c.servers()]
-    processes += [ctx.runtime.process(BundledService(name, ctx)) for name in ctx.spec.services]
+    processes += [ctx.runtime.process(s) for i in every_instance(ctx) for s in [i, i.sidecar] if s]
     return {p.name: round(tree_rss_mib(pid), 1) for p in processes if (pid := p.pid())}
 
 

@@ -30,22 +30,31 @@ def _ephemeral_start() -> int:
         return 32768
 
 
-def free_ports(count: int) -> list[int]:
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def free_ports(count: int, also: tuple[int, ...] = (), taken: set[int] | None = None,
+               block: int = 1) -> list[int]:
     """Ports free now, below the kernel's ephemeral range: a port picked from that range (what
     binding port 0 gives) can be the local end of some client's connection by the time a
-    server wants to listen on it, on a machine busy with connections."""
+    server wants to listen on it, on a machine busy with connections. Each port p comes with
+    p + a for every a in `also` and p .. p + block - 1 free too (and none in `taken`)."""
     import random
 
-    top, ports = _ephemeral_start() - 1, []
+    top, ports, taken = _ephemeral_start() - 1, [], taken if taken is not None else set()
     while len(ports) < count:
-        port = random.randint(10000, top)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        if port not in ports:
-            ports.append(port)
+        port = random.randint(10000, top - block - max(also, default=0))
+        wanted = {p + a for p in range(port, port + block) for a in (0, *also)}
+        if wanted & taken or not all(_free(p) for p in wanted):
+            continue
+        taken |= wanted
+        ports.append(port)
     return ports
 
 
@@ -81,14 +90,21 @@ def port_override(components: list[str] | None = None) -> dict:
     base = default["components"]
     names = components or [n for n, c in base.items() if c.get("ports")]
     wanted = [(n, key) for n in names for key in base[n].get("ports", {})]
-    services = [] if components else [(n, "port" if "port" in s else "metrics_port")
-                                      for n, s in default["services"].items()]
-    ports = iter(free_ports(len(wanted) + len(services)))
+    taken: set[int] = set()
+    ports = iter(free_ports(len(wanted), taken=taken))
     override: dict = {"components": {}}
     for name, key in wanted:
         override["components"].setdefault(name, {"ports": {}})["ports"][key] = next(ports)
-    if services:  # the whole platform: its names move too
-        override["services"] = {name: {field: next(ports)} for name, field in services}
+    if not components:  # the whole platform: the services, each colour's mesh and the names move too
+        offsets = default["mesh"]["port_offset"]
+        services = default["services"]
+        http = iter(free_ports(sum("port" in s for s in services.values()), taken=taken,
+                               also=tuple(o for o in offsets.values() if o)))
+        workers = iter(free_ports(sum("port" not in s for s in services.values()), taken=taken))
+        override["services"] = {name: {"port": next(http)} if "port" in s else {"metrics_port": next(workers)}
+                                for name, s in services.items()}
+        blocks = iter(free_ports(len(offsets), taken=taken, block=spec.MESH_BLOCK))
+        override["mesh"] = {"ports_from": {colour: next(blocks) for colour in offsets}}
         override["names"] = TEST_NAMES
     return override
 

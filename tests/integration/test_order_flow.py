@@ -51,8 +51,8 @@ def test_services_run_and_report_healthy(flow):
     status = flow.run("services", "status", "-o", "json", check_json=True)
     assert status.returncode == 0, status.json
     assert {s["component"] for s in status.json["services"]} == {
-        "order-creator", "stock-service", "premium-consumer", "regular-consumer", "digital-consumer",
-        "cdc-bridge"}
+        "order-creator-blue", "order-creator-green", "stock-service-blue", "stock-service-green",
+        "premium-consumer", "regular-consumer", "digital-consumer", "cdc-bridge"}
     code, steps = flow.steps("--only", "services")
     assert code == 0 and steps["services"]["state"] == "unchanged"
 

@@ -101,7 +101,9 @@ def stock(topology):
 
 @pytest.fixture(scope="module")
 def orders(topology, stock):
-    service = Service(topology, "order-creator", "order_services.order_creator").start()
+    # Started by hand, outside the mesh (no sidecar): wired to the stock service directly.
+    env = {**service_env(topology, "order-creator"), "STOCK_URL": stock.url}
+    service = Service(topology, "order-creator", "order_services.order_creator", env).start()
     yield service
     service.stop()
     assert service.process.returncode == 0, service.tail()

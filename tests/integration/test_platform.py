@@ -26,7 +26,7 @@ def test_first_install_starts_every_local_server(platform):
         assert steps[name] == {**steps[name], "state": "skipped", "detail": "kubernetes only"}
     assert steps["spark"]["state"] in ("changed", "unchanged") and "pyspark" in steps["spark"]["detail"]
     assert steps["airflow"]["state"] == "skipped" and "not yet" in steps["airflow"]["detail"]
-    assert [s["number"] for s in steps.values()] == list(range(1, 22))  # 16 components, 5 config
+    assert [s["number"] for s in steps.values()] == list(range(1, 23))  # 16 components, 6 config
     assert "initialised" in steps["vault"]["detail"] and "unsealed" in steps["vault"]["detail"]
 
 
@@ -44,6 +44,8 @@ def test_the_platform_installs_with_every_port_and_the_realm_moved_in_opsctl_yam
     for name, service in default["services"].items():
         field = "port" if "port" in service else "metrics_port"
         assert moved["services"][name][field] != service[field], f"services.{name} is not moved"
+    for colour, first in default["mesh"]["ports_from"].items():
+        assert moved["mesh"]["ports_from"][colour] != first, f"mesh.ports_from.{colour} is not moved"
     names = platform.names
     assert names.realm != default["names"]["realm"]
     for group in ("queues", "exchanges", "topics"):

@@ -22,7 +22,8 @@ def moved(tmp_path, monkeypatch):
         "  nginx: {ports: {http: 8997}}\n"
         "services:\n"
         "  stock-service: {port: 9999}\n"
-        "  regular-consumer: {metrics_port: 9998}\n")
+        "  regular-consumer: {metrics_port: 9998}\n"
+        "mesh: {ports_from: {blue: 23000, green: 23100}}\n")
     return Context(spec.load(None), "local", tmp_path / ".opsctl")
 
 
@@ -41,12 +42,16 @@ def test_a_service_is_wired_to_where_the_others_answer(moved):
     env = services.environment(moved, "order-creator", "secret")
     assert (env["RABBITMQ_HOST"], env["RABBITMQ_PORT"]) == ("127.0.0.2", "5999")
     assert env["MONGODB_URL"].startswith("mongodb://127.0.0.2:27999/?replicaSet=")
-    assert env["STOCK_URL"] == "http://127.0.0.2:9999"
+    assert env["STOCK_URL"] == "http://127.0.0.2:23022"  # its sidecar's upstream, in blue's mesh block
     assert env["VAULT_ADDR"] == "http://127.0.0.2:8999"
+    green = services.environment(moved, "stock-service", "secret", "green")
+    assert (green["HTTP_HOST"], green["HTTP_PORT"], green["COLOUR"]) == ("127.0.0.2", "10099", "green")
     worker = services.environment(moved, "regular-consumer", "secret")
     assert (worker["METRICS_HOST"], worker["METRICS_PORT"]) == ("127.0.0.2", "9998")
-    assert "server 127.0.0.2:9999;" in build("nginx", moved).config_files()["nginx.conf"]
-    assert "127.0.0.2:9998" in build("prometheus-grafana", moved).config_files()["prometheus.yml"]
+    # The edge sends the stock routes to the live (first: blue) colour's ingress listener.
+    assert "server 127.0.0.2:23011;" in build("nginx", moved).config_files()["nginx.conf"]
+    scraped = build("prometheus-grafana", moved).config_files()["prometheus.yml"]
+    assert all(f"127.0.0.2:{port}" in scraped for port in (9998, 9999, 10099))
 
 
 def test_an_ipv6_host_is_bracketed(tmp_path, monkeypatch):

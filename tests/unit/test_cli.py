@@ -84,7 +84,7 @@ def test_only_from_and_skip_select_steps(cwd):
     result = opsctl(cwd, "install", "--dry-run", "-o", "json", "--from", "12", "--only", "redis,kafka,5")
     names = [s["name"] for s in json.loads(result.stdout)["steps"]]
     assert names == ["redis", "kafka"]
-    result = opsctl(cwd, "install", "--dry-run", "-o", "json", "--from", "20", "--skip", "services,21")
+    result = opsctl(cwd, "install", "--dry-run", "-o", "json", "--from", "20", "--skip", "services,21,consul-config")
     assert [s["name"] for s in json.loads(result.stdout)["steps"]] == ["rabbitmq-topology"]
 
 

@@ -126,3 +126,22 @@ def test_each_colour_has_a_datacenter_whose_agent_ports_are_all_given(workdir):
     assert "components.consul.ports needs east_http, east_grpc" in err.message
     err = error_of(workdir, "components:\n  consul:\n    ports: {dc2_dns: 8600}\n")
     assert "port 8600 is used twice" in err.message
+
+
+def test_each_colour_has_its_own_ports_for_its_services_and_its_mesh(workdir):
+    s = spec.load()
+    assert s.service_port("order-creator", "blue") == s.services["order-creator"].port
+    assert s.service_port("order-creator", "green") == s.services["order-creator"].port + s.mesh.port_offset["green"]
+    assert s.service_port("regular-consumer", "green") == s.services["regular-consumer"].metrics_port  # one copy
+    blue, green = s.mesh_ports("blue"), s.mesh_ports("green")
+    assert set(blue.values()).isdisjoint(green.values())
+    assert all(port < 32768 for port in [*blue.values(), *green.values()])  # not ephemeral
+    assert "order-creator/upstream/stock-service" in blue and "stock-service/upstream/order-creator" not in blue
+    err = error_of(workdir, "mesh:\n  ports_from: {blue: 21000, green: 21050}\n")
+    assert "each colour needs 100 ports of its own" in err.message
+    err = error_of(workdir, "mesh:\n  port_offset: {blue: 0, green: 0}\n")
+    assert "blue and green need different offsets" in err.message
+    err = error_of(workdir, "mesh:\n  ports_from: {blue: 8990, green: 21100}\n")
+    assert "port 9000 is used twice: keycloak.management and mesh blue" in err.message
+    err = error_of(workdir, "services:\n  stock-service: {port: 8101}\n")  # green's order API
+    assert "port 8101 is used twice" in err.message

@@ -47,7 +47,8 @@ class Process:
 
     def start(self, argv: list[str], env: dict[str, str], fingerprint: str,
               user: str | None = None, cwd: Path | None = None,
-              stop_signal: int = signal.SIGTERM, stop_timeout: float = 60, stop_group: bool = True) -> int:
+              stop_signal: int = signal.SIGTERM, stop_timeout: float = 60, stop_group: bool = True,
+              launch: str = "") -> int:
         self.logfile.parent.mkdir(parents=True, exist_ok=True)
         chown_tree(self.logfile.parent, user)
         with open(self.logfile, "ab") as log:
@@ -58,9 +59,23 @@ class Process:
         pid = self.supervisor.start(self.name, argv, full_env, self.logfile, cwd or self.home, user,
                                     signal.Signals(stop_signal).name.removeprefix("SIG"), stop_timeout,
                                     stop_group)
-        write_json_atomic(self.record_file, {"fingerprint": fingerprint, "argv": argv,
+        write_json_atomic(self.record_file, {"fingerprint": fingerprint, "launch": launch, "argv": argv,
                                              "started_at": started_at}, mode=0o600)
         return pid
+
+    @property
+    def launch(self) -> str | None:
+        """The fingerprint of its command and environment alone (not its files)."""
+        return self.record().get("launch")
+
+    def reload(self, sig: int, fingerprint: str) -> None:
+        """Tell the running process to reread its files (which changed: `fingerprint`)."""
+        pid = self.pid()
+        if pid is None:
+            raise OpsError(f"{self.name} is not running: it cannot reload", "start it again")
+        os.kill(pid, sig)
+        write_json_atomic(self.record_file, {**self.record(), "fingerprint": fingerprint,
+                                             "reloaded_at": time.time()}, mode=0o600)
 
     def wait_ready(self, probe: Callable[[], bool], timeout: float, cancel) -> None:
         deadline = time.monotonic() + timeout

@@ -24,12 +24,16 @@ from opsctl.targets.local.process import Process
 class LocalTarget(Target):
     name = "local"
 
-    def address(self, spec: Spec, name: str, port: str = "") -> Address:
-        entry = spec.components.get(name) or spec.services.get(name)
+    def address(self, spec: Spec, name: str, port: str = "", colour: str | None = None) -> Address:
+        host = spec.platform.bind_address
+        if name == "mesh":  # a colour's gateways and sidecars (Spec.mesh_ports)
+            return Address(host, spec.mesh_ports(colour or "blue")[port])
+        if name in spec.services:
+            return Address(host, spec.service_port(name, colour))
+        entry = spec.components.get(name)
         if entry is None or not entry.ports or (port and port not in entry.ports):
             raise KeyError(f"{name} has no port {port!r}")
-        return Address(spec.platform.bind_address,
-                       entry.ports[port] if port else next(iter(entry.ports.values())))
+        return Address(host, entry.ports[port] if port else next(iter(entry.ports.values())))
 
     def process(self, server: Server) -> Process:
         return Process(server.name, server.home)
@@ -54,7 +58,8 @@ class LocalTarget(Target):
         running = process.running()
         wanted = server.fingerprint()
         if running and process.fingerprint != wanted:
-            action = "restart: configuration changed"
+            reloads = server.reload_signal and process.launch == server.launch_fingerprint()
+            action = "reload: configuration changed" if reloads else "restart: configuration changed"
         elif running:
             action = None
         else:
@@ -62,7 +67,12 @@ class LocalTarget(Target):
         if server.ctx.dry_run:
             return Outcome("planned", action) if action else Outcome("unchanged", server.endpoint())
         changed = []
-        if action:
+        if action and action.startswith("reload"):
+            for rel, content in server.config_files().items():
+                write_atomic(server.path(rel), content, mode=0o600)
+            process.reload(server.reload_signal, wanted)
+            changed.append("reloaded")
+        elif action:
             self.stop(server)  # a running one, or one supervisord is still stopping or restarting
             self._check_ports(server)
             server.home.mkdir(parents=True, exist_ok=True)
@@ -76,7 +86,7 @@ class LocalTarget(Target):
                     companion.start(argv, {}, name)
             process.start(server.argv(), server.env(), wanted, user=server.user, cwd=server.start_dir(),
                           stop_signal=server.stop_signal, stop_timeout=server.stop_timeout,
-                          stop_group=server.stop_group)
+                          stop_group=server.stop_group, launch=server.launch_fingerprint())
             changed.append("started" if action == "start" else "restarted")
         process.wait_ready(server.probe, server.ready_timeout, server.ctx.cancel)
         converged = server.converge()
