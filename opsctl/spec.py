@@ -162,6 +162,17 @@ class ScreeningSettings(Strict):
     trigger_seconds: Annotated[float, Field(gt=0, le=3600)]
 
 
+class BlueGreenSettings(Strict):
+    """The gate of `opsctl bluegreen switch` and its watch after the switch (platform.yaml)."""
+
+    analysis_seconds: Annotated[float, Field(ge=1, le=3600)]
+    analysis_rate: Annotated[float, Field(gt=0, le=1000)]
+    max_error_rate: Annotated[float, Field(ge=0, le=1)]
+    max_p99_ms: Annotated[float, Field(gt=0)]
+    min_requests: Annotated[int, Field(ge=1)]
+    smoke_timeout: Annotated[float, Field(gt=0, le=600)]
+
+
 class RedisAccess(Strict):
     keys: list[Annotated[str, Field(pattern=r"^[a-z_]+$")]]  # key prefixes: <prefix>:*
     commands: list[Annotated[str, Field(pattern=r"^[a-z]+$")]]  # besides ping
@@ -260,6 +271,7 @@ class Spec(Strict):
     catalogue: Catalogue
     screening: ScreeningSettings
     mesh: Mesh
+    bluegreen: BlueGreenSettings
 
     @model_validator(mode="after")
     def _consistent(self) -> "Spec":

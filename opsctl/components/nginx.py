@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import signal
+from functools import cached_property
 
 from opsctl import httpclient
 from opsctl.components.base import Server
@@ -60,6 +61,9 @@ ROUTE_ERRORS = (408, 413, 500, 502, 503, 504)
 ROUTE_ERROR_PAGES = " ".join(f"error_page {s} @{s};" for s in ROUTE_ERRORS)
 
 
+COLOUR_HEADER = "X-Colour"
+
+
 def edge_url(ctx) -> str:
     """The URL clients use for the order API and the stock service: the edge."""
     return ctx.address("nginx", "http").url()
@@ -78,14 +82,18 @@ class Nginx(Server):
     def check_installed(self) -> None:
         require_binary("nginx", "apt-get install -y nginx-light")
 
+    @cached_property
+    def colour(self) -> str:
+        """The live colour: the one the edge sends clients to (opsctl bluegreen switch)."""
+        from opsctl.components import live
+
+        return live.colour(self.ctx)
+
     def upstreams(self) -> dict[str, Address]:
         """service -> where the edge sends it: the live colour's ingress listener for each
         bundled HTTP service with routes in the spec (their public paths; /metrics and the
         rest stay internal)."""
-        from opsctl.components import live
-
-        colour = live.colour(self.ctx)
-        return {name: self.ctx.address("mesh", f"ingress/{name}", colour)
+        return {name: self.ctx.address("mesh", f"ingress/{name}", self.colour)
                 for name, s in self.ctx.spec.services.items() if s.routes}
 
     def config_files(self) -> dict[str, str]:
@@ -102,7 +110,8 @@ class Nginx(Server):
   }}""")
             routes += [f"    location {path} {{ proxy_pass http://{name}; {ROUTE_ERROR_PAGES} }}"
                        for path in self.ctx.spec.services[name].routes]
-        headers = "add_header X-Request-ID $edge_request_id always;"
+        # Every answer says its request id and the colour the edge sent it to.
+        headers = f"add_header X-Request-ID $edge_request_id always; add_header {COLOUR_HEADER} {self.colour} always;"
         errors = []
         for status, detail in ERRORS.items():
             extra = " add_header Retry-After 1 always;" if status >= 502 else ""

@@ -76,9 +76,12 @@ def test_the_cdc_bridge_may_only_read_and_the_consumers_write(ctx):
 
 
 def test_the_edge_routes_the_paths_each_http_service_lists(ctx):
+    from opsctl.components.nginx import ROUTE_ERROR_PAGES
+
     config = Nginx("nginx", ctx).config_files()["nginx.conf"]
-    assert "location = /create { proxy_pass http://order-creator; }" in config
-    assert "location /stock/ { proxy_pass http://stock-service; }" in config
+    assert f"location = /create {{ proxy_pass http://order-creator; {ROUTE_ERROR_PAGES} }}" in config
+    assert f"location /stock/ {{ proxy_pass http://stock-service; {ROUTE_ERROR_PAGES} }}" in config
+    assert "error_page 400" not in ROUTE_ERROR_PAGES  # a service's own 400 reaches the client
     assert "/metrics" not in config
 
 

@@ -1,0 +1,174 @@
+"""opsctl bluegreen on the real local platform: the edge moves between the colours under
+load without failing a request or losing an order; a colour that fails its gate never gets
+traffic; Ctrl-C leaves the edge on one colour, the one status names."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+import time
+import uuid
+
+import httpx
+import psycopg
+import pytest
+
+from tests.integration.conftest import NAMES, OPSCTL, cache_dir, workdir_context
+from tests.integration.helpers import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def colours(platform):
+    """Both colours' services running, blue live; blue live again afterwards."""
+    code, steps = platform.steps("--only", "services")
+    assert code == 0, steps
+    yield platform
+    if live(platform) != "blue":
+        back = platform.run("bluegreen", "switch", "--to", "blue", "--yes", "--analysis-seconds", "2")
+        assert back.returncode == 0, back.stdout + back.stderr
+    platform.run("services", "stop")
+
+
+def live(platform) -> str:
+    return platform.run("bluegreen", "status", "-o", "json", check_json=True).json["live"]
+
+
+def edge_colour(platform) -> str:
+    from opsctl.components.nginx import edge_url
+
+    return httpx.get(f"{edge_url(workdir_context(platform))}/healthz", timeout=5).headers["X-Colour"]
+
+
+def switch(platform, *args: str):
+    return platform.run("bluegreen", "switch", "--yes", "--analysis-seconds", "3", "-o", "json", *args,
+                        check_json=True)
+
+
+class EdgeLoad(threading.Thread):
+    """Priority orders through the edge at `rate` per second, each with its Idempotency-Key
+    and one try: every answer that is not 201 is a failed request."""
+
+    def __init__(self, platform, rate: float):
+        from opsctl.components.nginx import edge_url
+
+        super().__init__(daemon=True)
+        token = platform.run("token", "-o", "json", check_json=True).json["access_token"]
+        self.url, self.headers, self.rate = f"{edge_url(workdir_context(platform))}/orders", {
+            "Authorization": f"Bearer {token}"}, rate
+        self.accepted: list[str] = []
+        self.failed: list[str] = []
+        self.colours: set[str] = set()
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        order = {"customer": {"id": "bluegreen", "name": "Load"}, "type": "priority",
+                 "items": [{"product": "Tea", "category": "grocery", "quantity": 1, "price": 10.0}]}
+        with httpx.Client(timeout=10) as client:
+            started, sent = time.monotonic(), 0
+            while not self.done.is_set():
+                try:
+                    answer = client.post(self.url, json=order,
+                                         headers={**self.headers, "Idempotency-Key": str(uuid.uuid4())})
+                    if answer.status_code == 201:
+                        self.accepted.append(answer.json()["order_id"])
+                        self.colours.add(answer.headers["X-Colour"])
+                    else:
+                        self.failed.append(f"{answer.status_code} {answer.text[:100]}")
+                except httpx.HTTPError as e:
+                    self.failed.append(repr(e))
+                sent += 1
+                time.sleep(max(0.0, started + sent / self.rate - time.monotonic()))
+
+
+def test_switches_under_load_fail_no_request_and_lose_no_order(colours):
+    from opsctl.components.mesh import agent
+
+    load = EdgeLoad(colours, rate=40)
+    load.start()
+    try:
+        wait_for(lambda: len(load.accepted) > 40, 30, what="orders through the edge")
+        for to in ("green", "blue", "green"):
+            result = switch(colours)
+            assert result.returncode == 0, result.json
+            assert result.json["to"] == to and result.json["switched"] and not result.json["rolled_back"]
+            assert [c["check"] for c in result.json["checks"]] == [
+                "health", "smoke order", "pre-switch analysis", "post-switch analysis"]
+            assert live(colours) == edge_colour(colours) == to
+    finally:
+        load.done.set()
+        load.join(30)
+    assert load.failed == [] and load.colours == {"blue", "green"}
+    # Every accepted order stored once; the workers run once, on the live colour's datacenter.
+    with psycopg.connect(host="127.0.0.1", port=colours.port("postgres", "postgres"), user="postgres",
+                         password=colours.admin_secret("postgres", "password"), dbname=NAMES.postgres.database) as conn:
+        wait_for(lambda: conn.execute("SELECT count(*) FROM priority_orders WHERE order_id = ANY(%s)",
+                                      [load.accepted]).fetchone()[0] == len(load.accepted),
+                 120, what=f"{len(load.accepted)} orders in PostgreSQL")
+    ctx = workdir_context(colours)
+    for colour, registered in (("green", True), ("blue", False)):
+        services = agent(ctx, colour).api("GET", "agent/services")
+        assert ("premium-consumer" in services) is registered, (colour, sorted(services))
+    status = colours.run("bluegreen", "status", "-o", "json", check_json=True)
+    assert status.returncode == 0, status.json
+    history = status.json["history"]
+    assert [(h["previous"], h["colour"]) for h in history[:3]] == [("blue", "green"), ("green", "blue"), ("blue", "green")]
+    print(f"\n3 switches under {load.rate:g} orders/s: {len(load.accepted)} accepted, {len(load.failed)} failed")
+
+
+def _critical(ctx, colour: str, service: str) -> bool:
+    from opsctl import httpclient
+    from opsctl.components.mesh import agent
+
+    try:
+        agent(ctx, colour).api("GET", f"agent/health/service/id/{service}")
+        return False
+    except httpclient.HTTPError as e:
+        return e.status == 503
+
+
+def test_a_colour_that_fails_its_gate_gets_no_traffic(colours):
+    from opsctl.components.services import BundledService
+
+    ctx = workdir_context(colours)
+    before, idle = live(colours), "blue" if live(colours) == "green" else "green"
+    broken = BundledService("order-creator", ctx, colour=idle)
+    ctx.runtime.stop(broken)  # the order API of the idle colour is down; its sidecar is up
+    try:
+        wait_for(lambda: _critical(ctx, idle, "order-creator"), 30, interval=0.2, what="Consul to see it down")
+        result = switch(colours)
+        assert result.json["switched"] is False and result.json["failed"] == "health"
+        assert result.returncode == 1 and "order-creator critical" in result.json["checks"][0]["detail"]
+        assert live(colours) == edge_colour(colours) == before
+    finally:
+        started = colours.run("services", "start", "order-creator", "--colour", idle)
+        assert started.returncode == 0, started.stdout + started.stderr
+    gone = colours.run("bluegreen", "switch", "--to", before, "--yes")
+    assert gone.returncode == 2 and f"{before} is live already" in gone.stderr
+
+
+def test_ctrl_c_during_a_switch_leaves_the_edge_on_the_colour_status_names(colours):
+    import os
+
+    env = {**os.environ, "OPSCTL_CACHE_DIR": cache_dir()}
+    before = live(colours)
+
+    def interrupted(when) -> subprocess.CompletedProcess:
+        proc = subprocess.Popen([*OPSCTL, "bluegreen", "switch", "--yes", "--analysis-seconds", "8"],
+                                cwd=colours.path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, stdin=subprocess.DEVNULL)
+        when()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    during_gate = interrupted(lambda: time.sleep(4))  # in the pre-switch analysis
+    assert during_gate.returncode == 130 and "nothing changed" in during_gate.stderr, during_gate.stderr
+    assert live(colours) == edge_colour(colours) == before
+    other = "blue" if before == "green" else "green"
+    during_watch = interrupted(lambda: wait_for(lambda: edge_colour(colours) == other, 60, interval=0.05,
+                                                what="the switch"))
+    assert during_watch.returncode == 130 and "switched back" in during_watch.stderr, during_watch.stderr
+    assert live(colours) == edge_colour(colours) == before
