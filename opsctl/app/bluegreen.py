@@ -7,7 +7,8 @@ behind a gate and under watch, like Argo Rollouts' blue-green strategy:
    from Prometheus, against the thresholds of platform.yaml `bluegreen`);
 2. the switch: the live colour is written to both datacenters' KV, the edge (nginx) reloads
    gracefully onto the target's ingress (old workers finish the requests in hand), and the
-   workers move to the target's build;
+   workers move to the target (registered in its datacenter; restarted only when the
+   target's build differs);
 3. a watch of live traffic through the target for the same time: past a threshold, the edge
    goes back by itself and the command exits 1.
 The old colour keeps running (its copy is the instant rollback). Ctrl-C during the gate
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 
 from opsctl import httpclient
 from opsctl.app import Result, in_parallel
-from opsctl.components import build, live
+from opsctl.components import build, builds, live
 from opsctl.components.mesh import INGRESS, agent, deregister, per_colour
 from opsctl.components.nginx import COLOUR_HEADER, edge_url
 from opsctl.components.prometheus import INGRESS_JOB
@@ -95,9 +96,11 @@ def status(ctx: Context) -> Result:
     """The live colour and since when, where the edge sends clients, each colour's build and
     the health of its services, the last switches. Exit 3 if the edge is not on the live
     colour or a service of the live colour is not healthy."""
-    record, version = live.record(ctx), source_version()
+    record, working_tree = live.record(ctx), source_version()
     colours = []
     for colour, datacenter in ctx.spec.mesh.datacenters.items():
+        built = builds.record(ctx, colour)
+        version = f"{built['commit']} ({built['ref']})" if built else f"{working_tree} (as installed)"
         servers = [i for name in per_colour(ctx) for i in instances(ctx, name, colour=colour)]
         healths = in_parallel(servers, lambda s: s.health())
         colours.append({"colour": colour, "datacenter": datacenter, "live": colour == record["colour"],
@@ -306,8 +309,9 @@ def _wait_edge(ctx: Context, colour: str) -> None:
 
 
 def _move(ctx: Context, to: str, reason: str) -> tuple[float, bool]:
-    """Make `to` live: the record, the edge, then the workers. (seconds until the edge
-    answered from `to`, whether Ctrl-C was pressed meanwhile)."""
+    """Make `to` live: the record, the edge, then the workers (a worker whose description is
+    the same on both colours stays up and only registers in `to`'s datacenter). (seconds
+    until the edge answered from `to`, whether Ctrl-C was pressed meanwhile)."""
     from opsctl.components import keycloak_realm, vault
 
     old = live.colour(ctx)
@@ -361,6 +365,30 @@ def switch(ctx: Context, to: str | None = None, analysis_seconds: float | None =
         data.update(rolled_back=True, failed=watch.check)
         return Result(data, FAILED)
     return Result(data)
+
+
+def deploy(ctx: Context, colour: str | None = None, ref: str | None = None, source: str | None = None) -> Result:
+    """A build of the services (the working tree, or `ref`) into the idle colour (or `colour`,
+    never the live one), and that colour's HTTP services restarted on it."""
+    from pathlib import Path
+
+    from opsctl.components import keycloak_realm, vault
+
+    target, current = _colour(ctx, colour), live.colour(ctx)
+    if target == current:
+        raise UsageError(f"{target} is live: a deploy never touches the live colour",
+                         f"deploy to {live.idle(ctx)}, then switch to it: opsctl bluegreen switch")
+    built = builds.make(ctx, target, Path(source) if source else None, ref)
+    client, rows, code = vault.admin(ctx), [], 0
+    for name in per_colour(ctx):
+        (instance,) = instances(ctx, name, keycloak_realm.client_secret(ctx, name, client), target)
+        try:
+            outcome = instance.reconcile()
+            rows.append({"service": instance.name, "state": outcome.state, "detail": outcome.detail})
+        except OpsError as e:
+            code = FAILED
+            rows.append({"service": instance.name, "state": "failed", "detail": e.message})
+    return Result({"colour": target, "build": built, "services": rows}, code)
 
 
 def rollback(ctx: Context, analysis_seconds: float | None = None) -> Result:

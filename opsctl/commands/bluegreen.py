@@ -91,6 +91,31 @@ def switch(to: ToOption = None, analysis_seconds: AnalysisOption = None, yes: Ye
 
 
 @app.command()
+def deploy(
+    colour: Annotated[Optional[str], typer.Option(
+        "--colour", "--color", metavar="COLOUR", help="The colour to deploy to [default: the idle one; never the live one].")] = None,
+    ref: Annotated[Optional[str], typer.Option(
+        "--ref", metavar="GIT_REF", help="A commit, branch or tag to build [default: the working tree as it is].")] = None,
+    source: Annotated[Optional[str], typer.Option(
+        "--source", metavar="DIR", help="The checkout to build from [default: the one opsctl's services come from].")] = None,
+    output: OutputOption = ui.Output.text,
+) -> None:
+    """Build the services into the idle colour's own environment (the heavy dependencies are
+    reused from the main one) and restart that colour on it. The live colour is never touched;
+    `bluegreen switch` then moves traffic, behind its gate."""
+    set_output(output)
+    from opsctl.app import bluegreen
+
+    result = bluegreen.deploy(context(), colour, ref, source)
+    data = result.data
+    ui.render_or_json(output, data, lambda: (
+        ui.info(f"{data['colour']} runs {data['build']['commit']} ({data['build']['ref']})"),
+        ui.table(None, ["service", "state", "detail"],
+                 [[r["service"], ui.styled(r["state"]), r["detail"]] for r in data["services"]])))
+    raise typer.Exit(result.code)
+
+
+@app.command()
 def rollback(analysis_seconds: AnalysisOption = None, yes: YesOption = False,
              output: OutputOption = ui.Output.text) -> None:
     """Back to the colour that was live before the last switch, through the same gate."""

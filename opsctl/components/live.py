@@ -53,13 +53,22 @@ def idle(ctx: Context) -> str:
 
 
 def write(ctx: Context, new: str, **detail) -> dict:
-    """Make `new` the live colour in both datacenters and the mirror."""
+    """Make `new` the live colour in the datacenters (at least one must take it: the newest
+    record wins when they are read) and the mirror."""
     from opsctl.components.mesh import agent
+    from opsctl.errors import OpsError
 
     old = record(ctx)
     entry = {"colour": new, "since": time.time(), **detail}
     data = {**entry, "history": ([entry] + old.get("history", []))[:HISTORY]}
+    failures = []
     for c in ctx.spec.mesh.datacenters:
-        agent(ctx, c).api("PUT", f"kv/{KEY}", data)
+        try:
+            agent(ctx, c).api("PUT", f"kv/{KEY}", data)
+        except (httpclient.HTTPError, OSError) as e:
+            failures.append(f"{c}: {e}")
+    if len(failures) == len(ctx.spec.mesh.datacenters):
+        raise OpsError(f"no datacenter took the live colour ({'; '.join(failures)})",
+                       "start Consul: opsctl install --only consul")
     write_json_atomic(_mirror(ctx), data, mode=0o600)
     return data

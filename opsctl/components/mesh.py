@@ -137,7 +137,7 @@ def deregister(ctx: Context, name: str, colour: str) -> None:
     try:
         agent(ctx, colour).api("PUT", f"agent/service/deregister/{name}")
     except (httpclient.HTTPError, OSError):
-        pass  # not registered, or Consul is down (it forgets nothing then: done next time)
+        pass  # not registered; or Consul is down, and it stays registered (critical) until it starts again
 
 
 def _digest(body: dict) -> str:

@@ -8,7 +8,6 @@ for its credentials; the one secret it is handed is its own Keycloak client secr
 
 from __future__ import annotations
 
-import sys
 from opsctl import httpclient
 from opsctl.components import keycloak_realm, vault
 from opsctl.components.base import Component, Health, Outcome, Server
@@ -52,10 +51,11 @@ def environment(ctx: Context, name: str, client_secret: str, colour: str = "blue
         "KAFKA_BOOTSTRAP": str(ctx.address("kafka", "broker")),
         "KAFKA_TOPIC": names.topics.orders,
         "STATE_DIR": str(ctx.local_dir(server_name(ctx, name, colour)) / "state"),
-        "COLOUR": colour,
         "PYTHONUNBUFFERED": "1",
     }
     service = spec.services[name]
+    if service.per_colour:  # a worker runs for both: it moves with the live colour unrestarted
+        env["COLOUR"] = colour
     # Service-to-service calls (the order creator's to the stock service): the caller gets
     # the URL, the callee the clients it admits; both the audience and the role they check.
     callers = [other for other, s in spec.services.items() if name in s.calls]
@@ -154,8 +154,15 @@ class BundledService(Server):
         return health
 
     def stop(self) -> bool:
+        """Stopped on purpose, it leaves the mesh (one that dies stays registered, critical:
+        the mesh fails over from it)."""
+        from opsctl.components.mesh import deregister
+
         sidecar = self.sidecar
-        return any([sidecar.stop() if sidecar else False, super().stop()])
+        stopped = any([sidecar.stop() if sidecar else False, super().stop()])
+        if stopped:
+            deregister(self.ctx, self.service, self.colour)
+        return stopped
 
     def purge(self) -> None:
         if self.sidecar:
@@ -189,7 +196,9 @@ class BundledService(Server):
     def check_installed(self) -> None:
         import importlib.util
 
-        if importlib.util.find_spec(self.module) is None:
+        from opsctl.components import builds
+
+        if builds.record(self.ctx, self.colour) is None and importlib.util.find_spec(self.module) is None:
             raise OpsError(f"the {self.name} service is not installed",
                            "install the services: .venv/bin/pip install -e services")
 
@@ -201,7 +210,9 @@ class BundledService(Server):
         self.path("state").mkdir(exist_ok=True)
 
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", self.module]
+        from opsctl.components import builds
+
+        return [builds.python(self.ctx, self.colour), "-m", self.module]  # the colour's build
 
     def endpoint(self) -> str:
         return self.address().url()

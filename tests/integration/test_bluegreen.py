@@ -22,10 +22,13 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def colours(platform):
-    """Both colours' services running, blue live; blue live again afterwards."""
+    """Both colours' services running, blue live; afterwards the idle colour runs the working
+    tree again and blue is live."""
     code, steps = platform.steps("--only", "services")
     assert code == 0, steps
     yield platform
+    again = platform.run("bluegreen", "deploy")
+    assert again.returncode == 0, again.stdout + again.stderr
     if live(platform) != "blue":
         back = platform.run("bluegreen", "switch", "--to", "blue", "--yes", "--analysis-seconds", "2")
         assert back.returncode == 0, back.stdout + back.stderr
@@ -172,3 +175,79 @@ def test_ctrl_c_during_a_switch_leaves_the_edge_on_the_colour_status_names(colou
                                                 what="the switch"))
     assert during_watch.returncode == 130 and "switched back" in during_watch.stderr, during_watch.stderr
     assert live(colours) == edge_colour(colours) == before
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory):
+    """A temporary clone of this repository, to commit builds in."""
+    from tests.integration.conftest import REPO
+
+    path = tmp_path_factory.mktemp("clone") / "repo"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(path)], check=True, timeout=120)
+    return path
+
+
+def commit(clone, change: str, message: str) -> str:
+    """A commit in the clone whose order API runs `change` first in every POST /orders."""
+    api = clone / "services" / "order_services" / "order_api.py"
+    text = subprocess.run(["git", "-C", str(clone), "show", "origin/HEAD:services/order_services/order_api.py"],
+                          capture_output=True, text=True, check=True).stdout
+    anchor = "        order_id = str(uuid.uuid4())\n        again = None\n"
+    assert anchor in text
+    api.write_text(text.replace(anchor, f"        {change}\n{anchor}", 1))
+    git = ["git", "-C", str(clone), "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run([*git, "commit", "-qam", message], check=True)
+    return subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def deploy(platform, clone, ref: str) -> str:
+    """Deploy `ref` of the clone to the idle colour; that colour."""
+    done = platform.run("bluegreen", "deploy", "--source", str(clone), "--ref", ref, "-o", "json", check_json=True)
+    assert done.returncode == 0, done.json
+    status = platform.run("bluegreen", "status", "-o", "json", check_json=True).json
+    (idle,) = [c for c in status["colours"] if not c["live"]]
+    assert idle["colour"] == done.json["colour"] and idle["version"].startswith(ref) and idle["healthy"]
+    return idle["colour"]
+
+
+def switch_under_load(platform, rate: float = 20):
+    """A switch while EdgeLoad runs: its result and the load."""
+    load = EdgeLoad(platform, rate=rate)
+    load.start()
+    try:
+        return switch(platform), load
+    finally:
+        load.done.set()
+        load.join(30)
+
+
+def test_a_broken_build_is_stopped_by_the_gate_and_users_never_see_it(colours, clone):
+    before = live(colours)
+    broken = commit(clone, 'raise RuntimeError("a broken build")', "break the order API")
+    refused = colours.run("bluegreen", "deploy", "--colour", before)
+    assert refused.returncode == 2 and "never touches the live colour" in refused.stderr
+    target = deploy(colours, clone, broken)
+    result, load = switch_under_load(colours)
+    assert result.returncode == 1 and not result.json["switched"] and result.json["failed"] == "smoke order"
+    assert "answered 500" in result.json["checks"][1]["detail"], result.json
+    assert live(colours) == edge_colour(colours) == before != target
+    assert load.accepted and load.failed == [] and load.colours == {before}
+
+
+def test_a_build_that_fails_only_under_live_traffic_is_rolled_back_by_the_watch(colours, clone):
+    """Priority orders fail in this build: the gate's smoke order (regular) and its read-only
+    analysis pass, the switch happens, the live priority traffic fails, the watch sees it and
+    the edge goes back."""
+    before = live(colours)
+    flaky = commit(clone, 'if order.type == "priority": raise RuntimeError("fails under live traffic")',
+                   "break priority orders")
+    target = deploy(colours, clone, flaky)
+    result, load = switch_under_load(colours)
+    assert result.returncode == 1 and result.json["switched"] and result.json["rolled_back"], result.json
+    assert [c["ok"] for c in result.json["checks"]] == [True, True, True, False]
+    assert "5xx" in result.json["checks"][-1]["detail"]
+    assert live(colours) == edge_colour(colours) == before
+    history = colours.run("bluegreen", "status", "-o", "json", check_json=True).json["history"]
+    assert history[0]["reason"].startswith("rolled back") and history[1]["colour"] == target
+    assert load.failed  # some users saw it, for the watch's few seconds

@@ -41,8 +41,11 @@ def status_rows(platform) -> tuple[int, dict]:
 def test_status_shows_every_service_and_the_stream(running):
     code, rows = status_rows(running)
     assert code == 0, {n: r["detail"] for n, r in rows.items() if r["health"] not in ("healthy", "n/a")}
-    for name, spec in workdir_context(running).spec.services.items():
-        assert rows[name]["health"] == ("healthy" if spec.autostart else "n/a"), rows[name]
+    from opsctl.components.services import every_instance
+
+    for instance in every_instance(workdir_context(running)):  # each colour's copy of an HTTP service
+        spec = instance.ctx.spec.services[instance.service]
+        assert rows[instance.name]["health"] == ("healthy" if spec.autostart else "n/a"), rows[instance.name]
 
 
 def test_a_killed_service_is_restarted_by_the_supervisor_and_counted(running):

@@ -48,6 +48,7 @@ def test_a_service_is_wired_to_where_the_others_answer(moved):
     assert (green["HTTP_HOST"], green["HTTP_PORT"], green["COLOUR"]) == ("127.0.0.2", "10099", "green")
     worker = services.environment(moved, "regular-consumer", "secret")
     assert (worker["METRICS_HOST"], worker["METRICS_PORT"]) == ("127.0.0.2", "9998")
+    assert "COLOUR" not in worker  # one copy for both colours: a switch does not restart it
     # The edge sends the stock routes to the live (first: blue) colour's ingress listener.
     assert "server 127.0.0.2:23011;" in build("nginx", moved).config_files()["nginx.conf"]
     scraped = build("prometheus-grafana", moved).config_files()["prometheus.yml"]

@@ -227,8 +227,12 @@ files = {_ini_value(str(self.programs))}/*.ini
                 proxy.addProcessGroup(name)
                 proxy.startProcess(name, False)
             except xmlrpc.client.Fault as fault:
-                raise OpsError(f"supervisord could not start {name}: {fault.faultString}",
-                               f"read its log: {self.log}") from None
+                # A program that died at once may be reaped inside startProcess already, which
+                # then answers SPAWN_ERROR: the wait below reports that one, with its log.
+                died = (self.info(name) or {}).get("spawnerr", "").startswith("Exited too quickly")
+                if not (fault.faultString.startswith("SPAWN_ERROR") and died):
+                    raise OpsError(f"supervisord could not start {name}: {fault.faultString}",
+                                   f"read its log: {self.log}") from None
         deadline = time.monotonic() + 10
         while True:
             info = self.info(name) or {}
