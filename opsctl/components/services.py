@@ -54,8 +54,8 @@ def environment(ctx: Context, name: str, client_secret: str, colour: str = "blue
         "PYTHONUNBUFFERED": "1",
     }
     service = spec.services[name]
-    if service.per_colour:  # a worker runs for both: it moves with the live colour unrestarted
-        env["COLOUR"] = colour
+    if service.per_colour:  # not a worker's: it serves whichever colour is live, and a switch
+        env["COLOUR"] = colour  # that changes nothing else of it does not restart it
     # Service-to-service calls (the order creator's to the stock service): the caller gets
     # the URL, the callee the clients it admits; both the audience and the role they check.
     callers = [other for other, s in spec.services.items() if name in s.calls]
