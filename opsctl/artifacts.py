@@ -9,6 +9,7 @@ an interrupted download is never mistaken for a finished one.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -98,7 +99,8 @@ def go_binary(build: str, package: str, dest: Path) -> Path:
     pins every module), as dest/<last part of package>. Minutes of CPU the first time
     (Consul: ~5 on 2 cores); the module zips come from the Go module proxy."""
     go = require_binary("go", "install Go 1.22 or newer (https://go.dev/dl/, or apt-get install -y golang)")
-    name = package.rstrip("/").rsplit("/", 1)[-1]
+    parts = package.rstrip("/").split("/")
+    name = parts[-2] if re.fullmatch(r"v[0-9]+", parts[-1]) else parts[-1]  # .../vegeta/v12: vegeta
     dest = dest.resolve()  # go runs in the wrapper module's folder
 
     def fill(tmp: Path) -> None:

@@ -5,10 +5,10 @@ behind a gate and under watch, like Argo Rollouts' blue-green strategy:
    through the target's own ingress, answered 201 and found in its store; an analysis of the
    target under synthetic read-only traffic (error rate and p99 of what its ingress answered,
    from Prometheus, against the thresholds of platform.yaml `bluegreen`);
-2. the switch: the live colour is written to both datacenters' KV, the edge (nginx) reloads
-   gracefully onto the target's ingress (old workers finish the requests in hand), and the
-   workers move to the target (registered in its datacenter; restarted only when the
-   target's build differs);
+2. the switch: the live colour is written to both datacenters' KV, the switch behind the
+   edge sends new requests to the target's ingress (those in flight finish on the old one;
+   no connection is closed: edge_switch.py), and the workers move to the target (registered
+   in its datacenter; restarted only when the target's build differs);
 3. a watch of live traffic through the target for the same time: past a threshold, the edge
    goes back by itself and the command exits 1.
 The old colour keeps running (its copy is the instant rollback). Ctrl-C during the gate
@@ -29,14 +29,15 @@ from opsctl import httpclient
 from opsctl.app import Result, in_parallel
 from opsctl.components import build, builds, live
 from opsctl.components.mesh import INGRESS, agent, deregister, per_colour
-from opsctl.components.nginx import COLOUR_HEADER, edge_url
+from opsctl.components.edge_switch import COLOUR_HEADER, EdgeSwitch
+from opsctl.components.nginx import edge_url
 from opsctl.components.prometheus import INGRESS_JOB
 from opsctl.components.services import BundledService, instances
 from opsctl.context import Context
 from opsctl.errors import FAILED, INTERRUPTED, UNHEALTHY, OpsError, UsageError
 
 SCRAPE_WAIT = 2.5  # seconds: one scrape of the ingress (every 2 s) after a window ends
-EDGE_TIMEOUT = 10.0  # seconds for the reloaded edge to answer from the new colour
+EDGE_TIMEOUT = 10.0  # seconds for the edge to answer from the new colour
 
 
 def colours(ctx: Context, to: str | None = None) -> tuple[str, str]:
@@ -303,8 +304,9 @@ def _wait_edge(ctx: Context, colour: str) -> None:
     deadline = time.monotonic() + EDGE_TIMEOUT
     while edge_colour(ctx) != colour:
         if time.monotonic() > deadline:
-            raise OpsError(f"the edge did not move to {colour} within {EDGE_TIMEOUT:g} s after its reload",
-                           f"see its log: {ctx.runtime.logfile(build('nginx', ctx))}")
+            raise OpsError(f"the edge did not answer from {colour} within {EDGE_TIMEOUT:g} s after the switch",
+                           f"see the logs: {ctx.runtime.logfile(build('nginx', ctx))} and "
+                           f"{ctx.runtime.logfile(EdgeSwitch(ctx))}")
         time.sleep(0.05)
 
 
@@ -318,7 +320,7 @@ def _move(ctx: Context, to: str, reason: str) -> tuple[float, bool]:
     with _uninterruptible() as pressed:
         started = time.monotonic()
         live.write(ctx, to, previous=old, reason=reason)
-        build("nginx", ctx).reconcile()
+        EdgeSwitch(ctx).send_to(to)
         _wait_edge(ctx, to)
         took = time.monotonic() - started
         client = vault.admin(ctx)

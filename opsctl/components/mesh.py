@@ -27,6 +27,24 @@ CONNECT_TIMEOUT = "2s"
 MANAGED = {"managed-by": "opsctl"}  # Meta of what opsctl writes (and may delete again)
 INGRESS = "ingress-gateway"
 MESH_GATEWAY = "mesh-gateway"
+# Passive health checking in every proxy (Envoy's outlier detection, as runtime overrides:
+# Consul 1.14 cannot configure it on an ingress gateway). An instance that answered 3 gateway
+# errors in a row (its sidecar's "connect error": the service is gone) is taken out at once,
+# so traffic fails over to the peer before the 1 s health check even runs, and is tried again
+# after 5 s. Envoy ejects no more than max_ejection_percent of a cluster (10 % by default:
+# never the one instance a colour has).
+OUTLIER_RUNTIME = {
+    "outlier_detection.consecutive_gateway_failure": 3,
+    "outlier_detection.enforcing_consecutive_gateway_failure": 100,
+    "outlier_detection.max_ejection_percent": 100,
+    "outlier_detection.base_ejection_time_ms": 5000,
+    "outlier_detection.interval_ms": 1000,
+}
+# What a request is retried on (through the mesh, to the next try's pick: the instance, or the
+# peer once it is taken out). A read, on any gateway error; a write only when it never reached
+# a proxy (a POST is never placed twice).
+READ_RETRIES = {"NumRetries": 3, "RetryOn": ["gateway-error", "reset", "connect-failure"]}
+WRITE_RETRIES = {"NumRetries": 1, "RetryOn": ["connect-failure", "refused-stream"]}
 TOKEN_NAMESPACE = uuid.UUID("6f1c3a56-93f5-4bb4-9a3b-0d5c7d0e2a11")  # accessor ids, stable per name
 
 # The documented least privileges of each gateway (developer.hashicorp.com/consul/docs/secure/acl/token).
@@ -193,7 +211,10 @@ class Proxy(Server):
                 "-admin-bind", str(self.admin), "-token-file", str(self.path("token")),
                 "-http-addr", consul.address("http").url(), "-grpc-addr", consul.address("grpc").url(),
                 "-envoy-binary", envoy_binary(), "--", "--log-level", "warn",
-                "--component-log-level", "misc:error"]  # misc: deprecation notices of Consul 1.14's config
+                "--component-log-level", "misc:error",  # misc: deprecation notices of Consul 1.14's config
+                # Merged over Consul's bootstrap: a runtime layer after its own.
+                "--config-yaml", json.dumps({"layered_runtime": {"layers": [
+                    {"name": "opsctl", "static_layer": OUTLIER_RUNTIME}]}})]
 
     def endpoint(self) -> str:
         return self.admin.url()
@@ -282,8 +303,9 @@ def config_entries(ctx: Context, colour: str) -> list[dict]:
     """The configuration entries of `colour`'s datacenter, from the spec: every HTTP service
     speaks HTTP, is exported to the peer and fails over to it; intentions allow only the
     calls of `services.*.calls` and the edge's routes (through the ingress), from this
-    datacenter and from the peer, and deny everything else; the ingress has a listener per
-    routed service; traffic to the peer leaves through the local mesh gateway."""
+    datacenter and from the peer, and deny everything else; reads are retried on gateway
+    errors, writes only when they reached no proxy; the ingress has a listener per routed
+    service; traffic to the peer leaves through the local mesh gateway."""
     spec, peer = ctx.spec, peer_of(ctx, colour)
     meshed = per_colour(ctx)
     entries: list[dict] = [
@@ -306,6 +328,9 @@ def config_entries(ctx: Context, colour: str) -> list[dict]:
             {"Kind": "service-defaults", "Name": name, "Protocol": "http"},
             {"Kind": "service-resolver", "Name": name, "ConnectTimeout": CONNECT_TIMEOUT,
              "Failover": {"*": {"Targets": [{"Peer": peer}]}}},
+            {"Kind": "service-router", "Name": name, "Routes": [
+                {"Match": {"HTTP": {"Methods": ["GET", "HEAD"]}}, "Destination": dict(READ_RETRIES)},
+                {"Destination": dict(WRITE_RETRIES)}]},
             {"Kind": "service-intentions", "Name": name, "Sources": sources},
         ]
     for entry in entries:
@@ -326,7 +351,7 @@ def _covers(actual, wanted) -> bool:
 
 # Written in this order (an ingress listener needs its services' protocol; an intention
 # from the peer, the peering), deleted in the reverse.
-KINDS = ("proxy-defaults", "service-defaults", "service-resolver", "exported-services",
+KINDS = ("proxy-defaults", "service-defaults", "service-resolver", "service-router", "exported-services",
          "service-intentions", "ingress-gateway")
 
 
@@ -384,6 +409,10 @@ def _summary(entry: dict) -> str:
                          for s in entry["Sources"])
     if kind == "service-resolver":
         return "fail over to " + ", ".join(t["Peer"] for t in entry["Failover"]["*"]["Targets"])
+    if kind == "service-router":
+        return "; ".join(f"{'/'.join(r.get('Match', {}).get('HTTP', {}).get('Methods', [])) or 'others'}: "
+                         f"{r['Destination']['NumRetries']} retries on {', '.join(r['Destination']['RetryOn'])}"
+                         for r in entry["Routes"])
     if kind == "exported-services":
         return "export " + ", ".join(s["Name"] for s in entry["Services"])
     if kind == "ingress-gateway":

@@ -1,9 +1,10 @@
-"""nginx (Debian package): the edge, and later the blue/green traffic switch.
+"""nginx (Debian package): the edge, with the blue/green switch behind it (edge_switch.py).
 
 Clients reach the order API and the stock service only through the edge (`edge_url`): it
-cuts off slow and oversized clients before they reach a service, keeps a pool of open
-connections to each service, never sends a POST twice, and answers in JSON when a service
-is down. The services listen on the bind address behind it, on the ports of `services:`.
+cuts off slow and oversized clients before they reach a service, routes each path to its
+service, keeps a pool of open connections to the switch, never sends a POST twice, and
+answers in JSON when a service is down. The switch sends each service to the live colour's
+ingress; a switch of colour never touches nginx.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import signal
 from functools import cached_property
 
 from opsctl import httpclient
-from opsctl.components.base import Server
-from opsctl.net import Address
+from opsctl.components.base import Outcome, Server
+from opsctl.components.edge_switch import SERVICE_HEADER, EdgeSwitch
 from opsctl.host import require_binary
 
 # Limits of the edge. A slow client gets HEADER_TIMEOUT for its whole header, and at most
@@ -29,8 +30,8 @@ LARGE_HEADER_BUFFERS = "4 8k"  # ...these; a line over 8 KiB is refused (431)
 KEEPALIVE_TIMEOUT = 10   # seconds an idle client connection stays open
 KEEPALIVE_REQUESTS = 1000  # requests on one client connection, then it is closed
 KEEPALIVE_TIME = "10m"   # the longest a client connection lives
-# Idle connections to a service are closed before the service closes them itself
-# (uvicorn: 5 s), so that the edge never sends a request on a connection being closed.
+# Idle connections to the switch are closed by the edge (the switch keeps them an hour),
+# so that the edge never sends a request on a connection being closed.
 UPSTREAM_KEEPALIVE = 64
 UPSTREAM_IDLE = 2        # seconds
 PROXY_CONNECT_TIMEOUT = 2
@@ -61,9 +62,6 @@ ROUTE_ERRORS = (408, 413, 500, 502, 503, 504)
 ROUTE_ERROR_PAGES = " ".join(f"error_page {s} @{s};" for s in ROUTE_ERRORS)
 
 
-COLOUR_HEADER = "X-Colour"
-
-
 def edge_url(ctx) -> str:
     """The URL clients use for the order API and the stock service: the edge."""
     return ctx.address("nginx", "http").url()
@@ -75,43 +73,34 @@ def _json_return(status: int, detail: str) -> str:
 
 
 class Nginx(Server):
-    # A new configuration (the other colour, a moved port) is a graceful reload: new workers
-    # take new connections while the old ones finish the requests in hand.
+    """The edge (this server) and the switch behind it, reconciled, stopped and reported
+    together as step nginx."""
+
+    # A new configuration (a moved port, a new route) is a graceful reload: new workers take
+    # new connections while the old ones finish the requests in hand.
     reload_signal = signal.SIGHUP
+
+    def _component_spec(self):
+        spec = self.ctx.spec.components[self.name]
+        return spec.model_copy(update={"ports": {"http": spec.ports["http"]}})
+
+    @cached_property
+    def switch(self) -> EdgeSwitch:
+        return EdgeSwitch(self.ctx)
 
     def check_installed(self) -> None:
         require_binary("nginx", "apt-get install -y nginx-light")
-
-    @cached_property
-    def colour(self) -> str:
-        """The live colour: the one the edge sends clients to (opsctl bluegreen switch)."""
-        from opsctl.components import live
-
-        return live.colour(self.ctx)
-
-    def upstreams(self) -> dict[str, Address]:
-        """service -> where the edge sends it: the live colour's ingress listener for each
-        bundled HTTP service with routes in the spec (their public paths; /metrics and the
-        rest stay internal)."""
-        return {name: self.ctx.address("mesh", f"ingress/{name}", self.colour)
-                for name, s in self.ctx.spec.services.items() if s.routes}
 
     def config_files(self) -> dict[str, str]:
         home, host = self.home, self.ctx.host
         temp = "\n".join(f"  {kind}_temp_path {home}/tmp/{kind};"
                          for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-        upstreams, routes = [], []
-        for name, address in self.upstreams().items():
-            # Static addresses: nginx starts (and its config is valid) before the services.
-            upstreams.append(f"""  upstream {name} {{
-    server {address};
-    keepalive {UPSTREAM_KEEPALIVE};
-    keepalive_timeout {UPSTREAM_IDLE}s;
-  }}""")
-            routes += [f"    location {path} {{ proxy_pass http://{name}; {ROUTE_ERROR_PAGES} }}"
-                       for path in self.ctx.spec.services[name].routes]
-        # Every answer says its request id and the colour the edge sent it to.
-        headers = f"add_header X-Request-ID $edge_request_id always; add_header {COLOUR_HEADER} {self.colour} always;"
+        # Each public path of a routed service (the rest, /metrics and such, stays internal)
+        # goes to the switch, which sends its service to the live colour.
+        routes = [f"    location {path} {{ set $edge_service {name}; proxy_pass http://switch; {ROUTE_ERROR_PAGES} }}"
+                  for name in self.switch.routed() for path in self.ctx.spec.services[name].routes]
+        # Every answer says its request id (the switch adds the colour it sent it to).
+        headers = "add_header X-Request-ID $edge_request_id always;"
         errors = []
         for status, detail in ERRORS.items():
             extra = " add_header Retry-After 1 always;" if status >= 502 else ""
@@ -161,6 +150,7 @@ http {{
   proxy_set_header X-Forwarded-For $remote_addr;
   proxy_set_header X-Forwarded-Proto $scheme;
   proxy_set_header X-Request-ID $edge_request_id;
+  proxy_set_header {SERVICE_HEADER} $edge_service;
   proxy_connect_timeout {PROXY_CONNECT_TIMEOUT}s;
   proxy_send_timeout {PROXY_TIMEOUT}s;
   proxy_read_timeout {PROXY_TIMEOUT}s;
@@ -169,20 +159,49 @@ http {{
   proxy_next_upstream off;
   proxy_intercept_errors on;  # on the routes, for ROUTE_ERRORS only
 
-{nl.join(upstreams)}
+  upstream switch {{
+    server {self.switch.address("http")};
+    keepalive {UPSTREAM_KEEPALIVE};
+    keepalive_timeout {UPSTREAM_IDLE}s;
+  }}
 
   server {{
     listen {host}:{self.port('http')};
     {headers}
 {error_pages}
     error_page 494 =431 @431;
-    location = /healthz {{ default_type text/plain; return 200 "ok\\n"; }}
+    # Answered by the switch: the edge is healthy when both answer; X-Colour says where it sends.
+    location = /healthz {{ set $edge_service healthz; proxy_pass http://switch; }}
 {nl.join(routes)}
     location / {{ {_json_return(404, "not found")} }}
 {nl.join(errors)}
   }}
 }}
 """}
+
+    # --- with the switch ----------------------------------------------------------------
+    def reconcile(self) -> Outcome:
+        switch = self.switch.reconcile()  # first: the edge's /healthz is answered by it
+        edge = super().reconcile()
+        if switch.state not in ("changed", "planned"):
+            return edge
+        state = edge.state if edge.state != "unchanged" else switch.state
+        detail = f"switch {switch.detail}" + ("" if edge.state == "unchanged" else f"; {edge.detail}")
+        return Outcome(state, detail)
+
+    def health(self):
+        edge, switch = super().health(), self.switch.health()
+        if switch.ok or not edge.ok:
+            return edge
+        return self._health("unhealthy", endpoint=edge.endpoint, restarts=switch.restarts,
+                            last_error=switch.last_error, detail=f"the switch: {switch.detail}")
+
+    def stop(self) -> bool:
+        return any([super().stop(), self.switch.stop()])
+
+    def purge(self) -> None:
+        super().purge()
+        self.switch.purge()
 
     def initialise(self) -> None:
         self.path("tmp").mkdir(exist_ok=True)

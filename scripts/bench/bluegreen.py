@@ -6,14 +6,14 @@ platform on as users run it (every worker, the screening stream):
    p50/p99 at half that rate, straight to blue's order API (no edge, no ingress, no sidecar)
    and through the edge (nginx -> blue's ingress gateway -> the API's sidecar -> the API),
    alternating, --runs times each;
-2. switches under load: open-loop orders through the edge (`opsctl orders simulate`) at half
-   the edge's median peak while `opsctl bluegreen switch` runs --switches times back and
-   forth; failed requests (sent and not answered 201), orders lost (accepted and not stored
-   once the workers caught up), each switch's time to traffic on the new colour (the edge's
-   reload; gate excluded) and with its gate;
+2. switches under load: open-loop orders through the edge (vegeta, built from its Go module
+   into the cache) at half the edge's median peak during each of --switches runs of
+   `opsctl bluegreen switch` back and forth; failed requests (sent and not answered 201),
+   orders lost (accepted and not stored once the workers caught up), each switch's time to
+   traffic on the new colour (gate excluded) and with its gate;
 3. failover: GETs of the stock catalogue through the live colour's ingress at 50/s while its
-   stock service stops (its sidecar stays up): time to the first answer served by the peer,
-   requests failed meanwhile; --failovers times.
+   stock service stops (its sidecar stays up): time to the first request the peer served,
+   requests failed meanwhile, the slowest answer; --failovers times.
 
 Installs the platform in a fresh working directory on free ports, then purges it.
 Usage: .venv/bin/python scripts/bench/bluegreen.py [--runs 3] [--switches 10] [--failovers 3] [--rate R]
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -35,7 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import orders  # noqa: E402
 from books import caught_up, everything_on  # noqa: E402
-from tests.integration.conftest import OPSCTL, Workdir, cache_dir, port_override, reachable_dir, workdir_context  # noqa: E402
+from tests.integration.conftest import Workdir, cache_dir, port_override, reachable_dir, workdir_context  # noqa: E402
+
+
+SWITCH_WINDOW = 45  # seconds of load around each switch (its gate and watch take about 25)
 
 
 def stored(seen: dict) -> int:
@@ -56,39 +58,89 @@ def mesh_cost(work: Workdir, connections: int, duration: float, runs: int) -> di
     return results
 
 
+VEGETA = ("vegeta", "github.com/tsenart/vegeta/v12", "12.13.0")  # opsctl/builds/vegeta pins it
+
+
+def vegeta() -> str:
+    """vegeta, built once from its Go module into the cache: an open-loop load generator."""
+    from opsctl import artifacts
+
+    build, package, version = VEGETA
+    return str(artifacts.go_binary(build, package, Path(cache_dir()) / f"vegeta-{version}"))
+
+
+def attack(work: Workdir, rate: float, seconds: float) -> subprocess.Popen:
+    """vegeta POSTing orders (priority, regular, digital in turn) to the edge at `rate` per
+    second for `seconds`, whatever the answers take (open loop: a slow answer does not slow
+    the sending), on kept-alive connections; its JSON report on stdout when done."""
+    import base64
+
+    url, token = orders.orders_url(work), orders.people_token(work)
+    targets = []
+    for kind in ("priority", "regular", "digital"):
+        body = json.dumps({"customer": {"id": f"bench-{kind}", "name": "Bench"}, "type": kind,
+                           "items": [{"product": "Tea", "category": "grocery", "quantity": 1, "price": 10.0}]})
+        targets.append(json.dumps({"method": "POST", "url": url, "body": base64.b64encode(body.encode()).decode(),
+                                   "header": {"Authorization": [f"Bearer {token}"],
+                                              "Content-Type": ["application/json"]}}))
+    binary = vegeta()
+    sender = subprocess.Popen([binary, "attack", "-format=json", f"-rate={rate:g}/s", f"-duration={seconds:g}s",
+                               "-timeout=30s"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    sender.stdin.write("\n".join(targets) + "\n")
+    sender.stdin.close()
+    report = subprocess.Popen([binary, "report", "-type=json"], stdin=sender.stdout, stdout=subprocess.PIPE, text=True)
+    sender.stdout.close()  # the report's now: it ends when the attack does
+    return report
+
+
 def switches(work: Workdir, rate: float, count: int) -> dict:
-    """Open-loop orders through the edge at `rate` (two `opsctl orders simulate`, each a real
-    client: a fresh connection when the edge closes an idle one, one try per order) while the
-    switch runs `count` times. (wrk is not used here: it counts the idle connections the
-    reloaded edge closes as failed requests, though no request was on them.)"""
+    """Open-loop orders through the edge at `rate` (vegeta) during each of `count` switches
+    back and forth: every request not answered 201 is a failed one (a reset connection too);
+    every order answered 201 and not stored once the workers caught up is a lost one."""
     before = stored(caught_up(work, 0)[1])
-    budget = count * 25 + 20  # seconds: each switch's gate and watch, and room
-    env = {**os.environ, "OPSCTL_CACHE_DIR": cache_dir()}
-    loads = [subprocess.Popen([*OPSCTL, "orders", "simulate", "--rate", f"{rate / 2:g}", "--duration", str(budget),
-                               "--seed", str(seed), "-o", "json"], cwd=work.path, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True) for seed in (1, 2)]
-    time.sleep(5)
-    runs = []
+    runs, sent, accepted, answers, errors = [], 0, 0, {}, set()
     for _ in range(count):
+        report = attack(work, rate, SWITCH_WINDOW)
+        time.sleep(3)
         done = work.run("bluegreen", "switch", "--yes", "--analysis-seconds", "5", "-o", "json", check_json=True)
         data = done.json
         if done.returncode != 0:
+            report.kill()
             sys.exit(f"switch failed: {json.dumps(data)}")
+        result = json.loads(report.communicate(timeout=SWITCH_WINDOW + 60)[0])
+        codes = result.get("status_codes") or {}
+        sent += result["requests"]
+        accepted += codes.get("201", 0)
+        for code, n in codes.items():
+            answers[code] = answers.get(code, 0) + n
+        errors.update(result.get("errors") or [])
         runs.append({"to": data["to"], "edge_s": data["switch_seconds"],
-                     "with_gate_s": data["gate_seconds"] + data["switch_seconds"]})
+                     "with_gate_s": data["gate_seconds"] + data["switch_seconds"],
+                     "requests": result["requests"], "failed": result["requests"] - codes.get("201", 0),
+                     "p99_ms": result["latencies"]["99th"] / 1e6})
         print(f"-> {data['to']}: edge {data['switch_seconds'] * 1000:.0f} ms, with the gate "
-              f"{runs[-1]['with_gate_s']:.1f} s", file=sys.stderr, flush=True)
-    summaries = [json.loads(load.communicate(timeout=budget + 120)[0]) for load in loads]
-    sent = sum(s["sent"] for s in summaries)
-    accepted = sum(s["accepted"] for s in summaries)
-    failed = sent - accepted
+              f"{runs[-1]['with_gate_s']:.1f} s; {result['requests']} requests, {runs[-1]['failed']} failed, "
+              f"p99 {runs[-1]['p99_ms']:.0f} ms", file=sys.stderr, flush=True)
     took, seen = caught_up(work, before + accepted + count)  # each gate's smoke order too
-    return {"runs": runs, "requests": sent, "failed": failed, "lost": before + accepted + count - stored(seen),
-            "rate": sum(s["rate_per_s"] for s in summaries), "caught_up_s": took,
-            "errors": [s.get("errors") for s in summaries], "rejected": [s.get("rejected") for s in summaries]}
+    return {"runs": runs, "requests": sent, "failed": sent - accepted, "answers": answers, "errors": sorted(errors),
+            "lost": before + accepted + count - stored(seen), "rate": rate, "caught_up_s": took}
+
+
+def served_by_peer(ctx, colour: str) -> int:
+    """Requests the peer's stock-service sidecar took so far (a failover's land there)."""
+    from opsctl import httpclient
+    from opsctl.components.mesh import peer_of
+
+    peer = next(c for c, dc in ctx.spec.mesh.datacenters.items() if dc == peer_of(ctx, colour))
+    admin = ctx.address("mesh", "stock-service/admin", peer).url("/stats?filter=^http.public_listener.downstream_rq_total$")
+    return int(httpclient.request("GET", admin, timeout=2)[2].split(":")[1])
 
 
 def failover(work: Workdir, times: int) -> list[dict]:
+    """GETs of the stock catalogue through the live colour's ingress at 50/s while its stock
+    service stops (its sidecar stays up): the time from the stop to the first request the
+    peer served (its sidecar's counter, polled every 10 ms), the requests that failed, the
+    slowest answer meanwhile (retries included)."""
     import httpx
 
     from opsctl.components import live
@@ -101,39 +153,44 @@ def failover(work: Workdir, times: int) -> list[dict]:
     results = []
     for _ in range(times):
         service = BundledService("stock-service", ctx, colour=colour)
-        stop_at, failed, first_ok, stopped = None, 0, None, threading.Event()
+        stop_at, failed, slowest, peer_at, stopped = None, 0, 0.0, None, threading.Event()
 
         def stop() -> None:
-            nonlocal stop_at
+            nonlocal stop_at, peer_at
             time.sleep(2)
+            before = served_by_peer(ctx, colour)
             stop_at = time.monotonic()
             ctx.runtime.stop(service)
             stopped.set()
+            while peer_at is None and time.monotonic() - stop_at < 5:
+                if served_by_peer(ctx, colour) > before:
+                    peer_at = time.monotonic() - stop_at
+                time.sleep(0.01)
 
-        threading.Thread(target=stop).start()
+        watcher = threading.Thread(target=stop)
+        watcher.start()
         with httpx.Client(timeout=5) as client:
             started = time.monotonic()
             sent = 0
             while not stopped.is_set() or time.monotonic() - stop_at < 5:
+                at = time.monotonic()
                 try:
                     ok = client.get(url, headers=headers).status_code == 200
                 except httpx.HTTPError:
                     ok = False
                 if stop_at is not None:
                     failed += not ok
-                    if not ok and first_ok is None:
-                        first_ok = -1.0  # failing: the next success is the failover
-                    elif ok and first_ok == -1.0:
-                        first_ok = time.monotonic() - stop_at
+                    slowest = max(slowest, time.monotonic() - at)
                 sent += 1
                 time.sleep(max(0.0, started + sent / 50 - time.monotonic()))
-        results.append({"failover_s": max(first_ok or 0.0, 0.0), "failed": failed})
-        print(f"failover: {failed} failed, served by the peer {results[-1]['failover_s']:.2f} s after the stop",
-              file=sys.stderr, flush=True)
+        watcher.join()
+        results.append({"failover_s": peer_at, "failed": failed, "slowest_s": slowest})
+        print(f"failover: peer serving {peer_at if peer_at is None else round(peer_at, 3)} s after the stop; "
+              f"{failed} failed, slowest answer {slowest * 1000:.0f} ms", file=sys.stderr, flush=True)
         back = work.run("services", "start", "stock-service", "--colour", colour)
         if back.returncode != 0:
             sys.exit(back.stderr)
-        time.sleep(3)
+        time.sleep(7)  # the instance is tried again 5 s after it was taken out (mesh.OUTLIER_RUNTIME)
     return results
 
 
@@ -166,14 +223,16 @@ def main() -> None:
               f"| {statistics.median(r['p50'] for r in runs):.1f} / {statistics.median(r['p99'] for r in runs):.1f} ms |")
     edge = [r["edge_s"] * 1000 for r in switched["runs"]]
     gated = [r["with_gate_s"] for r in switched["runs"]]
-    print(f"\n{len(switched['runs'])} switches under {switched['rate']:.0f} orders/s through the edge: "
-          f"{switched['requests']:,} requests, {switched['failed']} failed, {switched['lost']} orders lost "
+    print(f"\n{len(switched['runs'])} switches under {switched['rate']:.0f} orders/s through the edge (open loop): "
+          f"{switched['requests']:,} requests, {switched['failed']} failed (answers {switched['answers']}, "
+          f"errors {switched['errors']}), {switched['lost']} orders lost "
           f"(caught up {switched['caught_up_s']:.0f} s after); edge moved in median {statistics.median(edge):.0f} ms "
           f"(max {max(edge):.0f}), with the gate median {statistics.median(gated):.1f} s (analysis 5 s)")
-    times = ", ".join(f"{f['failover_s']:.2f}" for f in failovers)
+    times = ", ".join("never" if f["failover_s"] is None else f"{f['failover_s']:.2f}" for f in failovers)
+    failed = ", ".join(str(f["failed"]) for f in failovers)
+    slowest = ", ".join(f"{f['slowest_s'] * 1000:.0f}" for f in failovers)
     print(f"failover of the live colour's stock service, {len(failovers)} times: served by the peer after "
-          f"{times} s; failed requests at 50/s: "
-          f"{', '.join(str(f['failed']) for f in failovers)}")
+          f"{times} s; failed requests at 50/s: {failed}; slowest answer {slowest} ms")
 
 
 if __name__ == "__main__":

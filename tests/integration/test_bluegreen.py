@@ -50,14 +50,14 @@ def switch(platform, *args: str):
                         check_json=True)
 
 
-class EdgeLoad(threading.Thread):
-    """Priority orders through the edge at `rate` per second, each with its Idempotency-Key
-    and one try: every answer that is not 201 is a failed request."""
+class EdgeLoad:
+    """Priority orders through the edge at `rate` per second from `clients` clients, each on
+    its own kept-alive connection, each order with its Idempotency-Key and one try: every
+    answer that is not 201 is a failed request (a reset kept connection too)."""
 
-    def __init__(self, platform, rate: float):
+    def __init__(self, platform, rate: float, clients: int = 1):
         from opsctl.components.nginx import edge_url
 
-        super().__init__(daemon=True)
         token = platform.run("token", "-o", "json", check_json=True).json["access_token"]
         self.url, self.headers, self.rate = f"{edge_url(workdir_context(platform))}/orders", {
             "Authorization": f"Bearer {token}"}, rate
@@ -65,8 +65,18 @@ class EdgeLoad(threading.Thread):
         self.failed: list[str] = []
         self.colours: set[str] = set()
         self.done = threading.Event()
+        self.threads = [threading.Thread(target=self._send, args=(rate / clients,), daemon=True)
+                        for _ in range(clients)]
 
-    def run(self) -> None:
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    def join(self, timeout: float) -> None:
+        for thread in self.threads:
+            thread.join(timeout)
+
+    def _send(self, rate: float) -> None:
         order = {"customer": {"id": "bluegreen", "name": "Load"}, "type": "priority",
                  "items": [{"product": "Tea", "category": "grocery", "quantity": 1, "price": 10.0}]}
         with httpx.Client(timeout=10) as client:
@@ -83,13 +93,25 @@ class EdgeLoad(threading.Thread):
                 except httpx.HTTPError as e:
                     self.failed.append(repr(e))
                 sent += 1
-                time.sleep(max(0.0, started + sent / self.rate - time.monotonic()))
+                time.sleep(max(0.0, started + sent / rate - time.monotonic()))
+
+
+def _edge_processes(ctx) -> set[int]:
+    """nginx's master and workers: a reload would replace the workers."""
+    from opsctl.components import build
+    from tests.integration.helpers import process_of
+
+    master = process_of(build("nginx", ctx)).pid()
+    found = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split()
+    return {master, *map(int, found)}
 
 
 def test_switches_under_load_fail_no_request_and_lose_no_order(colours):
     from opsctl.components.mesh import agent
 
-    load = EdgeLoad(colours, rate=40)
+    ctx = workdir_context(colours)
+    edge = _edge_processes(ctx)
+    load = EdgeLoad(colours, rate=60, clients=4)
     load.start()
     try:
         wait_for(lambda: len(load.accepted) > 40, 30, what="orders through the edge")
@@ -104,13 +126,13 @@ def test_switches_under_load_fail_no_request_and_lose_no_order(colours):
         load.done.set()
         load.join(30)
     assert load.failed == [] and load.colours == {"blue", "green"}
+    assert _edge_processes(ctx) == edge  # the switch is behind nginx: nginx is not even reloaded
     # Every accepted order stored once; the workers run once, on the live colour's datacenter.
     with psycopg.connect(host="127.0.0.1", port=colours.port("postgres", "postgres"), user="postgres",
                          password=colours.admin_secret("postgres", "password"), dbname=NAMES.postgres.database) as conn:
         wait_for(lambda: conn.execute("SELECT count(*) FROM priority_orders WHERE order_id = ANY(%s)",
                                       [load.accepted]).fetchone()[0] == len(load.accepted),
                  120, what=f"{len(load.accepted)} orders in PostgreSQL")
-    ctx = workdir_context(colours)
     for colour, registered in (("green", True), ("blue", False)):
         services = agent(ctx, colour).api("GET", "agent/services")
         assert ("premium-consumer" in services) is registered, (colour, sorted(services))

@@ -131,11 +131,11 @@ def test_an_order_posted_to_the_edge_is_accepted_and_stored(api, people):
         stored = wait_for(lambda: mongo[NAMES.mongodb.database][NAMES.mongodb.orders].find_one({"_id": order["order_id"]}), 60,
                           what="the order in MongoDB")
     assert stored["total"] == 10.0
-    # The edge passed it to the live (blue) colour's ingress listener for the order API.
+    # The edge passed it to its switch, which sent it to the live (blue) colour.
     logged = access_log(api, request_id)
-    port = workdir_context(api).address("mesh", "ingress/order-creator", "blue").port
-    assert (logged["status"], logged["upstream"], logged["upstream_status"]) == (
-        201, f"127.0.0.1:{port}", "201")
+    switch = workdir_context(api).address("nginx", "switch")
+    assert (logged["status"], logged["upstream"], logged["upstream_status"]) == (201, str(switch), "201")
+    assert answer.headers["X-Colour"] == "blue"
 
 
 def test_the_edge_routes_stock_to_the_stock_service_and_keeps_internals_in(api, people):
@@ -332,9 +332,9 @@ def stand_in(edge_alone):
     service.close()
 
 
-def test_the_edge_starts_before_the_services_and_answers_502_json_meanwhile(edge_alone):
+def test_the_edge_starts_before_the_services_and_answers_503_json_meanwhile(edge_alone):
     answer = httpx.post(f"{edge(edge_alone)}/orders", json=ORDER, timeout=10)
-    assert answer.status_code == 502 and answer.headers["content-type"] == "application/json"
+    assert answer.status_code == 503 and answer.headers["content-type"] == "application/json"
     assert answer.headers["Retry-After"] == "1"
     body = answer.json()
     assert "retry" in body["detail"] and body["request_id"] == answer.headers["X-Request-ID"]
@@ -344,7 +344,7 @@ def test_a_post_that_failed_in_the_service_is_not_sent_again(edge_alone, stand_i
     with httpx.Client(base_url=edge(edge_alone), timeout=10) as client:
         assert client.get("/health").status_code == 200  # the edge keeps that connection open
         answer = client.post("/orders", json=ORDER)
-    assert answer.status_code == 502 and "retry" in answer.json()["detail"]
+    assert answer.status_code == 503 and "retry" in answer.json()["detail"]
     time.sleep(1)  # room for a second try, if there were one
     assert len(stand_in.posts()) == 1
 
@@ -373,12 +373,12 @@ def test_a_slow_body_is_held_at_the_edge_never_at_the_service(edge_alone, stand_
             last_sent = time.monotonic()  # before the send: the edge may pass it on at once
             sock.send(bytes([byte]))
         sock.settimeout(10)
-        assert status_of(sock.recv(65536)) == 502  # the stand-in closes on a POST
+        assert status_of(sock.recv(65536)) == 503  # the stand-in closes on a POST
     (post,) = stand_in.posts()
     assert post["at"] >= last_sent and post["body"] == body  # it came whole, once it was all there
 
 
-def test_a_moved_ingress_reloads_the_edge_onto_the_new_port_without_a_restart(edge_alone):
+def test_a_moved_ingress_moves_the_switch_onto_the_new_port_without_a_restart(edge_alone):
     from opsctl.spec import MESH_BLOCK
     from tests.integration.conftest import free_ports
 
@@ -387,14 +387,15 @@ def test_a_moved_ingress_reloads_the_edge_onto_the_new_port_without_a_restart(ed
     edge_alone.write_config(config)
     ctx = workdir_context(edge_alone)
     new_port = ctx.address("mesh", "ingress/order-creator", "blue").port
-    master = process_of(build("nginx", ctx)).pid()
+    edge_server = build("nginx", ctx)
+    pids = process_of(edge_server).pid(), process_of(edge_server.switch).pid()
     code, steps = edge_alone.steps("--only", "nginx")
-    assert code == 0 and "reloaded" in steps["nginx"]["detail"], steps
-    assert process_of(build("nginx", ctx)).pid() == master
+    assert code == 0 and steps["nginx"]["detail"].startswith("switch clusters updated"), steps
+    assert (process_of(edge_server).pid(), process_of(edge_server.switch).pid()) == pids
     service = StandIn(new_port)
     try:
         wait_for(lambda: httpx.get(f"{edge(edge_alone)}/health", timeout=10).status_code == 200, 10,
-                 what="the reloaded edge to send to the new port")
+                 what="the switch to send to the new port")
         assert [r["path"] for r in service.requests] == ["/health"]
     finally:
         service.close()

@@ -181,9 +181,10 @@ def test_a_sidecar_token_has_its_service_identity_only(meshed):
 
 
 def test_green_fails_over_to_blue_when_its_stock_service_dies_and_comes_back(meshed):
-    """Green's stock service stops (its sidecar stays): within about a second of its check
-    failing, green's ingress sends the stock routes to blue's stock service through the mesh
-    gateways; when it starts again, traffic comes home."""
+    """Green's stock service stops (its sidecar stays): green's ingress takes it out at its
+    first few gateway errors (retrying the reads meanwhile) and sends the stock routes to
+    blue's stock service through the mesh gateways within a second, long before its check
+    (every second) fails; when it starts again, traffic comes home."""
     import time
 
     from opsctl.components.services import BundledService
@@ -195,20 +196,21 @@ def test_green_fails_over_to_blue_when_its_stock_service_dies_and_comes_back(mes
     assert httpx.get(url, headers=headers, timeout=10).status_code == 200
     before_blue = served(meshed, "stock-service-blue", "/stock/all-categories")
     ctx.runtime.stop(green)  # the service alone: its sidecar stays up and reports it gone
-    stopped_at, failed, first_ok = time.monotonic(), 0, None
+    stopped_at, failed = time.monotonic(), []
     with httpx.Client(timeout=5) as client:
         while time.monotonic() - stopped_at < 8:
             try:
                 ok = client.get(url, headers=headers).status_code == 200
             except httpx.HTTPError:
                 ok = False
-            failed += not ok
-            if ok and first_ok is None:
-                first_ok = time.monotonic() - stopped_at
+            if not ok:
+                failed.append(round(time.monotonic() - stopped_at, 2))
             time.sleep(0.02)
-    print(f"failover: {failed} failed requests, first success {first_ok:.2f} s after the stop")
+    print(f"failover: failed requests at {failed} s after the stop")
     assert served(meshed, "stock-service-blue", "/stock/all-categories") > before_blue + 50
-    assert failed < 100  # within a couple of seconds at most: 50 requests a second
+    # Reads are retried through the failover: at most a request or two (a busy machine's
+    # Envoy applies the ejection a moment late), and none a second after the stop.
+    assert len(failed) <= 3 and all(at < 1.0 for at in failed), failed
     restarted = meshed.run("services", "start", "stock-service", "--colour", "green")
     assert restarted.returncode == 0, restarted.stdout + restarted.stderr
     before_green = served(meshed, "stock-service-green", "/stock/all-categories")

@@ -49,8 +49,13 @@ def test_a_service_is_wired_to_where_the_others_answer(moved):
     worker = services.environment(moved, "regular-consumer", "secret")
     assert (worker["METRICS_HOST"], worker["METRICS_PORT"]) == ("127.0.0.2", "9998")
     assert "COLOUR" not in worker  # one copy for both colours: a switch does not restart it
-    # The edge sends the stock routes to the live (first: blue) colour's ingress listener.
-    assert "server 127.0.0.2:23011;" in build("nginx", moved).config_files()["nginx.conf"]
+    # The edge sends to its switch, the switch the stock routes to each colour's ingress listener.
+    edge = build("nginx", moved)
+    assert f"server 127.0.0.2:{edge.switch.port('http')};" in edge.config_files()["nginx.conf"]
+    clusters = {c["name"]: c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+                for c in edge.switch.clusters()["resources"]}
+    assert clusters["stock-service-blue"]["socket_address"] == {"address": "127.0.0.2", "port_value": 23011}
+    assert clusters["stock-service-green"]["socket_address"]["port_value"] == 23111
     scraped = build("prometheus-grafana", moved).config_files()["prometheus.yml"]
     assert all(f"127.0.0.2:{port}" in scraped for port in (9998, 9999, 10099))
 

@@ -2,6 +2,7 @@
 the calls of the order flow (and the edge's routes through the ingress), in each datacenter
 and from its peer; every HTTP service is exported to the peer and fails over to it."""
 
+import json
 from pathlib import Path
 
 from opsctl import spec
@@ -64,3 +65,23 @@ def test_what_consul_adds_to_an_entry_is_not_drift_but_a_missing_source_is():
     assert _covers(held, wanted)
     assert not _covers({**held, "Sources": []}, wanted)
     assert not _covers({**held, "Sources": held["Sources"] * 2}, wanted)
+
+
+def test_reads_are_retried_through_a_failover_and_writes_only_when_they_reached_no_proxy():
+    routes = entries("green")[("service-router", "order-creator")]["Routes"]
+    reads, others = routes
+    assert reads["Match"] == {"HTTP": {"Methods": ["GET", "HEAD"]}}
+    assert "gateway-error" in reads["Destination"]["RetryOn"]
+    assert "Match" not in others  # every other method: a POST may have placed its order
+    assert set(others["Destination"]["RetryOn"]) <= {"connect-failure", "refused-stream"}
+
+
+def test_every_proxy_takes_out_a_failing_instance_even_the_only_one_of_its_colour():
+    from opsctl.components.mesh import Sidecar
+
+    ctx = Context(spec.load(None), "local", Path("/nonexistent/.opsctl"))
+    argv = Sidecar("stock-service", ctx, "green").argv()
+    overlay = json.loads(argv[argv.index("--config-yaml") + 1])
+    runtime = overlay["layered_runtime"]["layers"][0]["static_layer"]
+    assert runtime["outlier_detection.max_ejection_percent"] == 100  # Envoy's 10 % would never eject it
+    assert runtime["outlier_detection.enforcing_consecutive_gateway_failure"] == 100

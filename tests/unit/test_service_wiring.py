@@ -79,8 +79,10 @@ def test_the_edge_routes_the_paths_each_http_service_lists(ctx):
     from opsctl.components.nginx import ROUTE_ERROR_PAGES
 
     config = Nginx("nginx", ctx).config_files()["nginx.conf"]
-    assert f"location = /create {{ proxy_pass http://order-creator; {ROUTE_ERROR_PAGES} }}" in config
-    assert f"location /stock/ {{ proxy_pass http://stock-service; {ROUTE_ERROR_PAGES} }}" in config
+    assert (f"location = /create {{ set $edge_service order-creator; proxy_pass http://switch; "
+            f"{ROUTE_ERROR_PAGES} }}") in config
+    assert (f"location /stock/ {{ set $edge_service stock-service; proxy_pass http://switch; "
+            f"{ROUTE_ERROR_PAGES} }}") in config
     assert "error_page 400" not in ROUTE_ERROR_PAGES  # a service's own 400 reaches the client
     assert "/metrics" not in config
 
@@ -101,3 +103,19 @@ def test_inconsistent_wiring_is_refused_naming_the_field(tmp_path, monkeypatch, 
     with pytest.raises(UsageError) as info:
         spec.load(None)
     assert expected in info.value.message
+
+
+def test_the_switch_sends_every_routed_service_to_one_colour_and_never_resends_a_request(ctx):
+    from opsctl.components.edge_switch import EdgeSwitch
+
+    switch = EdgeSwitch(ctx)
+    (config,) = switch.routes("green")["resources"]
+    assert config["response_headers_to_add"][0]["header"] == {"key": "X-Colour", "value": "green"}
+    routes = [r for r in config["virtual_hosts"][0]["routes"] if "route" in r]
+    assert sorted(r["route"]["cluster"] for r in routes) == ["order-creator-green", "stock-service-green"]
+    # Only what never reached the ingress is tried again.
+    assert all(set(r["route"]["retry_policy"]["retry_on"].split(",")) == {"connect-failure", "reset-before-request"}
+               for r in routes)
+    clusters = {c["name"] for c in switch.clusters()["resources"]}
+    assert clusters == {f"{s}-{c}" for s in ("order-creator", "stock-service") for c in ("blue", "green")}
+    assert switch.routes("green")["version_info"] != switch.routes("blue")["version_info"]
