@@ -217,6 +217,9 @@ def _delta(after: dict, before: dict) -> tuple[float, float, float | None]:
     return sum(classes.values()), classes.get("5", 0.0), _quantile(0.99, buckets)
 
 
+SYNTHETIC_CLIENTS = 4  # the analysis rate comes from this many clients: one slow answer (a busy machine) does not hold it
+
+
 def _synthetic(ctx: Context, colour: str, people: People, order_id: str | None, seconds: float,
                cancel: threading.Event) -> None:
     """Read-only traffic to the colour's ingress at analysis_rate: the smoke order and the
@@ -226,16 +229,21 @@ def _synthetic(ctx: Context, colour: str, people: People, order_id: str | None, 
     paths = [f"{_ingress(ctx, colour, 'stock-service')}/stock/all-categories"]
     if order_id:
         paths.append(f"{_ingress(ctx, colour, 'order-creator')}/order/{order_id}")
-    interval, sent = 1 / ctx.spec.bluegreen.analysis_rate, 0
+    interval = SYNTHETIC_CLIENTS / ctx.spec.bluegreen.analysis_rate
     start = time.monotonic()
-    with httpx.Client(timeout=5) as client:
-        while time.monotonic() - start < seconds and not cancel.is_set():
-            try:
-                client.get(paths[sent % len(paths)], headers=people.headers())
-            except httpx.HTTPError:
-                pass  # a failure counted by the ingress, or (no answer at all) by nobody: see _analyse
-            sent += 1
-            time.sleep(max(0.0, start + sent * interval - time.monotonic()))
+
+    def send(client_number: int) -> None:
+        sent = 0
+        with httpx.Client(timeout=5) as client:
+            while time.monotonic() - start < seconds and not cancel.is_set():
+                try:
+                    client.get(paths[(sent + client_number) % len(paths)], headers=people.headers())
+                except httpx.HTTPError:
+                    pass  # a failure counted by the ingress, or (no answer at all) by nobody: see _analyse
+                sent += 1
+                time.sleep(max(0.0, start + (sent + client_number / SYNTHETIC_CLIENTS) * interval - time.monotonic()))
+
+    in_parallel(list(range(SYNTHETIC_CLIENTS)), send)
 
 
 def _analyse(ctx: Context, colour: str, name: str, seconds: float, traffic=None) -> Check:

@@ -84,7 +84,7 @@ def attack(work: Workdir, rate: float, seconds: float) -> subprocess.Popen:
                                    "header": {"Authorization": [f"Bearer {token}"],
                                               "Content-Type": ["application/json"]}}))
     binary = vegeta()
-    sender = subprocess.Popen([binary, "attack", "-format=json", f"-rate={rate:g}/s", f"-duration={seconds:g}s",
+    sender = subprocess.Popen([binary, "attack", "-format=json", f"-rate={round(rate)}/s", f"-duration={seconds:g}s",
                                "-timeout=30s"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     sender.stdin.write("\n".join(targets) + "\n")
     sender.stdin.close()
