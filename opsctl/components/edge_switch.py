@@ -22,7 +22,7 @@ from opsctl import httpclient
 from opsctl.components.base import Server, fingerprint
 from opsctl.context import Context
 from opsctl.errors import OpsError
-from opsctl.files import write_atomic
+from opsctl.files import read_json, write_atomic
 from opsctl.spec import Component as ComponentSpec
 
 SERVICE_HEADER = "X-Opsctl-Service"
@@ -158,7 +158,7 @@ class EdgeSwitch(Server):
         if self._take(CLUSTERS, self.clusters()):
             changed.append("clusters updated")
         colour = live.colour(self.ctx)
-        if self._take(ROUTES, self.routes(colour)):
+        if self.send_to(colour):
             changed.append(f"sends to {colour}")
         return ", ".join(changed) or None
 
@@ -167,17 +167,8 @@ class EdgeSwitch(Server):
         False if it did already."""
         return self._take(ROUTES, self.routes(colour))
 
-    def colour(self) -> str | None:
-        """The colour the running switch sends to, or None if it does not answer."""
-        try:
-            return httpclient.request("GET", self.address("http").url("/healthz"), timeout=2)[1].get(COLOUR_HEADER)
-        except (httpclient.HTTPError, OSError):
-            return None
-
     def _take(self, name: str, wanted: dict) -> bool:
         """Replace file `name` if it differs from `wanted` and wait until Envoy took it."""
-        from opsctl.files import read_json
-
         if read_json(self.path(name), default=None) == wanted:
             return False
         write_atomic(self.path(name), json.dumps(wanted, indent=1))
