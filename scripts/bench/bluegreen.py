@@ -6,17 +6,23 @@ platform on as users run it (every worker, the screening stream):
    p50/p99 at half that rate, straight to blue's order API (no edge, no ingress, no sidecar)
    and through the edge (nginx -> blue's ingress gateway -> the API's sidecar -> the API),
    alternating, --runs times each;
-2. switches under load: open-loop orders through the edge (vegeta, built from its Go module
-   into the cache) at half the edge's median peak during each of --switches runs of
+2. sustained capacity: open-loop orders through the edge (vegeta, built from its Go module
+   into the cache) for 20 s at each of 40, 80, 120, ... orders/s until one is not all
+   answered 201 or its p99 passes the switch's own max_p99_ms (platform.yaml); the last rate
+   that passed is the capacity (wrk's peak is a burst the platform does not sustain);
+3. switches under load: open-loop orders through the edge at half that capacity during each
+   of --switches runs of
    `opsctl bluegreen switch` back and forth; failed requests (sent and not answered 201),
    orders lost (accepted and not stored once the workers caught up), each switch's time to
-   traffic on the new colour (gate excluded) and with its gate;
-3. failover: GETs of the stock catalogue through the live colour's ingress at 50/s while its
+   traffic on the new colour (gate excluded) and with its gate, switches the analysis
+   rolled back;
+4. failover: GETs of the stock catalogue through the live colour's ingress at 50/s while its
    stock service stops (its sidecar stays up): time to the first request the peer served,
    requests failed meanwhile, the slowest answer; --failovers times.
 
 Installs the platform in a fresh working directory on free ports, then purges it.
 Usage: .venv/bin/python scripts/bench/bluegreen.py [--runs 3] [--switches 10] [--failovers 3] [--rate R]
+(--rate skips the capacity step)
 """
 
 from __future__ import annotations
@@ -93,20 +99,44 @@ def attack(work: Workdir, rate: float, seconds: float) -> subprocess.Popen:
     return report
 
 
+CAPACITY_STEP, CAPACITY_SECONDS = 40, 20
+
+
+def capacity(work: Workdir) -> dict:
+    """The highest open-loop rate (a multiple of CAPACITY_STEP) whose orders were all
+    answered 201 with a p99 within the switch's max_p99_ms, and what each step measured."""
+    limit = workdir_context(work).spec.bluegreen.max_p99_ms
+    steps, rate = [], CAPACITY_STEP
+    while True:
+        result = json.loads(attack(work, rate, CAPACITY_SECONDS).communicate(timeout=CAPACITY_SECONDS + 60)[0])
+        ok = (result.get("status_codes") or {}).get("201", 0)
+        p99 = result["latencies"]["99th"] / 1e6
+        steps.append({"rate": rate, "requests": result["requests"], "failed": result["requests"] - ok,
+                      "p50_ms": result["latencies"]["50th"] / 1e6, "p99_ms": p99})
+        print(f"capacity: {rate}/s: {steps[-1]['failed']} failed, p50 {steps[-1]['p50_ms']:.0f} ms, "
+              f"p99 {p99:.0f} ms", file=sys.stderr, flush=True)
+        if steps[-1]["failed"] or p99 > limit:
+            return {"rate": rate - CAPACITY_STEP, "max_p99_ms": limit, "steps": steps}
+        rate += CAPACITY_STEP
+        time.sleep(5)  # the backlog of the step before drains
+
+
 def switches(work: Workdir, rate: float, count: int) -> dict:
     """Open-loop orders through the edge at `rate` (vegeta) during each of `count` switches
     back and forth: every request not answered 201 is a failed one (a reset connection too);
     every order answered 201 and not stored once the workers caught up is a lost one."""
     before = stored(caught_up(work, 0)[1])
-    runs, sent, accepted, answers, errors = [], 0, 0, {}, set()
+    runs, sent, accepted, answers, errors, rolled_back = [], 0, 0, {}, set(), []
     for _ in range(count):
         report = attack(work, rate, SWITCH_WINDOW)
         time.sleep(3)
         done = work.run("bluegreen", "switch", "--yes", "--analysis-seconds", "5", "-o", "json", check_json=True)
         data = done.json
-        if done.returncode != 0:
+        if done.returncode != 0 and not data.get("rolled_back"):
             report.kill()
             sys.exit(f"switch failed: {json.dumps(data)}")
+        if data.get("rolled_back"):
+            rolled_back.append(next(c["detail"] for c in data["checks"] if not c["ok"]))
         result = json.loads(report.communicate(timeout=SWITCH_WINDOW + 60)[0])
         codes = result.get("status_codes") or {}
         sent += result["requests"]
@@ -118,12 +148,14 @@ def switches(work: Workdir, rate: float, count: int) -> dict:
                      "with_gate_s": data["gate_seconds"] + data["switch_seconds"],
                      "requests": result["requests"], "failed": result["requests"] - codes.get("201", 0),
                      "p99_ms": result["latencies"]["99th"] / 1e6})
-        print(f"-> {data['to']}: edge {data['switch_seconds'] * 1000:.0f} ms, with the gate "
+        back = " (rolled back)" if data.get("rolled_back") else ""
+        print(f"-> {data['to']}{back}: edge {data['switch_seconds'] * 1000:.0f} ms, with the gate "
               f"{runs[-1]['with_gate_s']:.1f} s; {result['requests']} requests, {runs[-1]['failed']} failed, "
               f"p99 {runs[-1]['p99_ms']:.0f} ms", file=sys.stderr, flush=True)
     took, seen = caught_up(work, before + accepted + count)  # each gate's smoke order too
     return {"runs": runs, "requests": sent, "failed": sent - accepted, "answers": answers, "errors": sorted(errors),
-            "lost": before + accepted + count - stored(seen), "rate": rate, "caught_up_s": took}
+            "lost": before + accepted + count - stored(seen), "rate": rate, "caught_up_s": took,
+            "rolled_back": rolled_back}
 
 
 def served_by_peer(ctx, colour: str) -> int:
@@ -203,13 +235,16 @@ def main() -> None:
     parser.add_argument("--switches", type=int, default=10, help="switches under load (default 10)")
     parser.add_argument("--failovers", type=int, default=3, help="failovers (default 3)")
     parser.add_argument("--rate", type=float, default=0,
-                        help="orders/s during the switches (default: half the edge's median peak; --runs 0 needs it)")
+                        help="orders/s during the switches (default: half the sustained capacity, measured)")
     args = parser.parse_args()
     work = Workdir(reachable_dir("opsctl-bench-"), port_override())
     try:
         everything_on(work)
         cost = mesh_cost(work, args.connections, args.duration, args.runs) if args.runs else {}
-        rate = args.rate or statistics.median(r["peak"] for r in cost["edge"]) / 2
+        sustained = {} if args.rate else capacity(work)
+        rate = args.rate or sustained["rate"] / 2
+        if not rate:
+            sys.exit(f"the edge does not sustain {CAPACITY_STEP} orders/s: {sustained['steps']}")
         switched = switches(work, rate, args.switches)
         failovers = failover(work, args.failovers)
     finally:
@@ -221,13 +256,18 @@ def main() -> None:
         peaks = ", ".join(f"{r['peak']:,.0f}" for r in runs)
         print(f"| {way} | {peaks} | {statistics.median(r['peak'] for r in runs):,.0f} "
               f"| {statistics.median(r['p50'] for r in runs):.1f} / {statistics.median(r['p99'] for r in runs):.1f} ms |")
+    if sustained:
+        steps = "; ".join(f"{s['rate']}/s: {s['failed']} failed, p99 {s['p99_ms']:,.0f} ms" for s in sustained["steps"])
+        print(f"\nsustained capacity through the edge (open loop, {CAPACITY_SECONDS} s a step, p99 within "
+              f"{sustained['max_p99_ms']:.0f} ms): {sustained['rate']}/s ({steps})")
     edge = [r["edge_s"] * 1000 for r in switched["runs"]]
     gated = [r["with_gate_s"] for r in switched["runs"]]
     print(f"\n{len(switched['runs'])} switches under {switched['rate']:.0f} orders/s through the edge (open loop): "
           f"{switched['requests']:,} requests, {switched['failed']} failed (answers {switched['answers']}, "
           f"errors {switched['errors']}), {switched['lost']} orders lost "
           f"(caught up {switched['caught_up_s']:.0f} s after); edge moved in median {statistics.median(edge):.0f} ms "
-          f"(max {max(edge):.0f}), with the gate median {statistics.median(gated):.1f} s (analysis 5 s)")
+          f"(max {max(edge):.0f}), with the gate median {statistics.median(gated):.1f} s (analysis 5 s); "
+          f"rolled back by the analysis: {len(switched['rolled_back'])} {switched['rolled_back']}")
     times = ", ".join("never" if f["failover_s"] is None else f"{f['failover_s']:.2f}" for f in failovers)
     failed = ", ".join(str(f["failed"]) for f in failovers)
     slowest = ", ".join(f"{f['slowest_s'] * 1000:.0f}" for f in failovers)
