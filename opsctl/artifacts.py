@@ -94,23 +94,37 @@ def unzipped(coordinate: str, dest: Path) -> Path:
 BUILDS = Path(__file__).with_name("builds")  # the wrapper modules: one folder per program
 
 
-def go_binary(build: str, package: str, dest: Path) -> Path:
-    """The program `package` built from the wrapper module opsctl/builds/<build> (its go.sum
-    pins every module), as dest/<last part of package>. Minutes of CPU the first time
-    (Consul: ~5 on 2 cores); the module zips come from the Go module proxy."""
-    go = require_binary("go", "install Go 1.22 or newer (https://go.dev/dl/, or apt-get install -y golang)")
+def go_binary(build: str, package: str, dest: Path, stamp: dict[str, str] | None = None) -> Path:
+    """The program `package` built from the wrapper module opsctl/builds/<build>, as
+    dest/<its name> (see go_binaries)."""
+    name = program_name(package)
+    return go_binaries(build, {name: package}, dest, stamp) / name
+
+
+def program_name(package: str) -> str:
     parts = package.rstrip("/").split("/")
-    name = parts[-2] if re.fullmatch(r"v[0-9]+", parts[-1]) else parts[-1]  # .../vegeta/v12: vegeta
+    return parts[-2] if re.fullmatch(r"v[0-9]+", parts[-1]) else parts[-1]  # .../vegeta/v12: vegeta
+
+
+def go_binaries(build: str, programs: dict[str, str], dest: Path, stamp: dict[str, str] | None = None) -> Path:
+    """The programs (name: package) built from the wrapper module opsctl/builds/<build> (its
+    go.sum pins every module) into dest/; `stamp` sets string
+    variables at link time (package.Var: value), as the programs' own release builds set
+    their version. Minutes of CPU the first time (Consul: ~5 on 2 cores; the Kubernetes
+    control plane: ~20); the module zips come from the Go module proxy."""
+    go = require_binary("go", "install Go 1.22 or newer (https://go.dev/dl/, or apt-get install -y golang)")
+    ldflags = " ".join(["-s", "-w", *(f"-X {var}={value}" for var, value in (stamp or {}).items())])
     dest = dest.resolve()  # go runs in the wrapper module's folder
 
     def fill(tmp: Path) -> None:
         env = {**os.environ, "GOTOOLCHAIN": "local", "GOFLAGS": "-mod=readonly -buildvcs=false",
                "CGO_ENABLED": "0"}
-        result = subprocess.run([go, "build", "-trimpath", "-ldflags=-s -w", "-o", str(tmp / name), package],
-                                cwd=BUILDS / build, env=env, capture_output=True, text=True)
-        if result.returncode != 0:
-            tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-10:])
-            raise OpsError(f"go build {package} failed:\n{tail}",
-                           "check that the Go module proxy is reachable (GOPROXY), then run again")
+        for name, package in programs.items():  # one at a time: a build of several at once needs their memory together
+            result = subprocess.run([go, "build", "-trimpath", f"-ldflags={ldflags}", "-o", str(tmp / name), package],
+                                    cwd=BUILDS / build, env=env, capture_output=True, text=True)
+            if result.returncode != 0:
+                tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-10:])
+                raise OpsError(f"go build {package} failed:\n{tail}",
+                               "check that the Go module proxy is reachable (GOPROXY), then run again")
 
-    return _install(dest, fill) / name
+    return _install(dest, fill)

@@ -1,0 +1,43 @@
+"""Fixtures of the kubernetes target's tests: a control plane, a namespace per test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import LIVE_WORKDIRS
+
+
+@pytest.fixture(scope="package")
+def control_plane():
+    """A real Kubernetes control plane with 3 kwok nodes (tests/integration/controlplane.py),
+    started for the tests of this folder and stopped after them, so that it does not share
+    the machine with the local platform's tests."""
+    from tests.integration.controlplane import ControlPlane
+
+    cluster = ControlPlane(Path(tempfile.mkdtemp(prefix="opsctl-kube-")))
+    LIVE_WORKDIRS.append(cluster)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+        LIVE_WORKDIRS.remove(cluster)
+        shutil.rmtree(cluster.path, ignore_errors=True)
+
+
+@pytest.fixture
+def namespace(control_plane, request):
+    """A namespace of its own for one test, deleted after it."""
+    import re
+
+    from kubernetes import client
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-") + f"-{os.getpid() % 1000}"
+    core = client.CoreV1Api(control_plane.api())
+    core.create_namespace({"metadata": {"name": name}})
+    yield name
+    core.delete_namespace(name)
