@@ -28,6 +28,7 @@ class Context:
     target: str
     state_dir: Path
     dry_run: bool = False
+    target_options: dict = field(default_factory=dict)  # the kubernetes target's --context, --kubeconfig
     cancel: threading.Event = field(default_factory=threading.Event)
     _secrets_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -40,7 +41,7 @@ class Context:
         """The target the platform runs on (opsctl.targets): it runs the components."""
         from opsctl import targets
 
-        return targets.get(self.target, self.state_dir)
+        return targets.get(self.target, self.state_dir, self.target_options)
 
     def address(self, name: str, port: str = "", colour: str | None = None) -> Address:
         """Where component or service `name` answers on its port `port` (else its first),

@@ -55,6 +55,24 @@ class Component(Strict):
     artifact: str | None = None
     memory: Annotated[str, Field(pattern=r"^[0-9]+[mg]$")] | None = None
     ports: dict[Name, Port] = {}
+    image: Name | None = None  # its container image on the kubernetes target, pinned
+
+
+DnsLabel = Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
+
+
+class KubernetesSettings(Strict):
+    """How the kubernetes target installs the platform (platform.yaml `kubernetes:`)."""
+
+    timeout_seconds: Annotated[int, Field(ge=10, le=3600)]  # helm --wait, each release
+    history_max: Annotated[int, Field(ge=1, le=100)]       # revisions helm keeps for a rollback
+    namespaces: dict[DnsLabel, list[str]]                     # namespace: the components in it
+
+    def namespace(self, component: str) -> str:
+        for namespace, members in self.namespaces.items():
+            if component in members:
+                return namespace
+        raise KeyError(component)
 
 
 class KeycloakNames(Strict):
@@ -272,6 +290,7 @@ class Spec(Strict):
     screening: ScreeningSettings
     mesh: Mesh
     bluegreen: BlueGreenSettings
+    kubernetes: KubernetesSettings
 
     @model_validator(mode="after")
     def _consistent(self) -> "Spec":
@@ -285,6 +304,11 @@ class Spec(Strict):
         missing = [c for c in COMPONENTS if c not in self.components]
         if missing:
             raise ValueError(f"component(s) missing: {', '.join(missing)}")
+        placed = [c for members in self.kubernetes.namespaces.values() for c in members]
+        homeless = [c for c in COMPONENTS if c not in placed]
+        if homeless or len(placed) != len(set(placed)) or set(placed) - set(COMPONENTS):
+            raise ValueError("kubernetes.namespaces must name every component once (not placed: "
+                             f"{', '.join(homeless) or 'none'})")
         steps: dict[int, str] = {}
         ports: dict[int, str] = {}
         for name, comp in self.components.items():

@@ -19,6 +19,13 @@ OutputOption = Annotated[
 ]
 
 
+TargetOption = Annotated[str | None, typer.Option(
+    "--target", "-t", help="local or kubernetes [default: platform.target]")]
+KubeContextOption = Annotated[str | None, typer.Option(
+    "--context", help="kubernetes target: the kubeconfig context [default: its current one]")]
+KubeconfigOption = Annotated[str | None, typer.Option(
+    "--kubeconfig", help="kubernetes target: the kubeconfig file [default: $KUBECONFIG, else ~/.kube/config]")]
+
 _OUTPUT = ui.Output.text  # how errors are printed: set by each command from --output
 
 
@@ -39,13 +46,21 @@ def override_file() -> Path | None:
     return spec.override_path(CONFIG_FILE)
 
 
-def context(target: str | None = None, dry_run: bool = False):
+def context(target: str | None = None, dry_run: bool = False, kube_context: str | None = None,
+            kubeconfig: str | None = None):
     """The run context: the spec, the target and the state folder of this working directory."""
     from opsctl.context import Context
+    from opsctl.errors import UsageError
 
+    if target not in (None, "local", "kubernetes"):
+        raise UsageError(f"unknown target '{target}'", "use --target local or --target kubernetes")
     spec = load_spec()
-    ctx = Context(spec, target or spec.platform.target, (Path.cwd() / spec.platform.state_dir).resolve(),
-                  dry_run)
+    chosen = target or spec.platform.target
+    if chosen != "kubernetes" and (kube_context or kubeconfig):
+        raise UsageError("--context and --kubeconfig are for the kubernetes target",
+                         "add --target kubernetes, or leave them out")
+    ctx = Context(spec, chosen, (Path.cwd() / spec.platform.state_dir).resolve(), dry_run,
+                  {"context": kube_context, "kubeconfig": kubeconfig})
     ctx.runtime.check_available()
     return ctx
 

@@ -7,13 +7,13 @@ from typing import Annotated, List, Optional
 import typer
 
 from opsctl import ui
-from opsctl.commands.common import OutputOption, context, set_output
+from opsctl.commands.common import (KubeconfigOption, KubeContextOption, OutputOption, TargetOption, context,
+                                    set_output)
 from opsctl.errors import UsageError
 
 
 def install(
-    target: Annotated[Optional[str], typer.Option(
-        "--target", "-t", help="local or kubernetes [default: platform.target]")] = None,
+    target: TargetOption = None,
     only: Annotated[Optional[List[str]], typer.Option(
         "--only", metavar="STEP", help="Run only these steps (name or number; repeat or comma-separate).")] = None,
     start: Annotated[Optional[str], typer.Option(
@@ -22,19 +22,21 @@ def install(
         "--skip", metavar="STEP", help="Leave these steps out (name or number; repeat or comma-separate).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; change nothing.")] = False,
     parallel: Annotated[int, typer.Option(min=1, max=16, help="Steps run at once.")] = 4,
+    kube_context: KubeContextOption = None,
+    kubeconfig: KubeconfigOption = None,
     output: OutputOption = ui.Output.text,
 ) -> None:
     """Install the platform: run the numbered steps in order, skipping what is already done."""
     set_output(output)
-    if target not in (None, "local", "kubernetes"):
-        raise UsageError(f"unknown target '{target}'", "use --target local or --target kubernetes")
     from opsctl.app import platform
 
-    ctx = context(target, dry_run)
+    ctx = context(target, dry_run, kube_context, kubeconfig)
     steps = platform.select_steps(ctx, only or [], start, skip or [])
     title = f"{'plan' if dry_run else 'install'} — target {ctx.target}"
     board = ui.StepBoard([(c.number, c.name) for c in steps], title, enabled=output == ui.Output.text)
     notes = ui.info if output == ui.Output.text else (lambda text: None)
+    if ctx.runtime.where():
+        notes(f"{'planning for' if dry_run else 'installing on'} {ctx.runtime.where()}")
     result = platform.install(ctx, steps, board, parallel, notes)
     if output == ui.Output.json:
         ui.print_json(result.data)
@@ -51,6 +53,9 @@ def install(
 
 
 def status(
+    target: TargetOption = None,
+    kube_context: KubeContextOption = None,
+    kubeconfig: KubeconfigOption = None,
     output: OutputOption = ui.Output.text,
 ) -> None:
     """Show every component, bundled service and the streaming job: endpoint, health,
@@ -58,7 +63,7 @@ def status(
     set_output(output)
     from opsctl.app import platform
 
-    ctx = context()
+    ctx = context(target, kube_context=kube_context, kubeconfig=kubeconfig)
     result = platform.status(ctx)
     healths = result.data["components"]
 
@@ -78,15 +83,20 @@ def down(
     purge: Annotated[bool, typer.Option(
         "--purge", help="Also delete all data, logs, secrets and state of the local platform.")] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before --purge.")] = False,
+    target: TargetOption = None,
+    kube_context: KubeContextOption = None,
+    kubeconfig: KubeconfigOption = None,
     output: OutputOption = ui.Output.text,
 ) -> None:
-    """Stop the local platform (and with --purge, delete its data)."""
+    """Stop the platform (the local processes, or uninstall the kubernetes releases); with
+    --purge, delete its data too."""
     set_output(output)
     from opsctl.app import platform
 
-    ctx = context()
+    ctx = context(target, kube_context=kube_context, kubeconfig=kubeconfig)
+    where = f"on {ctx.runtime.where()}" if ctx.runtime.where() else f"under {ctx.state_dir}"
     if purge and not yes and not ui.confirm(
-            f"Delete every server's data, logs and secrets under {ctx.state_dir}?"):
+            f"Delete every server's data, logs and secrets {where}?"):
         raise UsageError("--purge deletes all data of the local platform; nothing was deleted",
                          "confirm at the prompt, or pass --yes")
     result = platform.down(ctx, purge)

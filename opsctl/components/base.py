@@ -89,6 +89,9 @@ class Skipped(Component):
         super().__init__(name, ctx)
         self.reason = reason
 
+    def _component_spec(self) -> ComponentSpec | None:
+        return self.ctx.spec.components.get(self.name)  # None for a configuration step
+
     def reconcile(self) -> Outcome:
         return Outcome("skipped", self.reason)
 
@@ -137,6 +140,18 @@ class ConfigStep(Component):
             return Outcome("unchanged", "in sync")
         shown = "; ".join(str(c) for c in changes[:3]) + (" …" if len(changes) > 3 else "")
         return Outcome("planned" if self.ctx.dry_run else "changed", f"{len(changes)} change(s): {shown}")
+
+
+@dataclass
+class Release:
+    """What a server is on the kubernetes target: a release of the project's chart
+    manifests/charts/<chart> with these values, reading the generated credentials
+    `secrets` (their names; each generated once into the release's Secret
+    <release>-credentials and never printed)."""
+
+    chart: str
+    values: dict
+    secrets: list[str] = field(default_factory=list)
 
 
 def fingerprint(*parts) -> str:
@@ -202,6 +217,10 @@ class Server(Component):
 
     def version(self) -> str:
         return ""
+
+    def release(self) -> Release | None:
+        """Its form on the kubernetes target; None: not on that target yet."""
+        return None
 
     def health_detail(self) -> tuple[bool, str]:
         """(healthy, detail) of a ready server; override for richer checks."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from opsctl.components.base import Server
+from opsctl.components.base import Release, Server
 from opsctl.files import write_atomic
 from opsctl.net import port_open
 from opsctl.host import require_binary
@@ -36,6 +36,18 @@ class Redis(Server):
 
     def argv(self) -> list[str]:
         return ["redis-server", str(self.path("redis.conf"))]
+
+    def release(self) -> Release:
+        """On the kubernetes target: the data-service chart, its admin password generated into
+        the release's Secret, reachable only from the services whose credentials name Redis."""
+        port = self.port("redis")
+        return Release("data-service", {
+            "image": self.spec.image, "ports": {"redis": port}, "dataPath": "/data",
+            "args": ["redis-server", "--port", str(port), "--dir", "/data", "--appendonly", "yes",
+                     "--save", "900 1", "--requirepass", "$(REDIS_PASSWORD)"],
+            "secretEnv": {"REDIS_PASSWORD": "password"},
+            "allowFrom": sorted(n for n, s in self.ctx.spec.services.items() if "redis" in s.credentials)},
+            secrets=["password"])
 
     def _client(self, user: str | None = None, password: str | None = None):
         import redis

@@ -262,7 +262,10 @@ class Services(Component):
 
 
 def every_instance(ctx: Context) -> list[BundledService]:
-    """Every service's every instance (install's and the streaming job)."""
+    """Every service's every instance (install's and the streaming job); none on the
+    kubernetes target yet."""
+    if ctx.target == "kubernetes":
+        return []
     return [s for name in ctx.spec.services for s in instances(ctx, name)]
 
 

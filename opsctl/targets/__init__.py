@@ -5,7 +5,7 @@ this package; the engine and the commands reach a target only through the run co
 (`ctx.runtime`).
 
     targets/local/       supervised processes on this machine (the default)
-    targets/kubernetes/  helm releases on a cluster (not available yet)
+    targets/kubernetes/  helm releases of the project's charts on a cluster
 
 May import opsctl.spec, opsctl.net, opsctl.errors, opsctl.files, opsctl.host and the types
 of opsctl.components.base; never a command.
@@ -32,11 +32,16 @@ class Target:
 
     name: str
 
-    def __init__(self, state_dir: Path):
+    def __init__(self, state_dir: Path, options: dict | None = None):
         self.state_dir = state_dir
+        self.options = options or {}
 
     def check_available(self) -> None:
         """Raise a UsageError saying what to do when this target cannot be used here."""
+
+    def where(self) -> str:
+        """Where it installs, in a few words, for install to say (empty: nothing to say)."""
+        return ""
 
     def address(self, spec: Spec, name: str, port: str = "", colour: str | None = None) -> Address:
         """Where `name` answers on its port `port`; a service of both colours (and the
@@ -68,6 +73,6 @@ class Target:
         """Once everything is stopped: stop what runs the servers (the local supervisor)."""
 
 
-def get(name: str, state_dir: Path) -> Target:
+def get(name: str, state_dir: Path, options: dict | None = None) -> Target:
     module, _, cls = IMPLEMENTATIONS[name].partition(":")
-    return getattr(importlib.import_module(module), cls)(state_dir)
+    return getattr(importlib.import_module(module), cls)(state_dir, options)

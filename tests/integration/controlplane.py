@@ -123,12 +123,14 @@ def _kubeconfig(folder: Path, server: str) -> Path:
 
 @dataclass
 class ControlPlane:
-    """One cluster in `path`: start() brings it up with `nodes` kwok nodes, stop() ends
+    """One cluster in `path`: start() brings it up with `nodes` kwok nodes and `volumes`
+    persistent volumes, stop() ends
     every process. kubeconfig is an admin's (system:masters). Listed in the integration
     tests' LIVE_WORKDIRS, a failed test's report ends with the tails of its logs."""
 
     path: Path
     nodes: int = 3
+    volumes: int = 20
     host: str = "127.0.0.1"
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
@@ -195,8 +197,10 @@ class ControlPlane:
         self._start("kube-scheduler", [str(k8s / "kube-scheduler"), *common])
         (f / "kwok-stages.yaml").write_text(kwok_stages())
         self._start("kwok", [str(bins["kwok"] / "kwok"), f"--kubeconfig={self.kubeconfig}", "--manage-all-nodes=true",
+                             "--node-lease-duration-seconds=40",  # the heartbeat the node controller reads
                              f"--config={f / 'kwok-stages.yaml'}", "--server-address=", "--v=1"])
         self.add_nodes(self.nodes)
+        self.add_volumes(self.volumes)
         return self
 
     def _ready(self, server: str) -> bool:
@@ -237,6 +241,22 @@ class ControlPlane:
             return ready >= first + count
 
         self._wait(f"{first + count} nodes Ready", all_ready)
+
+    def add_volumes(self, count: int) -> None:
+        """A default StorageClass and `count` PersistentVolumes of 10Gi in it, which the
+        controller manager binds to claims, as a cluster's provisioner would (kwok runs no
+        volume plugin: nothing is mounted)."""
+        from kubernetes import client
+
+        api = self.api()
+        client.StorageV1Api(api).create_storage_class({
+            "metadata": {"name": "standard", "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
+            "provisioner": "kubernetes.io/no-provisioner", "volumeBindingMode": "Immediate"})
+        core = client.CoreV1Api(api)
+        for i in range(count):
+            core.create_persistent_volume({"metadata": {"name": f"volume-{i}"}, "spec": {
+                "capacity": {"storage": "10Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": "standard",
+                "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": f"/nonexistent/volume-{i}"}}})
 
     def stop(self) -> None:
         for process in reversed(list(self.processes.values())):

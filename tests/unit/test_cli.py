@@ -66,9 +66,10 @@ def test_unknown_option_value_is_a_usage_error(cwd):
     assert opsctl(cwd, "install", "--target", "docker", "--dry-run").returncode == 2
 
 
-def test_kubernetes_target_is_refused_clearly(cwd):
-    result = opsctl(cwd, "install", "--target", "kubernetes", "--dry-run")
-    assert result.returncode == 2 and "kubernetes target is not available yet" in result.stderr
+def test_kubernetes_target_without_a_cluster_is_refused_clearly(cwd):
+    result = opsctl(cwd, "install", "--target", "kubernetes", "--kubeconfig", str(cwd / "none"), "--dry-run")
+    assert result.returncode == 2 and f"no kubeconfig at {cwd / 'none'}" in result.stderr
+    assert "--kubeconfig" in result.stderr and list(cwd.iterdir()) == []
 
 
 def test_dry_run_on_fresh_directory_plans_every_server_and_writes_nothing(cwd):

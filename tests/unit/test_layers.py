@@ -10,6 +10,7 @@ import pytest
 
 from opsctl import spec
 from opsctl.components import build
+from opsctl.components.base import Skipped
 from opsctl.context import Context
 from opsctl.errors import USAGE, UsageError
 
@@ -60,18 +61,23 @@ def test_every_package_says_what_it_owns():
     assert not missing
 
 
-@pytest.mark.parametrize("operation", ["apply", "health", "stop", "purge", "running", "logfile"])
-def test_the_kubernetes_target_says_it_is_not_available_through_the_same_interface(tmp_path, operation):
+def test_on_the_kubernetes_target_only_servers_with_a_chart_are_steps(tmp_path):
     ctx = Context(spec.load(None), "kubernetes", tmp_path / ".opsctl")
-    server = build("rabbitmq", ctx)
-    with pytest.raises(UsageError) as info:
-        getattr(ctx.runtime, operation)(server)
-    assert info.value.code == USAGE and "not available yet" in info.value.message
+    assert build("redis", ctx).release().chart == "data-service"
+    for name in ("rabbitmq", "consul", "kind", "services", "keycloak-realm"):
+        skipped = build(name, ctx)
+        assert isinstance(skipped, Skipped) and skipped.reason == "not yet on this target"
+    assert str(ctx.address("redis", "redis")) == "redis.opsctl-data.svc.cluster.local:6379"
     with pytest.raises(UsageError):
-        ctx.runtime.check_available()
-    with pytest.raises(UsageError):
-        ctx.address("rabbitmq", "amqp")
+        ctx.address("mesh", "ingress/order-creator", "blue")
     assert not (tmp_path / ".opsctl").exists()  # nothing was written
+
+
+def test_the_kubernetes_target_needs_a_kubeconfig(tmp_path):
+    ctx = Context(spec.load(None), "kubernetes", tmp_path / ".opsctl", False, {"kubeconfig": str(tmp_path / "none")})
+    with pytest.raises(UsageError) as info:
+        ctx.runtime.check_available()
+    assert info.value.code == USAGE and "no kubeconfig at" in info.value.message
 
 
 def test_the_local_target_says_where_each_component_answers(tmp_path):

@@ -1,25 +1,244 @@
-"""The kubernetes target: helm releases and manifests applied to a kube context. Not
-available yet: every operation says so, through the same interface as the local target,
-so that filling it in changes nothing else."""
+"""The kubernetes target: each server a helm release of the project's chart
+(manifests/charts/<chart>, components' `release()`) in the namespace of its concern
+(platform.yaml `kubernetes.namespaces`), on a kube context: --context and --kubeconfig, else
+$KUBECONFIG's (or ~/.kube/config's) current one. Helm is driven as a program (helm.py);
+the cluster is read with the kubernetes client. The generated credentials of a release live
+in its Secret <release>-credentials, never in a file here and never printed.
+
+A release is upgraded only when what opsctl would apply changed: the fingerprint of the
+chart and its values is kept in the release's own values (opsctl.fingerprint).
+"""
 
 from __future__ import annotations
 
-from opsctl.errors import UsageError
+import json
+import os
+import secrets as pysecrets
+import subprocess
+import tempfile
+from functools import cached_property
+from pathlib import Path
+
+from opsctl.components.base import Health, Outcome, Server, fingerprint
+from opsctl.errors import OpsError, UsageError
+from opsctl.net import Address
+from opsctl.spec import Spec
 from opsctl.targets import Target
 
+CHARTS = Path(__file__).resolve().parents[3] / "manifests" / "charts"
+NOT_YET = "not yet on the kubernetes target"
 
-def not_available() -> UsageError:
-    return UsageError("the kubernetes target is not available yet in this version of opsctl",
-                      "use --target local (the default) for now")
+
+def chart_digest(chart: Path) -> str:
+    return fingerprint(*[(str(p.relative_to(chart)), p.read_text()) for p in sorted(chart.rglob("*")) if p.is_file()])
 
 
 class KubernetesTarget(Target):
     name = "kubernetes"
 
+    # --- the cluster -------------------------------------------------------------------
+    @cached_property
+    def kubeconfig(self) -> Path:
+        given = self.options.get("kubeconfig") or os.environ.get("KUBECONFIG", "").split(os.pathsep)[0]
+        path = Path(given or Path.home() / ".kube" / "config").expanduser()
+        if not path.is_file():
+            raise UsageError(f"no kubeconfig at {path}",
+                             "pass --kubeconfig FILE (or set KUBECONFIG) for the cluster to install on; "
+                             "creating a kind cluster (step 1) is not in this version yet")
+        return path
+
+    @cached_property
+    def kube_context(self) -> str:
+        import yaml
+
+        try:
+            config = yaml.safe_load(self.kubeconfig.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise UsageError(f"cannot read the kubeconfig {self.kubeconfig}: {e}", "pass a valid --kubeconfig")
+        names = [c.get("name") for c in config.get("contexts") or []]
+        wanted = self.options.get("context") or config.get("current-context")
+        if not wanted or wanted not in names:
+            raise UsageError(f"no context {wanted!r} in {self.kubeconfig}" if wanted else
+                             f"{self.kubeconfig} has no current context",
+                             f"pass --context with one of: {', '.join(n for n in names if n) or '(none)'}")
+        return wanted
+
+    @cached_property
+    def api(self):
+        from kubernetes import config
+
+        try:
+            return config.new_client_from_config(config_file=str(self.kubeconfig), context=self.kube_context)
+        except Exception as e:  # the client's own errors for a broken entry
+            raise UsageError(f"context {self.kube_context} of {self.kubeconfig} is not usable: {e}",
+                             "fix the kubeconfig, or pass another --context")
+
     def check_available(self) -> None:
-        raise not_available()
+        """The context exists and its API server answers (5 s)."""
+        from kubernetes import client
 
-    def _not_yet(self, *args, **kwargs):
-        raise not_available()
+        try:
+            client.VersionApi(self.api).get_code(_request_timeout=5)
+        except Exception as e:
+            reason = str(e).splitlines()[0][:200]
+            raise OpsError(f"the cluster of context {self.kube_context} does not answer: {reason}",
+                           "check that it is running and that the kubeconfig's server address is right") from None
 
-    address = apply = health = stop = purge = running = logfile = _not_yet
+    def where(self) -> str:
+        return f"the cluster of context {self.kube_context} ({self.api.configuration.host}, from {self.kubeconfig})"
+
+    def helm(self, *args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
+        from opsctl.targets.kubernetes import helm
+
+        binary = helm.binary(Path(os.environ.get("OPSCTL_CACHE_DIR") or self.state_dir / "cache"))
+        try:
+            return subprocess.run([str(binary), "--kubeconfig", str(self.kubeconfig), "--kube-context",
+                                   self.kube_context, *args], capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise OpsError(f"helm {args[0]} did not finish in {timeout:.0f} s",
+                           "check the cluster (its events, its nodes), then run again") from None
+
+    # --- where things are ----------------------------------------------------------------
+    def address(self, spec: Spec, name: str, port: str = "", colour: str | None = None) -> Address:
+        entry = spec.components.get(name)
+        if entry is None or not entry.ports or (port and port not in entry.ports):
+            raise UsageError(f"{name} has no address on the kubernetes target yet", "use --target local")
+        number = entry.ports[port] if port else next(iter(entry.ports.values()))
+        return Address(f"{name}.{spec.kubernetes.namespace(name)}.svc.cluster.local", number)
+
+    def _where(self, server: Server) -> tuple[str, str]:
+        return server.name, server.ctx.spec.kubernetes.namespace(server.name)
+
+    # --- releases ------------------------------------------------------------------------
+    def _namespace(self, namespace: str, platform: str) -> None:
+        from kubernetes import client
+        from kubernetes.client.rest import ApiException
+
+        core = client.CoreV1Api(self.api)
+        labels = {"opsctl.io/platform": platform}
+        try:
+            core.create_namespace({"metadata": {"name": namespace, "labels": labels}})
+        except ApiException as e:
+            if e.status != 409:
+                raise
+            core.patch_namespace(namespace, {"metadata": {"labels": labels}})
+
+    def _credentials(self, name: str, namespace: str, keys: list[str]) -> None:
+        """The release's Secret holds each key, generated the first time; kept after."""
+        import base64
+
+        from kubernetes import client
+        from kubernetes.client.rest import ApiException
+
+        core, secret = client.CoreV1Api(self.api), f"{name}-credentials"
+        try:
+            held = core.read_namespaced_secret(secret, namespace).data or {}
+        except ApiException as e:
+            if e.status != 404:
+                raise
+            held = None
+        missing = {k: base64.b64encode(pysecrets.token_urlsafe(24).encode()).decode()
+                   for k in keys if k not in (held or {})}
+        if held is None:
+            core.create_namespaced_secret(namespace, {"metadata": {"name": secret, "labels": {
+                "app.kubernetes.io/instance": name, "app.kubernetes.io/managed-by": "opsctl"}}, "data": missing})
+        elif missing:
+            core.patch_namespaced_secret(secret, namespace, {"data": missing})
+
+    def _applied(self, name: str, namespace: str) -> str | None:
+        """The fingerprint the deployed release was applied with; None if there is none."""
+        status = self.helm("status", name, "-n", namespace, "-o", "json", timeout=60)
+        if status.returncode != 0 or json.loads(status.stdout).get("info", {}).get("status") != "deployed":
+            return None
+        values = self.helm("get", "values", name, "-n", namespace, "-o", "json", timeout=60)
+        return ((json.loads(values.stdout or "{}") or {}).get("opsctl") or {}).get("fingerprint")
+
+    def apply(self, server: Server) -> Outcome:
+        release = server.release()
+        if release is None:
+            return Outcome("skipped", NOT_YET)
+        name, namespace = self._where(server)
+        chart = CHARTS / release.chart
+        platform = server.ctx.spec.platform.name
+        values = {**release.values, "platform": platform}
+        wanted = fingerprint(chart_digest(chart), values, release.secrets)
+        applied = self._applied(name, namespace)
+        if applied == wanted:
+            return Outcome("unchanged", f"release {name} in {namespace}")
+        action = "install" if applied is None and not self.running(server) else "upgrade"
+        if server.ctx.dry_run:
+            return Outcome("planned", f"{action} release {name} ({release.chart} chart) in {namespace}")
+        self._namespace(namespace, platform)
+        self._credentials(name, namespace, release.secrets)
+        spec = server.ctx.spec.kubernetes
+        with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="opsctl-values-") as file:
+            json.dump({**values, "opsctl": {"fingerprint": wanted}}, file)
+            file.flush()
+            done = self.helm("upgrade", "--install", name, str(chart), "-n", namespace, "-f", file.name,
+                             "--wait", "--timeout", f"{spec.timeout_seconds}s", "--history-max", str(spec.history_max),
+                             "--rollback-on-failure",
+                             timeout=2 * spec.timeout_seconds + 60)  # its wait, then its rollback's
+        if done.returncode != 0:
+            tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+            raise OpsError(f"helm {action} of {name} in {namespace} failed (rolled back to the last good "
+                           f"revision): {tail}",
+                           f"see `helm history {name} -n {namespace}` and the events of namespace {namespace}")
+        done_as = "installed" if action == "install" else "upgraded"
+        return Outcome("changed", f"{done_as} release {name} in {namespace}")
+
+    def running(self, server: Server) -> bool:
+        name, namespace = self._where(server)
+        return self.helm("status", name, "-n", namespace, timeout=60).returncode == 0
+
+    def health(self, server: Server) -> Health:
+        from kubernetes import client
+        from kubernetes.client.rest import ApiException
+
+        report = server._health
+        if server.release() is None:
+            return report("n/a", detail=NOT_YET)
+        name, namespace = self._where(server)
+        endpoint = str(self.address(server.ctx.spec, server.name))
+        try:
+            workload = client.AppsV1Api(self.api).read_namespaced_stateful_set(name, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return report("unhealthy", endpoint=endpoint, detail=f"not installed in {namespace}")
+            return report("unhealthy", endpoint=endpoint, detail=f"cannot read it: {e.reason}")
+        ready, desired = workload.status.ready_replicas or 0, workload.spec.replicas or 0
+        image = workload.spec.template.spec.containers[0].image
+        return report("healthy" if desired and ready >= desired else "unhealthy", endpoint=endpoint,
+                      version=image.rpartition(":")[2], detail=f"{ready}/{desired} ready in {namespace}")
+
+    def stop(self, server: Server) -> bool:
+        """Uninstall its release (its data volume and credentials stay until a purge)."""
+        if server.release() is None or not self.running(server):
+            return False
+        name, namespace = self._where(server)
+        done = self.helm("uninstall", name, "-n", namespace, "--wait", timeout=300)
+        if done.returncode != 0:
+            raise OpsError(f"helm uninstall of {name} in {namespace} failed: {done.stderr.strip()[-300:]}",
+                           "run `opsctl down --target kubernetes` again")
+        return True
+
+    def purge(self, server: Server) -> None:
+        """Its data volumes and its credentials."""
+        from kubernetes import client
+        from kubernetes.client.rest import ApiException
+
+        if server.release() is None:
+            return
+        name, namespace = self._where(server)
+        core = client.CoreV1Api(self.api)
+        try:
+            core.delete_collection_namespaced_persistent_volume_claim(
+                namespace, label_selector=f"app.kubernetes.io/instance={name}")
+            core.delete_namespaced_secret(f"{name}-credentials", namespace)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
+    def logfile(self, server: Server) -> Path:
+        name, namespace = self._where(server)
+        raise UsageError(f"{name} logs to its pod on the kubernetes target",
+                         f"kubectl logs -n {namespace} statefulset/{name}")

@@ -1,0 +1,107 @@
+"""`opsctl install|status|down --target kubernetes` on the real control plane: a server becomes
+a helm release of the project's chart in its namespace, with its credentials generated
+into a Secret, a NetworkPolicy that admits only the services that use it, and its own
+ServiceAccount; a re-install changes nothing, a changed value upgrades that release only,
+down uninstalls and keeps the data until --purge. So far Redis is the one server with a
+chart; every other step says it is not on this target yet."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+
+import pytest
+import yaml
+
+from tests.integration.conftest import LIVE_WORKDIRS, Workdir, reachable_dir
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def work(control_plane):
+    work = Workdir(reachable_dir("opsctl-kube-work-"), {})
+    yield work
+    LIVE_WORKDIRS.remove(work)
+    shutil.rmtree(work.path, ignore_errors=True)
+
+
+def kube(control_plane, *args: str) -> list[str]:
+    return ["--target", "kubernetes", "--kubeconfig", str(control_plane.kubeconfig), *args]
+
+
+def test_install_reinstall_upgrade_status_down_and_purge(control_plane, work):
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    api = control_plane.api()
+    core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
+    namespace = work.spec.kubernetes.namespace("redis")
+
+    planned = work.run("install", *kube(control_plane, "--dry-run", "-o", "json"), check_json=True)
+    assert planned.returncode == 0, planned.stderr
+    steps = {s["name"]: s for s in planned.json["steps"]}
+    assert steps["redis"]["state"] == "planned"
+    assert steps["postgres"]["state"] == "skipped" and "not yet" in steps["postgres"]["detail"]
+    assert namespace not in [n.metadata.name for n in core.list_namespace().items]  # a plan changes nothing
+
+    installed = work.run("install", *kube(control_plane, "-o", "json"), check_json=True)
+    assert installed.returncode == 0, installed.stderr
+    assert {s["name"]: s["state"] for s in installed.json["steps"]}["redis"] == "changed"
+    workload = apps.read_namespaced_stateful_set("redis", namespace)
+    assert workload.status.ready_replicas == 1
+    assert workload.spec.template.spec.containers[0].image == work.spec.components["redis"].image
+    password = base64.b64decode(core.read_namespaced_secret("redis-credentials", namespace).data["password"]).decode()
+    assert len(password) >= 24 and password not in installed.stdout + installed.stderr
+    assert core.read_namespace(namespace).metadata.labels["opsctl.io/platform"] == work.spec.platform.name
+    policy = client.NetworkingV1Api(api).read_namespaced_network_policy("redis", namespace)
+    allowed = policy.spec.ingress[0]._from[0].pod_selector.match_expressions[0].values
+    assert sorted(allowed) == sorted(n for n, s in work.spec.services.items() if "redis" in s.credentials)
+    assert core.read_namespaced_service_account("redis", namespace).automount_service_account_token is False
+
+    again = work.run("install", *kube(control_plane, "-o", "json"), check_json=True)
+    assert {s["name"]: s["state"] for s in again.json["steps"]}["redis"] == "unchanged"
+
+    work.write_config({"components": {"redis": {"image": "redis:7.0.16"}}})
+    upgraded = work.run("install", *kube(control_plane, "--only", "redis", "-o", "json"), check_json=True)
+    assert upgraded.json["steps"][0]["state"] == "changed" and "upgraded" in upgraded.json["steps"][0]["detail"]
+    image = apps.read_namespaced_stateful_set("redis", namespace).spec.template.spec.containers[0].image
+    assert image == "redis:7.0.16"
+    assert base64.b64decode(core.read_namespaced_secret(  # the credentials outlive an upgrade
+        "redis-credentials", namespace).data["password"]).decode() == password
+
+    status = work.run("status", *kube(control_plane, "-o", "json"), check_json=True)
+    assert status.returncode == 0, status.stdout
+    redis = {c["component"]: c for c in status.json["components"]}["redis"]
+    assert (redis["health"], redis["version"]) == ("healthy", "7.0.16")
+    assert redis["endpoint"] == f"redis.{namespace}.svc.cluster.local:{work.spec.components['redis'].ports['redis']}"
+
+    down = work.run("down", *kube(control_plane, "-o", "json"), check_json=True)
+    assert down.returncode == 0 and down.json["stopped"] == ["redis"]
+    after = work.run("status", *kube(control_plane, "-o", "json"), check_json=True)
+    assert after.returncode == 3
+    assert {c["component"]: c for c in after.json["components"]}["redis"]["health"] == "unhealthy"
+    assert core.read_namespaced_secret("redis-credentials", namespace)  # kept until --purge
+    assert core.list_namespaced_persistent_volume_claim(namespace).items
+
+    purged = work.run("down", *kube(control_plane, "--purge", "--yes"))
+    assert purged.returncode == 0, purged.stderr
+    with pytest.raises(ApiException):
+        core.read_namespaced_secret("redis-credentials", namespace)
+    assert not [c for c in core.list_namespaced_persistent_volume_claim(namespace).items
+                if not c.metadata.deletion_timestamp]
+
+
+def test_a_missing_cluster_or_context_is_a_usage_error(control_plane, work, tmp_path):
+    missing = work.run("install", "--target", "kubernetes", "--kubeconfig", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and "no kubeconfig at" in missing.stderr and "Traceback" not in missing.stderr
+    unknown = work.run("status", *kube(control_plane, "--context", "elsewhere"))
+    assert unknown.returncode == 2 and "no context 'elsewhere'" in unknown.stderr and "opsctl-test" in unknown.stderr
+    config = yaml.safe_load(control_plane.kubeconfig.read_text())
+    config["clusters"][0]["cluster"]["server"] = "https://127.0.0.1:1"
+    (tmp_path / "down.yaml").write_text(json.dumps(config))
+    unreachable = work.run("status", "--target", "kubernetes", "--kubeconfig", str(tmp_path / "down.yaml"))
+    assert unreachable.returncode == 1 and "does not answer" in unreachable.stderr
+    local = work.run("status", "--context", "opsctl-test")
+    assert local.returncode == 2 and "--target kubernetes" in local.stderr
