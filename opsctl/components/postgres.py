@@ -16,7 +16,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from opsctl.components.base import Server
+from opsctl.components.base import Release, Server
 from opsctl.errors import OpsError
 from opsctl.files import write_atomic
 from opsctl.net import port_open
@@ -105,6 +105,19 @@ class Postgres(Server):
         return [str(self.bin / "postgres"), "-D", str(self.data),
                 "-c", f"listen_addresses={self.ctx.host}", "-c", f"port={self.port('postgres')}",
                 "-c", "unix_socket_directories=", "-c", "logging_collector=off"]
+
+    def release(self) -> Release:
+        """On the kubernetes target: the data-service chart with the official image, the
+        superuser `postgres` with a password generated into the release's Secret, the orders
+        database created on first start, reachable only from the services that store in it."""
+        data = "/var/lib/postgresql/data"
+        return Release("data-service", {
+            "image": self.spec.image, "ports": {"postgres": self.port("postgres")}, "dataPath": data,
+            "args": ["-c", f"port={self.port('postgres')}"],
+            "env": {"PGDATA": f"{data}/pgdata", "POSTGRES_DB": self.ctx.spec.names.postgres.database},
+            "secretEnv": {"POSTGRES_PASSWORD": "password"},
+            "allowFrom": sorted(n for n, s in self.ctx.spec.services.items() if "postgres" in s.credentials)},
+            secrets=["password"])
 
     def connect(self, dbname: str = "postgres", user: str = "postgres", password: str | None = None,
                 autocommit: bool = False):

@@ -133,6 +133,7 @@ class ControlPlane:
     volumes: int = 20
     host: str = "127.0.0.1"
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    api_ready_seconds: float = 0.0
 
     @property
     def kubeconfig(self) -> Path:
@@ -166,6 +167,7 @@ class ControlPlane:
         self.path.mkdir(parents=True, exist_ok=True)
         self.path.chmod(0o700)
         bins = build()
+        began = time.monotonic()
         etcd_client, etcd_peer, api = free_ports(3)
         _certificates(self.path, self.host)
         server = f"https://{self.host}:{api}"
@@ -189,6 +191,7 @@ class ControlPlane:
             "--service-account-issuer=https://kubernetes.default.svc", f"--service-cluster-ip-range={SERVICE_RANGE}",
             "--allow-privileged=true", f"--cert-dir={f / 'certs'}", "--v=1"])
         self._wait("its API server ready", lambda: self._ready(server))
+        self.api_ready_seconds = time.monotonic() - began  # for scripts/bench/kube_target.py
         common = [f"--kubeconfig={self.kubeconfig}", "--leader-elect=false", "--secure-port=0", "--v=1"]
         self._start("kube-controller-manager", [
             str(k8s / "kube-controller-manager"), *common, "--controllers=*,-nodeipam",

@@ -2,8 +2,8 @@
 a helm release of the project's chart in its namespace, with its credentials generated
 into a Secret, a NetworkPolicy that admits only the services that use it, and its own
 ServiceAccount; a re-install changes nothing, a changed value upgrades that release only,
-down uninstalls and keeps the data until --purge. So far Redis is the one server with a
-chart; every other step says it is not on this target yet."""
+down uninstalls and keeps the data until --purge. So far Redis and PostgreSQL are the
+servers with a chart; every other step says it is not on this target yet."""
 
 from __future__ import annotations
 
@@ -42,26 +42,30 @@ def test_install_reinstall_upgrade_status_down_and_purge(control_plane, work):
     planned = work.run("install", *kube(control_plane, "--dry-run", "-o", "json"), check_json=True)
     assert planned.returncode == 0, planned.stderr
     steps = {s["name"]: s for s in planned.json["steps"]}
-    assert steps["redis"]["state"] == "planned"
-    assert steps["postgres"]["state"] == "skipped" and "not yet" in steps["postgres"]["detail"]
+    assert steps["redis"]["state"] == steps["postgres"]["state"] == "planned"
+    assert steps["mongodb"]["state"] == "skipped" and "not yet" in steps["mongodb"]["detail"]
     assert namespace not in [n.metadata.name for n in core.list_namespace().items]  # a plan changes nothing
 
     installed = work.run("install", *kube(control_plane, "-o", "json"), check_json=True)
     assert installed.returncode == 0, installed.stderr
-    assert {s["name"]: s["state"] for s in installed.json["steps"]}["redis"] == "changed"
+    states = {s["name"]: s["state"] for s in installed.json["steps"]}
+    assert states["redis"] == states["postgres"] == "changed"
+    for server in ("redis", "postgres"):
+        policy = client.NetworkingV1Api(api).read_namespaced_network_policy(server, namespace)
+        allowed = policy.spec.ingress[0]._from[0].pod_selector.match_expressions[0].values
+        assert sorted(allowed) == sorted(n for n, s in work.spec.services.items() if server in s.credentials)
+        assert apps.read_namespaced_stateful_set(server, namespace).status.ready_replicas == 1
     workload = apps.read_namespaced_stateful_set("redis", namespace)
     assert workload.status.ready_replicas == 1
     assert workload.spec.template.spec.containers[0].image == work.spec.components["redis"].image
     password = base64.b64decode(core.read_namespaced_secret("redis-credentials", namespace).data["password"]).decode()
     assert len(password) >= 24 and password not in installed.stdout + installed.stderr
     assert core.read_namespace(namespace).metadata.labels["opsctl.io/platform"] == work.spec.platform.name
-    policy = client.NetworkingV1Api(api).read_namespaced_network_policy("redis", namespace)
-    allowed = policy.spec.ingress[0]._from[0].pod_selector.match_expressions[0].values
-    assert sorted(allowed) == sorted(n for n, s in work.spec.services.items() if "redis" in s.credentials)
     assert core.read_namespaced_service_account("redis", namespace).automount_service_account_token is False
 
     again = work.run("install", *kube(control_plane, "-o", "json"), check_json=True)
-    assert {s["name"]: s["state"] for s in again.json["steps"]}["redis"] == "unchanged"
+    states = {s["name"]: s["state"] for s in again.json["steps"]}
+    assert states["redis"] == states["postgres"] == "unchanged"
 
     work.write_config({"components": {"redis": {"image": "redis:7.0.16"}}})
     upgraded = work.run("install", *kube(control_plane, "--only", "redis", "-o", "json"), check_json=True)
@@ -78,7 +82,7 @@ def test_install_reinstall_upgrade_status_down_and_purge(control_plane, work):
     assert redis["endpoint"] == f"redis.{namespace}.svc.cluster.local:{work.spec.components['redis'].ports['redis']}"
 
     down = work.run("down", *kube(control_plane, "-o", "json"), check_json=True)
-    assert down.returncode == 0 and down.json["stopped"] == ["redis"]
+    assert down.returncode == 0 and sorted(down.json["stopped"]) == ["postgres", "redis"]
     after = work.run("status", *kube(control_plane, "-o", "json"), check_json=True)
     assert after.returncode == 3
     assert {c["component"]: c for c in after.json["components"]}["redis"]["health"] == "unhealthy"
