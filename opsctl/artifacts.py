@@ -108,10 +108,10 @@ def program_name(package: str) -> str:
 
 def go_binaries(build: str, programs: dict[str, str], dest: Path, stamp: dict[str, str] | None = None) -> Path:
     """The programs (name: package) built from the wrapper module opsctl/builds/<build> (its
-    go.sum pins every module) into dest/; `stamp` sets string
-    variables at link time (package.Var: value), as the programs' own release builds set
-    their version. Minutes of CPU the first time (Consul: ~5 on 2 cores; the Kubernetes
-    control plane: ~20); the module zips come from the Go module proxy."""
+    go.sum pins every module) into dest/; `stamp` sets string variables at link time
+    (package.Var: value), as the programs' own release builds set their version. Minutes of
+    CPU the first time (Consul: ~5 on 2 cores; the Kubernetes control plane: ~20); the
+    module zips come from the Go module proxy."""
     go = require_binary("go", "install Go 1.22 or newer (https://go.dev/dl/, or apt-get install -y golang)")
     ldflags = " ".join(["-s", "-w", *(f"-X {var}={value}" for var, value in (stamp or {}).items())])
     dest = dest.resolve()  # go runs in the wrapper module's folder
@@ -119,7 +119,7 @@ def go_binaries(build: str, programs: dict[str, str], dest: Path, stamp: dict[st
     def fill(tmp: Path) -> None:
         env = {**os.environ, "GOTOOLCHAIN": "local", "GOFLAGS": "-mod=readonly -buildvcs=false",
                "CGO_ENABLED": "0"}
-        for name, package in programs.items():  # one at a time: a build of several at once needs their memory together
+        for name, package in programs.items():  # one at a time: building several at once needs all their memory
             result = subprocess.run([go, "build", "-trimpath", f"-ldflags={ldflags}", "-o", str(tmp / name), package],
                                     cwd=BUILDS / build, env=env, capture_output=True, text=True)
             if result.returncode != 0:
