@@ -66,7 +66,10 @@ class KubernetesSettings(Strict):
 
     timeout_seconds: Annotated[int, Field(ge=10, le=3600)]  # helm --wait, each release
     history_max: Annotated[int, Field(ge=1, le=100)]       # revisions helm keeps for a rollback
-    namespaces: dict[DnsLabel, list[str]]                     # namespace: the components in it
+    namespaces: dict[DnsLabel, list[str]]  # namespace: the components in it (and step services)
+    datacenter: Name             # the Consul datacenter (mesh.datacenters) this cluster is
+    services_image: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._/:-]*$")]  # repository of the services' image
+    replicas: Annotated[int, Field(ge=1, le=10000)]  # pods of each Deployment of a bundled service
 
     def namespace(self, component: str) -> str:
         for namespace, members in self.namespaces.items():
@@ -305,10 +308,13 @@ class Spec(Strict):
         if missing:
             raise ValueError(f"component(s) missing: {', '.join(missing)}")
         placed = [c for members in self.kubernetes.namespaces.values() for c in members]
-        homeless = [c for c in COMPONENTS if c not in placed]
-        if homeless or len(placed) != len(set(placed)) or set(placed) - set(COMPONENTS):
-            raise ValueError("kubernetes.namespaces must name every component once (not placed: "
-                             f"{', '.join(homeless) or 'none'})")
+        homeless = [c for c in [*COMPONENTS, "services"] if c not in placed]
+        if homeless or len(placed) != len(set(placed)) or set(placed) - {*COMPONENTS, "services"}:
+            raise ValueError("kubernetes.namespaces must name every component and the step services "
+                             f"once (not placed: {', '.join(homeless) or 'none'})")
+        if self.kubernetes.datacenter not in self.mesh.datacenters.values():
+            raise ValueError(f"kubernetes.datacenter {self.kubernetes.datacenter!r} is not one of "
+                             f"mesh.datacenters ({', '.join(self.mesh.datacenters.values())})")
         steps: dict[int, str] = {}
         ports: dict[int, str] = {}
         for name, comp in self.components.items():

@@ -3,7 +3,8 @@
 Kept in Consul's KV of both datacenters (KV is not replicated across a peering), where it
 survives opsctl and this working directory, and mirrored to .opsctl/live.json so that the
 edge can be written before Consul runs. The newest record of the three wins; with none,
-blue is live (a first install).
+blue is live (a first install). On the kubernetes target the record is the cluster's (a
+ConfigMap beside the services: ctx.runtime.live_record / keep_live).
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ def _from_consul(ctx: Context) -> list[dict]:
 
 def record(ctx: Context) -> dict:
     """{"colour", "since" (epoch seconds), "history": [{"colour", "since", ...}]}."""
-    records = [r for r in [*_from_consul(ctx), read_json(_mirror(ctx), default=None)]
+    kept = [ctx.runtime.live_record(ctx.spec)] if ctx.target == "kubernetes" else [
+        *_from_consul(ctx), read_json(_mirror(ctx), default=None)]
+    records = [r for r in kept
                if isinstance(r, dict) and r.get("colour") in ctx.spec.mesh.datacenters]
     return max(records, key=lambda r: r.get("since", 0), default={"colour": "blue", "since": 0, "history": []})
 
@@ -61,6 +64,9 @@ def write(ctx: Context, new: str, **detail) -> dict:
     old = record(ctx)
     entry = {"colour": new, "since": time.time(), **detail}
     data = {**entry, "history": ([entry] + old.get("history", []))[:HISTORY]}
+    if ctx.target == "kubernetes":
+        ctx.runtime.keep_live(ctx.spec, data)
+        return data
     failures = []
     for c in ctx.spec.mesh.datacenters:
         try:

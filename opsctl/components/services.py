@@ -230,6 +230,8 @@ class Services(Component):
     after = ("rabbitmq-topology", "service-credentials", "keycloak-realm", "vault-auth",
              "stock-catalogue", "kafka", "mongodb")
 
+    on_kubernetes = True  # there: a release per service (service_releases.py)
+
     def _component_spec(self) -> None:
         return None
 
@@ -244,14 +246,19 @@ class Services(Component):
                 for instance in instances(self.ctx, name, keycloak_realm.client_secret(self.ctx, name, client))]
 
     def servers(self) -> list[Server]:
-        """Every instance with its sidecar."""
+        """Every instance with its sidecar (on the kubernetes target: every release)."""
+        if self.ctx.target == "kubernetes":
+            from opsctl.components.service_releases import releases
+
+            return releases(self.ctx)
         found = []
         for instance in self.started():
             found += [instance] + ([instance.sidecar] if instance.sidecar else [])
         return found
 
     def reconcile(self) -> Outcome:
-        outcomes = [(server.name, server.reconcile()) for server in self.started()]
+        started = self.servers() if self.ctx.target == "kubernetes" else self.started()
+        outcomes = [(server.name, server.reconcile()) for server in started]
         changed = [f"{name} {o.detail}" for name, o in outcomes if o.state in ("changed", "planned")]
         if not changed:
             return Outcome("unchanged", f"{len(outcomes)} services running")
@@ -262,10 +269,12 @@ class Services(Component):
 
 
 def every_instance(ctx: Context) -> list[BundledService]:
-    """Every service's every instance (install's and the streaming job); none on the
-    kubernetes target yet."""
+    """Every service's every instance (install's and the streaming job); on the kubernetes
+    target, the releases of step services."""
     if ctx.target == "kubernetes":
-        return []
+        from opsctl.components.service_releases import releases
+
+        return releases(ctx)
     return [s for name in ctx.spec.services for s in instances(ctx, name)]
 
 

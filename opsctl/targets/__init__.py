@@ -69,6 +69,14 @@ class Target:
     def logfile(self, server: Server) -> Path:
         raise NotImplementedError
 
+    def live_record(self, spec: Spec) -> dict | None:
+        """Which colour is live, as this target keeps it (None: it keeps none; the local
+        target's record is in Consul, opsctl.components.live)."""
+        return None
+
+    def keep_live(self, spec: Spec, record: dict) -> None:
+        raise NotImplementedError
+
     def shutdown(self) -> None:
         """Once everything is stopped: stop what runs the servers (the local supervisor)."""
 

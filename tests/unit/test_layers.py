@@ -64,13 +64,32 @@ def test_every_package_says_what_it_owns():
 def test_on_the_kubernetes_target_only_servers_with_a_chart_are_steps(tmp_path):
     ctx = Context(spec.load(None), "kubernetes", tmp_path / ".opsctl")
     assert build("redis", ctx).release().chart == "data-service"
-    for name in ("rabbitmq", "consul", "kind", "services", "keycloak-realm"):
+    for name in ("rabbitmq", "consul", "kind", "keycloak-realm"):
         skipped = build(name, ctx)
         assert isinstance(skipped, Skipped) and skipped.reason == "not yet on this target"
+    assert not isinstance(build("services", ctx), Skipped)  # a release per service
     assert str(ctx.address("redis", "redis")) == "redis.opsctl-data.svc.cluster.local:6379"
+    assert str(ctx.address("order-creator")) == "order-creator.opsctl-services.svc.cluster.local:8001"
+    assert str(ctx.address("mesh", "order-creator/upstream/stock-service")) == "127.0.0.1:8002"
     with pytest.raises(UsageError):
-        ctx.address("mesh", "ingress/order-creator", "blue")
+        ctx.address("mesh", "mesh-gateway", "blue")
     assert not (tmp_path / ".opsctl").exists()  # nothing was written
+
+
+def test_the_mesh_entries_become_the_consul_k8s_resources_of_the_same_meaning():
+    from opsctl.components.service_releases import custom_resource
+
+    intention = custom_resource({"Kind": "service-intentions", "Name": "*", "Meta": {"managed-by": "opsctl"},
+                                 "Sources": [{"Name": "*", "Action": "deny"}]})
+    assert (intention["kind"], intention["metadata"]["name"]) == ("ServiceIntentions", "all-services")
+    assert intention["spec"] == {"destination": {"name": "*"}, "sources": [{"name": "*", "action": "deny"}]}
+    router = custom_resource({"Kind": "service-router", "Name": "stock-service", "Routes": [
+        {"Match": {"HTTP": {"Methods": ["GET"]}}, "Destination": {"NumRetries": 3, "RetryOn": ["reset"]}}]})
+    assert router["spec"]["routes"][0] == {"match": {"http": {"methods": ["GET"]}},
+                                           "destination": {"numRetries": 3, "retryOn": ["reset"]}}
+    resolver = custom_resource({"Kind": "service-resolver", "Name": "x", "ConnectTimeout": "2s",
+                                "Failover": {"*": {"Targets": [{"Peer": "dc2"}]}}})
+    assert resolver["spec"] == {"connectTimeout": "2s", "failover": {"*": {"targets": [{"peer": "dc2"}]}}}
 
 
 def test_the_kubernetes_target_needs_a_kubeconfig(tmp_path):

@@ -27,6 +27,7 @@ from opsctl.targets import Target
 
 CHARTS = Path(__file__).resolve().parents[3] / "manifests" / "charts"
 NOT_YET = "not yet on the kubernetes target"
+LIVE = "opsctl-live"  # the ConfigMap of the live colour's record (opsctl.components.live)
 
 
 def chart_digest(chart: Path) -> str:
@@ -100,6 +101,22 @@ class KubernetesTarget(Target):
 
     # --- where things are ----------------------------------------------------------------
     def address(self, spec: Spec, name: str, port: str = "", colour: str | None = None) -> Address:
+        """A Service's cluster DNS name. A bundled service's Service sends to the live colour
+        (`colour` given: that colour's own Service); the mesh's upstreams are the sidecar's
+        local listeners, on the port of the service they reach."""
+        if name == "mesh":
+            what, _, upstream = port.partition("/upstream/")
+            if upstream:
+                return Address("127.0.0.1", spec.services[upstream].port)
+            if what.startswith("ingress/"):
+                service = what.removeprefix("ingress/")
+                return Address(f"ingress-gateway.{spec.kubernetes.namespace('consul')}.svc.cluster.local",
+                               spec.services[service].port)
+        elif name in spec.services:
+            service = spec.services[name]
+            host = f"{name}-{colour}" if colour and service.per_colour else name
+            return Address(f"{host}.{spec.kubernetes.namespace('services')}.svc.cluster.local",
+                           service.port or service.metrics_port)
         entry = spec.components.get(name)
         if entry is None or not entry.ports or (port and port not in entry.ports):
             raise UsageError(f"{name} has no address on the kubernetes target yet", "use --target local")
@@ -107,7 +124,40 @@ class KubernetesTarget(Target):
         return Address(f"{name}.{spec.kubernetes.namespace(name)}.svc.cluster.local", number)
 
     def _where(self, server: Server) -> tuple[str, str]:
-        return server.name, server.ctx.spec.kubernetes.namespace(server.name)
+        """Its release's name and namespace: its own, or the step's it belongs to (placed_with)."""
+        placed = getattr(server, "placed_with", None) or server.name
+        return server.name, server.ctx.spec.kubernetes.namespace(placed)
+
+    # --- which colour is live ------------------------------------------------------------
+    def live_record(self, spec: Spec) -> dict | None:
+        from kubernetes import client
+        from kubernetes.client.rest import ApiException
+
+        try:
+            kept = client.CoreV1Api(self.api).read_namespaced_config_map(LIVE, spec.kubernetes.namespace("services"))
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise OpsError(f"cannot read the live colour (ConfigMap {LIVE}): {e.reason}", "check the cluster")
+        try:
+            return json.loads((kept.data or {}).get("record", ""))
+        except ValueError:
+            return None
+
+    def keep_live(self, spec: Spec, record: dict) -> None:
+        from kubernetes import client
+        from kubernetes.client.rest import ApiException
+
+        namespace, core = spec.kubernetes.namespace("services"), client.CoreV1Api(self.api)
+        self._namespace(namespace, spec.platform.name)
+        body = {"metadata": {"name": LIVE, "labels": {"app.kubernetes.io/managed-by": "opsctl"}},
+                "data": {"record": json.dumps(record)}}
+        try:
+            core.replace_namespaced_config_map(LIVE, namespace, body)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+            core.create_namespaced_config_map(namespace, body)
 
     # --- releases ------------------------------------------------------------------------
     def _namespace(self, namespace: str, platform: str) -> None:
@@ -190,23 +240,33 @@ class KubernetesTarget(Target):
         name, namespace = self._where(server)
         return self.helm("status", name, "-n", namespace, timeout=60).returncode == 0
 
-    def health(self, server: Server) -> Health:
+    def workloads(self, name: str, namespace: str) -> list:
+        """The StatefulSets and Deployments of release `name`."""
         from kubernetes import client
+
+        apps, selector = client.AppsV1Api(self.api), f"app.kubernetes.io/instance={name}"
+        return (apps.list_namespaced_stateful_set(namespace, label_selector=selector).items
+                + apps.list_namespaced_deployment(namespace, label_selector=selector).items)
+
+    def health(self, server: Server) -> Health:
         from kubernetes.client.rest import ApiException
 
         report = server._health
         if server.release() is None:
             return report("n/a", detail=NOT_YET)
         name, namespace = self._where(server)
-        endpoint = str(self.address(server.ctx.spec, server.name))
+        endpoint = server.endpoint()
         try:
-            workload = client.AppsV1Api(self.api).read_namespaced_stateful_set(name, namespace)
+            workloads = self.workloads(name, namespace)
         except ApiException as e:
-            if e.status == 404:
-                return report("unhealthy", endpoint=endpoint, detail=f"not installed in {namespace}")
             return report("unhealthy", endpoint=endpoint, detail=f"cannot read it: {e.reason}")
-        ready, desired = workload.status.ready_replicas or 0, workload.spec.replicas or 0
-        image = workload.spec.template.spec.containers[0].image
+        if not workloads:
+            if self.running(server):  # a release of configuration only (the mesh's entries)
+                return report("healthy", endpoint=endpoint, detail=f"release deployed in {namespace}")
+            return report("unhealthy", endpoint=endpoint, detail=f"not installed in {namespace}")
+        ready = sum(w.status.ready_replicas or 0 for w in workloads)
+        desired = sum(w.spec.replicas or 0 for w in workloads)
+        image = workloads[0].spec.template.spec.containers[0].image
         return report("healthy" if desired and ready >= desired else "unhealthy", endpoint=endpoint,
                       version=image.rpartition(":")[2], detail=f"{ready}/{desired} ready in {namespace}")
 
