@@ -17,7 +17,6 @@ from opsctl.context import Context
 from opsctl.spec import Component as ComponentSpec
 
 CRD_VERSION = "consul.hashicorp.com/v1alpha1"
-PER_SERVICE = ("service-defaults", "service-resolver", "service-router", "service-intentions")
 STATE_PATH = "/var/lib/order-service"  # its emptyDir
 
 
@@ -34,16 +33,28 @@ def _fields(value):
     return value
 
 
+def _kind(entry_kind: str) -> str:
+    """service-defaults -> ServiceDefaults."""
+    return "".join(part.title() for part in entry_kind.split("-"))
+
+
+# The CRs of one service's release; the others are the cluster's (mesh-config).
+PER_SERVICE = {_kind(k) for k in ("service-defaults", "service-resolver", "service-router", "service-intentions")}
+
+
+def _cr(kind: str, name: str, spec: dict) -> dict:
+    return {"apiVersion": CRD_VERSION, "kind": kind,
+            "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "opsctl"}}, "spec": spec}
+
+
 def custom_resource(entry: dict) -> dict:
     """A Consul config entry (its API's form) as the consul-k8s CR of the same meaning."""
-    kind = "".join(part.title() for part in entry["Kind"].split("-"))
     spec = _fields({k: v for k, v in entry.items() if k not in ("Kind", "Name", "Meta")})
     name = entry["Name"]
     if entry["Kind"] == "service-intentions":  # the CR names its destination in its spec
         spec = {"destination": {"name": name}, **spec}
         name = "all-services" if name == "*" else name
-    return {"apiVersion": CRD_VERSION, "kind": kind,
-            "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "opsctl"}}, "spec": spec}
+    return _cr(_kind(entry["Kind"]), name, spec)
 
 
 def cluster_colour(ctx: Context) -> str:
@@ -57,17 +68,14 @@ def entries(ctx: Context) -> list[dict]:
     found = [custom_resource(e) for e in config_entries(ctx, colour)]
     peer = peer_of(ctx, colour)
     side = "PeeringAcceptor" if colour == next(iter(ctx.spec.mesh.datacenters)) else "PeeringDialer"
-    found.append({"apiVersion": CRD_VERSION, "kind": side,
-                  "metadata": {"name": peer, "labels": {"app.kubernetes.io/managed-by": "opsctl"}},
-                  "spec": {"peer": {"secret": {"name": f"peering-token-{peer}", "key": "data",
-                                               "backend": "kubernetes"}}}})
+    found.append(_cr(side, peer, {"peer": {"secret": {"name": f"peering-token-{peer}", "key": "data",
+                                                       "backend": "kubernetes"}}}))
     return found
 
 
 def _own(resource: dict, service: str) -> bool:
     """Whether a CR belongs to `service`'s release (else to the cluster's, mesh-config)."""
-    kinds = {"".join(p.title() for p in k.split("-")) for k in PER_SERVICE}
-    return resource["kind"] in kinds and resource["metadata"]["name"] == service
+    return resource["kind"] in PER_SERVICE and resource["metadata"]["name"] == service
 
 
 def image(ctx: Context) -> str:
@@ -83,8 +91,8 @@ class ServiceRelease(Server):
 
     placed_with = "services"  # in the namespace of step services
 
-    def __init__(self, name: str, ctx: Context):
-        self.service = ctx.spec.services[name]
+    def __init__(self, name: str, ctx: Context, live_colour: str, crs: list[dict]):
+        self.service, self.live_colour, self.crs = ctx.spec.services[name], live_colour, crs
         super().__init__(name, ctx)
 
     def _component_spec(self) -> ComponentSpec:
@@ -99,8 +107,7 @@ class ServiceRelease(Server):
     def release(self) -> Release:
         from opsctl.components.services import environment
 
-        ctx, spec, name = self.ctx, self.ctx.spec, self.name
-        now = live.colour(ctx)
+        ctx, spec, name, now = self.ctx, self.ctx.spec, self.name, self.live_colour
         env = environment(ctx, name, "", now)
         for handed_otherwise in ("OIDC_CLIENT_SECRET", "COLOUR"):  # its Secret; the chart, per colour
             env.pop(handed_otherwise, None)
@@ -117,7 +124,7 @@ class ServiceRelease(Server):
             "upstreams": ",".join(f"{callee}:{spec.services[callee].port}" for callee in self.service.calls),
             "allowFrom": sorted(other for other, s in spec.services.items() if name in s.calls),
             "allowNamespaces": sorted(set(namespaces)),
-            "consulEntries": [r for r in entries(ctx) if _own(r, name)]},
+            "consulEntries": [r for r in self.crs if _own(r, name)]},
             secrets=["client-secret"])
 
 
@@ -126,7 +133,8 @@ class MeshRelease(Server):
 
     placed_with = "consul"
 
-    def __init__(self, ctx: Context):
+    def __init__(self, ctx: Context, crs: list[dict]):
+        self.crs = crs
         super().__init__("mesh-config", ctx)
 
     def _component_spec(self) -> ComponentSpec:
@@ -138,13 +146,14 @@ class MeshRelease(Server):
         return ""
 
     def release(self) -> Release:
-        ctx = self.ctx
         return Release("mesh-config", {"consulEntries": [
-            r for r in entries(ctx) if not any(_own(r, s) for s in ctx.spec.services)]})
+            r for r in self.crs if not any(_own(r, s) for s in self.ctx.spec.services)]})
 
 
 def releases(ctx: Context) -> list[Server]:
     """What step services installs on the kubernetes target: the mesh's entries, then each
-    service that install starts (the streaming job is `jobs stream`'s)."""
-    return [MeshRelease(ctx)] + [ServiceRelease(name, ctx) for name, s in ctx.spec.services.items()
-                                 if s.autostart and s.runtime == "python"]
+    service that install starts (the streaming job is `jobs stream`'s). The live colour and
+    the CRs are read once for all of them (each release() is asked for again by status)."""
+    now, crs = live.colour(ctx), entries(ctx)
+    return [MeshRelease(ctx, crs)] + [ServiceRelease(name, ctx, now, crs) for name, s in ctx.spec.services.items()
+                                      if s.autostart and s.runtime == "python"]
