@@ -60,6 +60,12 @@ class Component(Strict):
 
 DnsLabel = Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
 
+# A container image with its tag or digest (the distribution reference grammar, pinned): a
+# registry host[:port]/ if any, lower-case path components, then :tag and/or @sha256:digest.
+_PATH = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+IMAGE_REFERENCE = (rf"^(?:[a-zA-Z0-9-]+(?:\.[a-zA-Z0-9-]+)*(?::[0-9]{{1,5}})?/)?{_PATH}(?:/{_PATH})*"
+                   r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}(?:@sha256:[a-f0-9]{64})?|@sha256:[a-f0-9]{64})$")
+
 
 class KubernetesSettings(Strict):
     """How the kubernetes target installs the platform (platform.yaml `kubernetes:`)."""

@@ -97,6 +97,8 @@ def status(ctx: Context) -> Result:
     """The live colour and since when, where the edge sends clients, each colour's build and
     the health of its services, the last switches. Exit 3 if the edge is not on the live
     colour or a service of the live colour is not healthy."""
+    if ctx.target == "kubernetes":
+        return _way(ctx).status(ctx)
     record, working_tree = live.record(ctx), source_version()
     colours = []
     for colour, datacenter in ctx.spec.mesh.datacenters.items():
@@ -253,8 +255,8 @@ def _analyse(ctx: Context, colour: str, name: str, seconds: float, traffic=None)
         if traffic:
             traffic(seconds)
         else:
-            _sleep(ctx, seconds)
-        _sleep(ctx, SCRAPE_WAIT)
+            pause(ctx, seconds)
+        pause(ctx, SCRAPE_WAIT)
         requests, errors, p99 = _delta(_snapshot(ctx, colour), before)
     except (httpclient.HTTPError, OSError, KeyError, ValueError) as e:
         return Check(name, False, f"Prometheus could not be read: {e}")
@@ -272,7 +274,7 @@ def _analyse(ctx: Context, colour: str, name: str, seconds: float, traffic=None)
     return Check(name, not failed, shown + (f": {'; '.join(failed)}" if failed else ""))
 
 
-def _sleep(ctx: Context, seconds: float) -> None:
+def pause(ctx: Context, seconds: float) -> None:
     ctx.cancel.wait(seconds)
     if ctx.cancel.is_set():
         raise KeyboardInterrupt
@@ -295,7 +297,7 @@ def gate(ctx: Context, colour: str, seconds: float) -> list[Check]:
 
 # --- the switch ------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _uninterruptible():
+def uninterruptible():
     """Ctrl-C waits until the block is done (the edge and the record move together)."""
     if threading.current_thread() is not threading.main_thread():
         yield lambda: False
@@ -318,14 +320,14 @@ def _wait_edge(ctx: Context, colour: str) -> None:
         time.sleep(0.05)
 
 
-def _move(ctx: Context, to: str, reason: str) -> tuple[float, bool]:
+def move(ctx: Context, to: str, reason: str) -> tuple[float, bool]:
     """Make `to` live: the record, the edge, then the workers (a worker whose description is
     the same on both colours stays up and only registers in `to`'s datacenter). (seconds
     until the edge answered from `to`, whether Ctrl-C was pressed meanwhile)."""
     from opsctl.components import keycloak_realm, vault
 
     old = live.colour(ctx)
-    with _uninterruptible() as pressed:
+    with uninterruptible() as pressed:
         started = time.monotonic()
         live.write(ctx, to, previous=old, reason=reason)
         EdgeSwitch(ctx).send_to(to)
@@ -341,7 +343,23 @@ def _move(ctx: Context, to: str, reason: str) -> tuple[float, bool]:
         return took, pressed()
 
 
+def watch(ctx: Context, colour: str, seconds: float) -> Check:
+    return _analyse(ctx, colour, "post-switch analysis", seconds)
+
+
+def _way(ctx: Context):
+    """The target's gate, move and watch: this module's on the local target."""
+    if ctx.target == "kubernetes":
+        from opsctl.app import bluegreen_kubernetes
+
+        return bluegreen_kubernetes
+    import sys
+
+    return sys.modules[__name__]
+
+
 def switch(ctx: Context, to: str | None = None, analysis_seconds: float | None = None) -> Result:
+    way = _way(ctx)
     old = live.colour(ctx)
     target = _colour(ctx, to)
     if target == old:
@@ -350,7 +368,7 @@ def switch(ctx: Context, to: str | None = None, analysis_seconds: float | None =
     data = {"from": old, "to": target, "switched": False, "rolled_back": False, "checks": []}
     started = time.monotonic()
     try:
-        checks = gate(ctx, target, seconds)
+        checks = way.gate(ctx, target, seconds)
     except KeyboardInterrupt:
         raise OpsError(f"interrupted during the gate: nothing changed, {old} is live", code=INTERRUPTED)
     data["checks"] = [c.row() for c in checks]
@@ -359,27 +377,29 @@ def switch(ctx: Context, to: str | None = None, analysis_seconds: float | None =
     if failed:
         data["failed"] = failed.check
         return Result(data, FAILED)
-    took, pressed = _move(ctx, target, f"switch from {old}")
+    took, pressed = way.move(ctx, target, f"switch from {old}")
     data.update(switched=True, switch_seconds=round(took, 3))
     try:
         if pressed:
             raise KeyboardInterrupt
-        watch = _analyse(ctx, target, "post-switch analysis", seconds)
+        watched = way.watch(ctx, target, seconds)
     except KeyboardInterrupt:
-        _move(ctx, old, "interrupted during the post-switch analysis")
+        way.move(ctx, old, "interrupted during the post-switch analysis")
         raise OpsError(f"interrupted during the post-switch analysis: switched back, {old} is live",
                        code=INTERRUPTED)
-    data["checks"].append(watch.row())
-    if not watch.ok:
-        _move(ctx, old, f"rolled back: {watch.detail}")
-        data.update(rolled_back=True, failed=watch.check)
+    data["checks"].append(watched.row())
+    if not watched.ok:
+        way.move(ctx, old, f"rolled back: {watched.detail}")
+        data.update(rolled_back=True, failed=watched.check)
         return Result(data, FAILED)
     return Result(data)
 
 
-def deploy(ctx: Context, colour: str | None = None, ref: str | None = None, source: str | None = None) -> Result:
+def deploy(ctx: Context, colour: str | None = None, ref: str | None = None, source: str | None = None,
+           image: str | None = None) -> Result:
     """A build of the services (the working tree, or `ref`) into the idle colour (or `colour`,
-    never the live one), and that colour's HTTP services restarted on it."""
+    never the live one), and that colour's HTTP services restarted on it; on the kubernetes
+    target, `image` on that colour's Deployments."""
     from pathlib import Path
 
     from opsctl.components import keycloak_realm, vault
@@ -388,6 +408,13 @@ def deploy(ctx: Context, colour: str | None = None, ref: str | None = None, sour
     if target == current:
         raise UsageError(f"{target} is live: a deploy never touches the live colour",
                          f"deploy to {live.idle(ctx)}, then switch to it: opsctl bluegreen switch")
+    if ctx.target == "kubernetes":
+        if ref or source or not image:
+            raise UsageError("on the kubernetes target a colour runs an image: --ref and --source build locally",
+                             "pass --image REPOSITORY:TAG (built and pushed where the cluster pulls from)")
+        return _way(ctx).deploy(ctx, target, image)
+    if image:
+        raise UsageError("--image is for the kubernetes target", "add --target kubernetes, or build with --ref/--source")
     built = builds.make(ctx, target, Path(source) if source else None, ref)
     client, rows, code = vault.admin(ctx), [], 0
     for name in per_colour(ctx):

@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from opsctl import ui
-from opsctl.commands.common import OutputOption, context, set_output
+from opsctl.commands.common import (KubeconfigOption, KubeContextOption, OutputOption, TargetOption, context,
+                                   set_output)
 from opsctl.errors import UsageError
 
 app = typer.Typer(help="Blue/green: which colour is live; switch the edge behind a gate, and back.",
@@ -27,13 +28,14 @@ def _when(epoch: float | None) -> str:
 
 
 @app.command()
-def status(output: OutputOption = ui.Output.text) -> None:
+def status(target: TargetOption = None, kube_context: KubeContextOption = None, kubeconfig: KubeconfigOption = None,
+           output: OutputOption = ui.Output.text) -> None:
     """The live colour, where the edge sends clients, each colour's build and services, the
     last switches. Exits 3 if the edge is not on the live colour or the live colour is unhealthy."""
     set_output(output)
     from opsctl.app import bluegreen
 
-    result = bluegreen.status(context(dry_run=True))
+    result = bluegreen.status(context(target, True, kube_context, kubeconfig))
     data = result.data
 
     def text() -> None:
@@ -77,14 +79,16 @@ def _render_switch(output: ui.Output, result) -> None:
 
 @app.command()
 def switch(to: ToOption = None, analysis_seconds: AnalysisOption = None, yes: YesOption = False,
+           target: TargetOption = None, kube_context: KubeContextOption = None, kubeconfig: KubeconfigOption = None,
            output: OutputOption = ui.Output.text) -> None:
     """Move the edge to the other colour: only after its gate passes (health in Consul, a smoke
-    order through its ingress, analysis under synthetic traffic), watching live traffic after
-    and switching back by itself past the thresholds. Exits 1 if it did not switch or went back."""
+    order through its ingress, analysis under synthetic traffic; on kubernetes: its Deployments
+    available), watching it after and switching back by itself when it degrades. Exits 1 if it
+    did not switch or went back."""
     set_output(output)
     from opsctl.app import bluegreen
 
-    ctx = context()
+    ctx = context(target, kube_context=kube_context, kubeconfig=kubeconfig)
     current, target = bluegreen.colours(ctx, to)
     _confirm(yes, f"Switch live traffic from {current} to {target}?")
     _render_switch(output, bluegreen.switch(ctx, target, analysis_seconds))
@@ -98,18 +102,26 @@ def deploy(
         "--ref", metavar="GIT_REF", help="A commit, branch or tag to build [default: the working tree as it is].")] = None,
     source: Annotated[Optional[str], typer.Option(
         "--source", metavar="DIR", help="The checkout to build from [default: the one opsctl's services come from].")] = None,
+    image: Annotated[Optional[str], typer.Option(
+        "--image", metavar="REPOSITORY:TAG", help="kubernetes target: the services' image the colour runs.")] = None,
+    target: TargetOption = None,
+    kube_context: KubeContextOption = None,
+    kubeconfig: KubeconfigOption = None,
     output: OutputOption = ui.Output.text,
 ) -> None:
     """Build the services into the idle colour's own environment (the heavy dependencies are
     reused from the main one) and restart that colour on it. The live colour is never touched;
-    `bluegreen switch` then moves traffic, behind its gate."""
+    `bluegreen switch` then moves traffic, behind its gate. On kubernetes: --image, rolled out
+    on that colour's Deployments (the old image back if they do not become ready)."""
     set_output(output)
     from opsctl.app import bluegreen
 
-    result = bluegreen.deploy(context(), colour, ref, source)
-    data = result.data
+    result = bluegreen.deploy(context(target, kube_context=kube_context, kubeconfig=kubeconfig),
+                              colour, ref, source, image)
+    data, built = result.data, result.data["build"]
+    runs = built.get("image") or f"{built['commit']} ({built['ref']})"
     ui.render_or_json(output, data, lambda: (
-        ui.info(f"{data['colour']} runs {data['build']['commit']} ({data['build']['ref']})"),
+        ui.info(f"{data['colour']} runs {runs}"),
         ui.table(None, ["service", "state", "detail"],
                  [[r["service"], ui.styled(r["state"]), r["detail"]] for r in data["services"]])))
     raise typer.Exit(result.code)
@@ -117,11 +129,12 @@ def deploy(
 
 @app.command()
 def rollback(analysis_seconds: AnalysisOption = None, yes: YesOption = False,
+             target: TargetOption = None, kube_context: KubeContextOption = None, kubeconfig: KubeconfigOption = None,
              output: OutputOption = ui.Output.text) -> None:
     """Back to the colour that was live before the last switch, through the same gate."""
     set_output(output)
     from opsctl.app import bluegreen
 
-    ctx = context()
+    ctx = context(target, kube_context=kube_context, kubeconfig=kubeconfig)
     _confirm(yes, f"Roll live traffic back from {bluegreen.colours(ctx)[0]}?")
     _render_switch(output, bluegreen.rollback(ctx, analysis_seconds))

@@ -4,7 +4,7 @@ Kept in Consul's KV of both datacenters (KV is not replicated across a peering),
 survives opsctl and this working directory, and mirrored to .opsctl/live.json so that the
 edge can be written before Consul runs. The newest record of the three wins; with none,
 blue is live (a first install). On the kubernetes target the record is the cluster's (a
-ConfigMap beside the services: ctx.runtime.live_record / keep_live).
+ConfigMap beside the services: ctx.runtime.read_record / keep_record).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _from_consul(ctx: Context) -> list[dict]:
 
 def record(ctx: Context) -> dict:
     """{"colour", "since" (epoch seconds), "history": [{"colour", "since", ...}]}."""
-    kept = [ctx.runtime.live_record(ctx.spec)] if ctx.target == "kubernetes" else [
+    kept = [ctx.runtime.read_record(ctx.spec, "live")] if ctx.target == "kubernetes" else [
         *_from_consul(ctx), read_json(_mirror(ctx), default=None)]
     records = [r for r in kept
                if isinstance(r, dict) and r.get("colour") in ctx.spec.mesh.datacenters]
@@ -65,7 +65,7 @@ def write(ctx: Context, new: str, **detail) -> dict:
     entry = {"colour": new, "since": time.time(), **detail}
     data = {**entry, "history": ([entry] + old.get("history", []))[:HISTORY]}
     if ctx.target == "kubernetes":
-        ctx.runtime.keep_live(ctx.spec, data)
+        ctx.runtime.keep_record(ctx.spec, "live", data)
         return data
     failures = []
     for c in ctx.spec.mesh.datacenters:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from opsctl.components import live
 from opsctl.components.base import Release, Server
-from opsctl.components.mesh import config_entries, peer_of
+from opsctl.components.mesh import config_entries, peer_of, per_colour
 from opsctl.context import Context
 from opsctl.spec import Component as ComponentSpec
 
@@ -79,21 +79,35 @@ def _own(resource: dict, service: str) -> bool:
 
 
 def image(ctx: Context) -> str:
-    """The services' image, tagged with this build's version (both colours run it until
-    `bluegreen deploy` has a kubernetes form)."""
+    """The services' image of this version of opsctl: what a colour runs until `bluegreen
+    deploy --image` gives it another."""
     import importlib.metadata
 
     return f"{ctx.spec.kubernetes.services_image}:{importlib.metadata.version('order-services')}"
 
 
+def deployed_images(ctx: Context) -> dict[str, dict]:
+    """colour -> {"image", "since"}: what `bluegreen deploy` put on each colour, kept on the
+    cluster (ctx.runtime.keep_record)."""
+    kept = ctx.runtime.read_record(ctx.spec, "images") or {}
+    return {c: d for c, d in kept.items()
+            if c in ctx.spec.mesh.datacenters and isinstance(d, dict) and isinstance(d.get("image"), str)}
+
+
 class ServiceRelease(Server):
-    """One bundled service as a release of the order-service chart."""
+    """One bundled service as a release of the order-service chart; with `colour`, that
+    colour's Deployment of it (its health, for bluegreen)."""
 
     placed_with = "services"  # in the namespace of step services
 
-    def __init__(self, name: str, ctx: Context, live_colour: str, crs: list[dict]):
-        self.service, self.live_colour, self.crs = ctx.spec.services[name], live_colour, crs
+    def __init__(self, name: str, ctx: Context, live_colour: str, crs: list[dict], images: dict[str, dict],
+                 colour: str | None = None):
+        self.service, self.live_colour, self.crs, self.images = ctx.spec.services[name], live_colour, crs, images
+        self.colour = colour
         super().__init__(name, ctx)
+
+    def image(self, colour: str) -> str:
+        return (self.images.get(colour) or {}).get("image") or image(self.ctx)
 
     def _component_spec(self) -> ComponentSpec:
         from opsctl.registry import step_number
@@ -102,7 +116,7 @@ class ServiceRelease(Server):
                              ports=self.service.ports)
 
     def endpoint(self) -> str:
-        return str(self.ctx.address(self.name))
+        return str(self.ctx.address(self.name, colour=self.colour))
 
     def release(self) -> Release:
         from opsctl.components.services import environment
@@ -118,7 +132,7 @@ class ServiceRelease(Server):
             namespaces += [spec.kubernetes.namespace("nginx"), spec.kubernetes.namespace("consul")]
         return Release("order-service", {
             "command": ["python", "-m", self.service.module],
-            "colours": {c: {"image": image(ctx), "replicas": spec.kubernetes.replicas} for c in colours},
+            "colours": {c: {"image": self.image(c), "replicas": spec.kubernetes.replicas} for c in colours},
             "live": now, "port": self.service.port or 0, "metricsPort": self.service.metrics_port or 0,
             "env": env, "secretEnv": {"OIDC_CLIENT_SECRET": "client-secret"}, "statePath": STATE_PATH,
             "upstreams": ",".join(f"{callee}:{spec.services[callee].port}" for callee in self.service.calls),
@@ -150,10 +164,13 @@ class MeshRelease(Server):
             r for r in self.crs if not any(_own(r, s) for s in self.ctx.spec.services)]})
 
 
-def releases(ctx: Context) -> list[Server]:
+def releases(ctx: Context, colour: str | None = None) -> list[Server]:
     """What step services installs on the kubernetes target: the mesh's entries, then each
-    service that install starts (the streaming job is `jobs stream`'s). The live colour and
-    the CRs are read once for all of them (each release() is asked for again by status)."""
-    now, crs = live.colour(ctx), entries(ctx)
-    return [MeshRelease(ctx, crs)] + [ServiceRelease(name, ctx, now, crs) for name, s in ctx.spec.services.items()
+    service that install starts (the streaming job is `jobs stream`'s); with `colour`, each
+    HTTP service's Deployment of that colour. The live colour, the CRs and the images are
+    read once for all of them (each release() is asked for again by status)."""
+    now, crs, images = live.colour(ctx), entries(ctx), deployed_images(ctx)
+    if colour:
+        return [ServiceRelease(name, ctx, now, crs, images, colour) for name in per_colour(ctx)]
+    return [MeshRelease(ctx, crs)] + [ServiceRelease(name, ctx, now, crs, images) for name, s in ctx.spec.services.items()
                                       if s.autostart and s.runtime == "python"]

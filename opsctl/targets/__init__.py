@@ -69,12 +69,13 @@ class Target:
     def logfile(self, server: Server) -> Path:
         raise NotImplementedError
 
-    def live_record(self, spec: Spec) -> dict | None:
-        """Which colour is live, as this target keeps it (None: it keeps none; the local
-        target's record is in Consul, opsctl.components.live)."""
+    def read_record(self, spec: Spec, key: str) -> dict | None:
+        """One of opsctl's records as this target keeps it ("live": which colour is live;
+        "images": what each colour runs), None if it keeps none (the local target keeps its
+        records in Consul and .opsctl: opsctl.components.live, builds)."""
         return None
 
-    def keep_live(self, spec: Spec, record: dict) -> None:
+    def keep_record(self, spec: Spec, key: str, record: dict) -> None:
         raise NotImplementedError
 
     def shutdown(self) -> None:

@@ -145,3 +145,19 @@ def test_each_colour_has_its_own_ports_for_its_services_and_its_mesh(workdir):
     assert "port 9000 is used twice: keycloak.management and mesh blue" in err.message
     err = error_of(workdir, "services:\n  stock-service: {port: 8101}\n")  # green's order API
     assert "port 8101 is used twice" in err.message
+
+
+@pytest.mark.parametrize("reference", ["ghcr.io/acme/order-services:1.2.3", "localhost:5000/os:v2", "os:1",
+                                       "registry.example.com/a/b_c/d-e:1.0@sha256:" + "a" * 64, "os@sha256:" + "b" * 64])
+def test_an_image_reference_with_a_tag_or_digest_is_taken(reference):
+    import re
+
+    assert re.fullmatch(spec.IMAGE_REFERENCE, reference)
+
+
+@pytest.mark.parametrize("reference", ["os", "ghcr.io/acme/os", "OS:1", "os:", "os:1;rm -rf /", "-os:1", "a//b:1",
+                                       "os:1 --set x=y", "os:$(id)", "os:1\n", "os@sha256:abc"])
+def test_an_image_reference_without_a_tag_or_with_a_stray_character_is_refused(reference):
+    import re
+
+    assert not re.fullmatch(spec.IMAGE_REFERENCE, reference)

@@ -27,7 +27,8 @@ from opsctl.targets import Target
 
 CHARTS = Path(__file__).resolve().parents[3] / "manifests" / "charts"
 NOT_YET = "not yet on the kubernetes target"
-LIVE = "opsctl-live"  # the ConfigMap of the live colour's record (opsctl.components.live)
+RECORDS = "opsctl-live"  # the ConfigMap of opsctl's records: read_record, keep_record
+COLOUR_LABEL = "opsctl.io/colour"
 
 
 def chart_digest(chart: Path) -> str:
@@ -128,36 +129,51 @@ class KubernetesTarget(Target):
         placed = getattr(server, "placed_with", None) or server.name
         return server.name, server.ctx.spec.kubernetes.namespace(placed)
 
-    # --- which colour is live ------------------------------------------------------------
-    def live_record(self, spec: Spec) -> dict | None:
+    # --- opsctl's records on the cluster (the live colour, each colour's image) ----------
+    def read_record(self, spec: Spec, key: str) -> dict | None:
         from kubernetes import client
         from kubernetes.client.rest import ApiException
 
         try:
-            kept = client.CoreV1Api(self.api).read_namespaced_config_map(LIVE, spec.kubernetes.namespace("services"))
+            kept = client.CoreV1Api(self.api).read_namespaced_config_map(RECORDS, spec.kubernetes.namespace("services"))
         except ApiException as e:
             if e.status == 404:
                 return None
-            raise OpsError(f"cannot read the live colour (ConfigMap {LIVE}): {e.reason}", "check the cluster")
+            raise OpsError(f"cannot read opsctl's records (ConfigMap {RECORDS}): {e.reason}", "check the cluster")
         try:
-            return json.loads((kept.data or {}).get("record", ""))
+            found = json.loads((kept.data or {}).get(key, ""))
         except ValueError:
             return None
+        return found if isinstance(found, dict) else None
 
-    def keep_live(self, spec: Spec, record: dict) -> None:
+    def keep_record(self, spec: Spec, key: str, record: dict) -> None:
+        """Replace one record (one key of the ConfigMap); the others stay."""
         from kubernetes import client
         from kubernetes.client.rest import ApiException
 
         namespace, core = spec.kubernetes.namespace("services"), client.CoreV1Api(self.api)
         self._namespace(namespace, spec.platform.name)
-        body = {"metadata": {"name": LIVE, "labels": {"app.kubernetes.io/managed-by": "opsctl"}},
-                "data": {"record": json.dumps(record)}}
+        data = {key: json.dumps(record)}
         try:
-            core.replace_namespaced_config_map(LIVE, namespace, body)
+            core.patch_namespaced_config_map(RECORDS, namespace, {"data": data})
         except ApiException as e:
             if e.status != 404:
                 raise
-            core.create_namespaced_config_map(namespace, body)
+            core.create_namespaced_config_map(namespace, {"metadata": {
+                "name": RECORDS, "labels": {"app.kubernetes.io/managed-by": "opsctl"}}, "data": data})
+
+    def selected_colour(self, spec: Spec, service: str) -> str | None:
+        """The colour Service `service` sends to (its selector), None if it has none."""
+        from kubernetes import client
+        from kubernetes.client.rest import ApiException
+
+        try:
+            found = client.CoreV1Api(self.api).read_namespaced_service(service, spec.kubernetes.namespace("services"))
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return (found.spec.selector or {}).get(COLOUR_LABEL)
 
     # --- releases ------------------------------------------------------------------------
     def _namespace(self, namespace: str, platform: str) -> None:
@@ -240,35 +256,64 @@ class KubernetesTarget(Target):
         name, namespace = self._where(server)
         return self.helm("status", name, "-n", namespace, timeout=60).returncode == 0
 
-    def workloads(self, name: str, namespace: str) -> list:
-        """The StatefulSets and Deployments of release `name`."""
+    def workloads(self, name: str, namespace: str, colour: str | None = None) -> list:
+        """The StatefulSets and Deployments of release `name` (of one colour, if given)."""
         from kubernetes import client
 
-        apps, selector = client.AppsV1Api(self.api), f"app.kubernetes.io/instance={name}"
+        apps = client.AppsV1Api(self.api)
+        selector = f"app.kubernetes.io/instance={name}" + (f",{COLOUR_LABEL}={colour}" if colour else "")
         return (apps.list_namespaced_stateful_set(namespace, label_selector=selector).items
                 + apps.list_namespaced_deployment(namespace, label_selector=selector).items)
 
+    @staticmethod
+    def _ready(workload) -> int:
+        """Its pods that are ready on its current template (a Deployment mid-rollout counts
+        only its new ones, once they are available)."""
+        from kubernetes.client import V1Deployment
+
+        status = workload.status
+        if not isinstance(workload, V1Deployment):
+            return status.ready_replicas or 0
+        if (status.observed_generation or 0) < (workload.metadata.generation or 0):
+            return 0
+        return min(status.ready_replicas or 0, status.updated_replicas or 0, status.available_replicas or 0)
+
+    def ready_endpoints(self, service: str, namespace: str) -> int:
+        """The ready addresses behind Service `service` (its EndpointSlices)."""
+        from kubernetes import client
+
+        slices = client.DiscoveryV1Api(self.api).list_namespaced_endpoint_slice(
+            namespace, label_selector=f"kubernetes.io/service-name={service}").items
+        return sum(1 for s in slices for e in s.endpoints or [] if e.conditions is None or e.conditions.ready)
+
     def health(self, server: Server) -> Health:
+        """Ready/desired over its release's workloads. A bundled service's colour (server.colour)
+        is healthy when its Deployment is and as many pods answer behind its Service."""
         from kubernetes.client.rest import ApiException
 
         report = server._health
         if server.release() is None:
             return report("n/a", detail=NOT_YET)
         name, namespace = self._where(server)
-        endpoint = server.endpoint()
+        endpoint, colour = server.endpoint(), getattr(server, "colour", None)
         try:
-            workloads = self.workloads(name, namespace)
+            workloads = self.workloads(name, namespace, colour)
+            if not workloads:
+                if self.running(server) and not colour:  # a release of configuration only (the mesh's entries)
+                    return report("healthy", endpoint=endpoint, detail=f"release deployed in {namespace}")
+                return report("unhealthy", endpoint=endpoint, detail=f"not installed in {namespace}")
+            ready = sum(self._ready(w) for w in workloads)
+            desired = sum(w.spec.replicas or 0 for w in workloads)
+            detail = f"{ready}/{desired} ready in {namespace}"
+            if colour and desired and ready >= desired:
+                answering = self.ready_endpoints(f"{name}-{colour}", namespace)
+                ready = min(ready, answering)
+                detail += f", {answering} behind Service {name}-{colour}"
         except ApiException as e:
             return report("unhealthy", endpoint=endpoint, detail=f"cannot read it: {e.reason}")
-        if not workloads:
-            if self.running(server):  # a release of configuration only (the mesh's entries)
-                return report("healthy", endpoint=endpoint, detail=f"release deployed in {namespace}")
-            return report("unhealthy", endpoint=endpoint, detail=f"not installed in {namespace}")
-        ready = sum(w.status.ready_replicas or 0 for w in workloads)
-        desired = sum(w.spec.replicas or 0 for w in workloads)
         image = workloads[0].spec.template.spec.containers[0].image
         return report("healthy" if desired and ready >= desired else "unhealthy", endpoint=endpoint,
-                      version=image.rpartition(":")[2], detail=f"{ready}/{desired} ready in {namespace}")
+                      version=image.rpartition(":")[2], detail=detail)
 
     def stop(self, server: Server) -> bool:
         """Uninstall its release (its data volume and credentials stay until a purge)."""
