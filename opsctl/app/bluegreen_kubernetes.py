@@ -129,6 +129,10 @@ def deploy(ctx: Context, colour: str, new_image: str) -> Result:
         raise UsageError(f"{new_image!r} is not an image reference with a tag or digest",
                          "name it as REPOSITORY:TAG or REPOSITORY@sha256:DIGEST, "
                          "e.g. registry.example.com/order-services:1.4.0")
+    missing = [r.name for r in releases(ctx) if r.name in per_colour(ctx) and not ctx.runtime.running(r)]
+    if missing:
+        raise UsageError(f"{', '.join(missing)} not installed on {ctx.runtime.where()}",
+                         "install the services first: opsctl install --target kubernetes --only services")
     images = deployed_images(ctx)
     ctx.runtime.keep_record(ctx.spec, "images", {**images, colour: {"image": new_image, "since": time.time()}})
     names = per_colour(ctx)

@@ -64,6 +64,8 @@ def test_deploy_switch_watch_and_rollback_on_the_cluster(control_plane, work):
     def bluegreen(*args: str):
         return work.run("bluegreen", *args, *kube, "-o", "json", check_json=True)
 
+    not_yet = bluegreen("deploy", "--image", NEW_IMAGE)
+    assert not_yet.returncode == 2 and "install the services first" in not_yet.stdout
     installed = work.run("install", *kube, "--only", "services")
     assert installed.returncode == 0, installed.stdout + installed.stderr
     status = bluegreen("status")
