@@ -228,6 +228,7 @@ class Service(Strict):
     # and updates the stock table in PostgreSQL.
     role: Literal["writer", "reader", "catalogue"] = "writer"
     cache: RedisAccess | None = None  # its Redis ACL (none: ping only)
+    streams: bool = False  # reads or writes names.topics.orders (Kafka admits it)
 
     @property
     def ports(self) -> dict[str, int]:

@@ -239,6 +239,11 @@ class Server(Component):
         return fingerprint(self.argv(), self.env())
 
     # --- helpers -----------------------------------------------------------------------
+    def users(self) -> list[str]:
+        """The bundled services whose credentials name this server: the only pods its
+        NetworkPolicy admits on the kubernetes target."""
+        return sorted(n for n, s in self.ctx.spec.services.items() if self.name in s.credentials)
+
     def port(self, key: str) -> int:
         return self.spec.ports[key]
 

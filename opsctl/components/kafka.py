@@ -8,7 +8,7 @@ import subprocess
 import uuid
 from pathlib import Path
 
-from opsctl.components.base import Server
+from opsctl.components.base import Release, Server
 from opsctl.errors import OpsError
 from opsctl.net import port_open
 from opsctl import artifacts
@@ -47,18 +47,19 @@ class Kafka(Server):
         if not self.libs.exists() and not self.ctx.dry_run:
             artifacts.jars([f"{self.spec.artifact}:{self.spec.version}", LOG_BINDING], self.libs.parent)
 
-    def _properties(self, log_dir: str) -> str:
-        host, broker, controller = self.ctx.host, self.port("broker"), self.port("controller")
-        settings = {
+    def _settings(self, log_dir: str, host: str, advertised: str) -> dict:
+        """One KRaft node, broker and controller: listening on `host`, known as `advertised`."""
+        broker, controller = self.port("broker"), self.port("controller")
+        return {
             "process.roles": "broker,controller",
             "node.id": 1,
-            "controller.quorum.bootstrap.servers": f"{host}:{controller}",
+            "controller.quorum.bootstrap.servers": f"{advertised}:{controller}",
             "listeners": f"PLAINTEXT://{host}:{broker},CONTROLLER://{host}:{controller}",
-            "advertised.listeners": f"PLAINTEXT://{host}:{broker},CONTROLLER://{host}:{controller}",
+            "advertised.listeners": f"PLAINTEXT://{advertised}:{broker},CONTROLLER://{advertised}:{controller}",
             "inter.broker.listener.name": "PLAINTEXT",
             "controller.listener.names": "CONTROLLER",
             "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
-            "log.dirs": str(self.path(log_dir)),
+            "log.dirs": log_dir,
             "num.partitions": 1,
             "default.replication.factor": 1,
             "min.insync.replicas": 1,
@@ -71,7 +72,23 @@ class Kafka(Server):
             "group.initial.rebalance.delay.ms": 0,
             "auto.create.topics.enable": "false",
         }
-        return "".join(f"{k}={v}\n" for k, v in settings.items())
+
+    def _properties(self, log_dir: str) -> str:
+        host = self.ctx.host
+        return "".join(f"{k}={v}\n" for k, v in self._settings(str(self.path(log_dir)), host, host).items())
+
+    def release(self) -> Release:
+        """On the kubernetes target: the official image, the same KRaft settings as here (as
+        the image's KAFKA_* variables), known by its Service's name; no authentication, as
+        locally: its NetworkPolicy admits only the services that stream orders."""
+        data = "/var/lib/kafka/data"
+        advertised = self.ctx.address("kafka").host
+        env = {"KAFKA_" + key.upper().replace(".", "_"): str(value)
+               for key, value in self._settings(f"{data}/log", "0.0.0.0", advertised).items()}
+        return Release("data-service", {
+            "image": self.spec.image, "ports": {"broker": self.port("broker"), "controller": self.port("controller")},
+            "dataPath": data, "env": env, "podSecurityContext": {"fsGroup": 1000},
+            "allowFrom": sorted(n for n, s in self.ctx.spec.services.items() if s.streams)})
 
     def config_files(self) -> dict[str, str]:
         return {"config/server.properties": self._properties("data"), "config/log4j2.xml": LOG4J2}

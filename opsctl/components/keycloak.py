@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 from opsctl import httpclient
-from opsctl.components.base import Server, fingerprint
+from opsctl.components.base import Release, Server, fingerprint
 from opsctl.errors import OpsError
 from opsctl import artifacts
 from opsctl.host import require_binary
@@ -56,6 +56,25 @@ class Keycloak(Server):
 
     def admin_credentials(self) -> tuple[str, str]:
         return "opsctl-admin", self.ctx.secret("keycloak", "admin_password")
+
+    def release(self) -> Release:
+        """On the kubernetes target: the official image on its platform.yaml ports, opsctl's
+        admin user made on first boot with a password generated into the release's Secret;
+        reachable from every bundled service (their tokens) and the edge (people's tokens)."""
+        user, _ = self.admin_credentials()
+        http, management = self.port("http"), self.port("management")
+        return Release("data-service", {
+            "image": self.spec.image, "ports": {"http": http, "management": management},
+            "dataPath": "/opt/keycloak/data",
+            "args": ["start", "--http-enabled=true", f"--http-port={http}", f"--http-management-port={management}",
+                     "--hostname-strict=false", "--health-enabled=true", "--metrics-enabled=true", "--cache=local",
+                     "--db=dev-file"],
+            "env": {"KC_BOOTSTRAP_ADMIN_USERNAME": user},
+            "secretEnv": {"KC_BOOTSTRAP_ADMIN_PASSWORD": "password"},
+            "podSecurityContext": {"fsGroup": 1000},
+            "allowFrom": sorted(self.ctx.spec.services),
+            "allowNamespaces": [self.ctx.spec.kubernetes.namespace("nginx")]},
+            secrets=["password"])
 
     def env(self) -> dict[str, str]:
         user, password = self.admin_credentials()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from opsctl.components.base import Server
+from opsctl.components.base import Release, Server
 from opsctl.errors import OpsError
 from opsctl.net import port_open
 
@@ -46,6 +46,22 @@ class MongoDB(Server):
                 "--host", self.ctx.host, "--port", str(self.port("mongo")),
                 "--storage-path", str(self.path("data")),
                 "--replset", self.ctx.spec.names.mongodb.replica_set, "--admin-user", ADMIN_USER]
+
+    def release(self) -> Release:
+        """On the kubernetes target: the official MongoDB image as the replica set of
+        platform.yaml (authenticated: members share a key file, opsctl's admin user is made on
+        first boot), both generated into the release's Secret; reachable only from the
+        services whose credentials name MongoDB."""
+        port = self.port("mongo")
+        return Release("data-service", {
+            "image": self.spec.image, "ports": {"mongo": port}, "dataPath": "/data/db",
+            "args": ["--replSet", self.ctx.spec.names.mongodb.replica_set, "--bind_ip_all", "--port", str(port),
+                     "--keyFile", "/etc/opsctl-credentials/keyfile"],
+            "env": {"MONGO_INITDB_ROOT_USERNAME": ADMIN_USER},
+            "secretEnv": {"MONGO_INITDB_ROOT_PASSWORD": "password"}, "secretFiles": ["keyfile"],
+            "podSecurityContext": {"runAsUser": 999, "runAsGroup": 999, "fsGroup": 999},
+            "allowFrom": self.users()},
+            secrets=["password", "keyfile"])
 
     def env(self) -> dict[str, str]:
         return {"SECANTUS_ADMIN_PASSWORD": self.ctx.secret("mongodb", "admin_password")}

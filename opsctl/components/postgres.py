@@ -116,7 +116,7 @@ class Postgres(Server):
             "args": ["-c", f"port={self.port('postgres')}"],
             "env": {"PGDATA": f"{data}/pgdata", "POSTGRES_DB": self.ctx.spec.names.postgres.database},
             "secretEnv": {"POSTGRES_PASSWORD": "password"},
-            "allowFrom": sorted(n for n, s in self.ctx.spec.services.items() if "postgres" in s.credentials)},
+            "allowFrom": self.users()},
             secrets=["password"])
 
     def connect(self, dbname: str = "postgres", user: str = "postgres", password: str | None = None,

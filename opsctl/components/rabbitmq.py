@@ -13,7 +13,7 @@ import secrets
 from pathlib import Path
 
 from opsctl import httpclient
-from opsctl.components.base import Server
+from opsctl.components.base import Release, Server
 from opsctl.errors import OpsError
 from opsctl.files import write_atomic
 from opsctl.net import port_open
@@ -35,6 +35,23 @@ class RabbitMQ(Server):
     @property
     def user_name(self) -> str:
         return "opsctl-admin"
+
+    def release(self) -> Release:
+        """On the kubernetes target: the official image with the management and Prometheus
+        plugins on their platform.yaml ports, opsctl's admin user made on first boot with a
+        password generated into the release's Secret (no guest), reachable only from the
+        services whose credentials name RabbitMQ."""
+        ports = {key: self.port(key) for key in ("amqp", "management", "prometheus")}
+        return Release("data-service", {
+            "image": self.spec.image, "ports": ports, "dataPath": "/var/lib/rabbitmq",
+            "env": {"RABBITMQ_NODE_PORT": str(ports["amqp"]), "RABBITMQ_DEFAULT_USER": self.user_name,
+                    "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS":
+                        f"-rabbitmq_management tcp_config [{{port,{ports['management']}}}] "
+                        f"-rabbitmq_prometheus tcp_config [{{port,{ports['prometheus']}}}] "
+                        "-rabbitmq_prometheus return_per_object_metrics true"},
+            "secretEnv": {"RABBITMQ_DEFAULT_PASS": "password"},
+            "podSecurityContext": {"fsGroup": 999}, "allowFrom": self.users()},
+            secrets=["password"])
 
     def credentials(self) -> tuple[str, str]:
         return self.user_name, self.ctx.secret("rabbitmq", "admin_password")

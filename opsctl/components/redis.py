@@ -46,7 +46,7 @@ class Redis(Server):
             "args": ["redis-server", "--port", str(port), "--dir", "/data", "--appendonly", "yes",
                      "--save", "900 1", "--requirepass", "$(REDIS_PASSWORD)"],
             "secretEnv": {"REDIS_PASSWORD": "password"},
-            "allowFrom": sorted(n for n, s in self.ctx.spec.services.items() if "redis" in s.credentials)},
+            "allowFrom": self.users()},
             secrets=["password"])
 
     def _client(self, user: str | None = None, password: str | None = None):

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from opsctl import httpclient
-from opsctl.components.base import Server
+from opsctl.components.base import Release, Server
 from opsctl.errors import OpsError
 from opsctl.files import read_json, write_json_atomic
 
@@ -347,6 +347,22 @@ listener "tcp" {{
   tls_disable     = true
 }}
 {self._socket_listener()}"""}
+
+    def release(self) -> Release:
+        """On the kubernetes target: OpenBao's image (the same server as here) with Raft
+        storage on its volume; initialised and unsealed by opsctl as here (`vault init`,
+        `vault unseal`); reachable from every bundled service (each logs in with its token)."""
+        http, cluster = self.port("http"), self.port("cluster")
+        host = self.ctx.address("vault").host
+        config = {"ui": False, "disable_mlock": True, "api_addr": f"http://{host}:{http}",
+                  "cluster_addr": f"http://{host}:{cluster}",
+                  "storage": {"raft": {"path": "/openbao/data", "node_id": "opsctl-vault-1"}},
+                  "listener": [{"tcp": {"address": f"0.0.0.0:{http}", "cluster_address": f"0.0.0.0:{cluster}",
+                                        "tls_disable": True}}]}
+        return Release("data-service", {
+            "image": self.spec.image, "ports": {"http": http, "cluster": cluster}, "dataPath": "/openbao/data",
+            "args": ["server"], "env": {"BAO_LOCAL_CONFIG": json.dumps(config)},
+            "podSecurityContext": {"fsGroup": 1000}, "allowFrom": sorted(self.ctx.spec.services)})
 
     def _socket_listener(self) -> str:
         """generate-root without a token (an expired admin token), for this user only: the

@@ -130,7 +130,7 @@ class ControlPlane:
 
     path: Path
     nodes: int = 3
-    volumes: int = 20
+    volumes: int = 40
     host: str = "127.0.0.1"
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     api_ready_seconds: float = 0.0

@@ -203,7 +203,8 @@ class KubernetesTarget(Target):
             if e.status != 404:
                 raise
             held = None
-        missing = {k: base64.b64encode(pysecrets.token_urlsafe(24).encode()).decode()
+        # hex: safe in an environment variable, a URL and a MongoDB key file alike
+        missing = {k: base64.b64encode(pysecrets.token_hex(24).encode()).decode()
                    for k in keys if k not in (held or {})}
         if held is None:
             core.create_namespaced_secret(namespace, {"metadata": {"name": secret, "labels": {

@@ -2,9 +2,10 @@
 a helm release of the project's chart in its namespace, with its credentials generated
 into a Secret, a NetworkPolicy that admits only the services that use it, and its own
 ServiceAccount; a re-install changes nothing, a changed value upgrades that release only,
-down uninstalls and keeps the data until --purge. So far Redis and PostgreSQL are the
-servers with a chart, with the bundled services (blue and green Deployments behind one
-Service on the live colour); every other step says it is not on this target yet."""
+down uninstalls and keeps the data until --purge. The servers with a chart so far: RabbitMQ,
+MongoDB, PostgreSQL, Vault (OpenBao), Redis, Kafka and Keycloak, with the bundled services
+(blue and green Deployments behind one Service on the live colour); every other step says
+it is not on this target yet."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from tests.integration.conftest import LIVE_WORKDIRS, Workdir, reachable_dir
 from tests.integration.controlplane import helm
 
 pytestmark = pytest.mark.integration
+
+SERVERS = ("rabbitmq", "mongodb", "postgres", "vault", "redis", "kafka", "keycloak")  # those with a chart
 
 
 @pytest.fixture
@@ -46,19 +49,34 @@ def test_install_reinstall_upgrade_status_down_and_purge(control_plane, work):
     planned = work.run("install", *kube(control_plane, "--dry-run", "-o", "json"), check_json=True)
     assert planned.returncode == 0, planned.stderr
     steps = {s["name"]: s for s in planned.json["steps"]}
-    assert steps["redis"]["state"] == steps["postgres"]["state"] == "planned"
-    assert steps["mongodb"]["state"] == "skipped" and "not yet" in steps["mongodb"]["detail"]
+    assert {steps[s]["state"] for s in SERVERS} == {"planned"}
+    assert steps["nginx"]["state"] == "skipped" and "not yet" in steps["nginx"]["detail"]
     assert namespace not in [n.metadata.name for n in core.list_namespace().items]  # a plan changes nothing
 
     installed = work.run("install", *kube(control_plane, "-o", "json"), check_json=True)
     assert installed.returncode == 0, installed.stderr
     states = {s["name"]: s["state"] for s in installed.json["steps"]}
-    assert states["redis"] == states["postgres"] == "changed"
-    for server in ("redis", "postgres"):
-        policy = client.NetworkingV1Api(api).read_namespaced_network_policy(server, namespace)
-        allowed = policy.spec.ingress[0]._from[0].pod_selector.match_expressions[0].values
-        assert sorted(allowed) == sorted(n for n, s in work.spec.services.items() if server in s.credentials)
-        assert apps.read_namespaced_stateful_set(server, namespace).status.ready_replicas == 1
+    assert {states[s] for s in SERVERS} == {"changed"}
+    users = {server: sorted(n for n, s in work.spec.services.items() if server in s.credentials)
+             for server in ("redis", "postgres", "rabbitmq", "mongodb")}
+    users.update(vault=sorted(work.spec.services), keycloak=sorted(work.spec.services),
+                 kafka=["cdc-bridge", "order-screening"])
+    for server in SERVERS:
+        where = work.spec.kubernetes.namespace(server)
+        policy = client.NetworkingV1Api(api).read_namespaced_network_policy(server, where)
+        assert policy.spec.ingress[0]._from[0].pod_selector.match_expressions[0].values == users[server]
+        workload = apps.read_namespaced_stateful_set(server, where)
+        assert workload.status.ready_replicas == 1, server
+        assert workload.spec.template.spec.containers[0].image == work.spec.components[server].image
+    edge = work.spec.kubernetes.namespace("nginx")  # people get their tokens through the edge
+    keycloak = client.NetworkingV1Api(api).read_namespaced_network_policy("keycloak", work.spec.kubernetes.namespace("keycloak"))
+    assert keycloak.spec.ingress[0]._from[1].namespace_selector.match_labels == {"kubernetes.io/metadata.name": edge}
+    mongodb = apps.read_namespaced_stateful_set("mongodb", work.spec.kubernetes.namespace("mongodb")).spec.template.spec
+    assert mongodb.volumes[0].secret.default_mode == 0o400 and "--keyFile" in mongodb.containers[0].args
+    kafka = apps.read_namespaced_stateful_set("kafka", work.spec.kubernetes.namespace("kafka")).spec.template.spec
+    env = {e.name: e.value for e in kafka.containers[0].env}
+    assert f"PLAINTEXT://kafka.{work.spec.kubernetes.namespace('kafka')}.svc.cluster.local:" in env[
+        "KAFKA_ADVERTISED_LISTENERS"]
     workload = apps.read_namespaced_stateful_set("redis", namespace)
     assert workload.status.ready_replicas == 1
     assert workload.spec.template.spec.containers[0].image == work.spec.components["redis"].image
@@ -69,7 +87,7 @@ def test_install_reinstall_upgrade_status_down_and_purge(control_plane, work):
 
     again = work.run("install", *kube(control_plane, "-o", "json"), check_json=True)
     states = {s["name"]: s["state"] for s in again.json["steps"]}
-    assert states["redis"] == states["postgres"] == "unchanged"
+    assert {states[s] for s in SERVERS} == {"unchanged"}
 
     work.write_config({"components": {"redis": {"image": "redis:7.0.16"}}})
     upgraded = work.run("install", *kube(control_plane, "--only", "redis", "-o", "json"), check_json=True)
@@ -87,7 +105,7 @@ def test_install_reinstall_upgrade_status_down_and_purge(control_plane, work):
 
     down = work.run("down", *kube(control_plane, "-o", "json"), check_json=True)
     assert down.returncode == 0
-    assert {"postgres", "redis", "mesh-config", "order-creator"} <= set(down.json["stopped"])
+    assert {*SERVERS, "mesh-config", "order-creator"} <= set(down.json["stopped"])
     after = work.run("status", *kube(control_plane, "-o", "json"), check_json=True)
     assert after.returncode == 3
     assert {c["component"]: c for c in after.json["components"]}["redis"]["health"] == "unhealthy"
