@@ -192,7 +192,10 @@ class ControlPlane:
             "--allow-privileged=true", f"--cert-dir={f / 'certs'}", "--v=1"])
         self._wait("its API server ready", lambda: self._ready(server))
         self.api_ready_seconds = time.monotonic() - began  # for scripts/bench/kube_target.py
-        common = [f"--kubeconfig={self.kubeconfig}", "--leader-elect=false", "--secure-port=0", "--v=1"]
+        # The client limits kwokctl lifts too (its --disable-qps-limits): at the default 20/s the
+        # controllers would take minutes to create a thousand pods.
+        common = [f"--kubeconfig={self.kubeconfig}", "--leader-elect=false", "--secure-port=0", "--v=1",
+                  "--kube-api-qps=1000", "--kube-api-burst=2000"]
         self._start("kube-controller-manager", [
             str(k8s / "kube-controller-manager"), *common, "--controllers=*,-nodeipam",
             f"--service-account-private-key-file={f / 'sa.key'}", f"--root-ca-file={f / 'ca.crt'}",

@@ -16,7 +16,7 @@ from typing import Callable
 from opsctl.errors import Interrupted, OpsError
 from opsctl.files import read_json, write_json_atomic
 from opsctl.host import chown_tree
-from opsctl.targets.local import supervisor
+from opsctl.targets.local import supervisor, watch
 
 
 class Process:
@@ -111,6 +111,8 @@ class Process:
         last_error = ""
         if failures and shown == "failed":
             last_error = failures[-1]["reason"]
+        elif state == "FATAL":  # the watcher records it a moment later: the same words now
+            last_error = watch.GAVE_UP.format(retries=supervisor.START_RETRIES)
         elif info and info.get("spawnerr"):
             last_error = info["spawnerr"]
         elif events and events[-1]["event"] == "exited":

@@ -16,6 +16,8 @@ import sys
 import time
 from collections import defaultdict, deque
 
+GAVE_UP = "exited right after starting, {retries} retries in a row; supervisord gave up"
+
 
 def _record(path: str, event: dict) -> None:
     # One short line per write, appended: readers never see half of one.
@@ -53,8 +55,7 @@ def main() -> None:
         name, now = fields.get("processname", ""), time.time()
         if headers["eventname"] == "PROCESS_STATE_FATAL":
             _record(path, {"name": name, "time": now, "event": "failed",
-                           "reason": f"exited right after starting, {retries} retries in a row; "
-                                     "supervisord gave up"})
+                           "reason": GAVE_UP.format(retries=retries)})
         elif headers["eventname"] == "PROCESS_STATE_EXITED" and fields.get("expected") == "0":
             recent = exits[name]
             recent.append(now)
