@@ -46,6 +46,19 @@ class Platform(Strict):
         return self
 
 
+class UpstreamChart(Strict):
+    """A cluster add-on's own chart, pinned (opsctl/targets/kubernetes/charts.py fetches it)."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z0-9-]+/[a-z0-9-]+$")]  # repository/chart
+    version: Annotated[str, Field(pattern=r"^v?[0-9]+\.[0-9]+\.[0-9]+[0-9A-Za-z.+-]*$")]
+    repository: Annotated[str, Field(pattern=r"^https://[^\s]+$")]  # the chart repository it is published in
+    module: Annotated[str, Field(pattern=r"^[a-z0-9.-]+(/[A-Za-z0-9._-]+)*$")] | None = None
+    module_version: str | None = None  # the module's version if it differs from the chart's
+    path: str = "."      # the chart's folder in the module
+    crds: str | None = None  # a folder of the module whose CRD templates go into the chart
+    values: dict = {}
+
+
 class Component(Strict):
     step: Annotated[int, Field(ge=1, le=99)]
     description: str = ""
@@ -56,6 +69,7 @@ class Component(Strict):
     memory: Annotated[str, Field(pattern=r"^[0-9]+[mg]$")] | None = None
     ports: dict[Name, Port] = {}
     image: Name | None = None  # its container image on the kubernetes target, pinned
+    chart: UpstreamChart | None = None  # on the kubernetes target: its upstream chart (an add-on)
 
 
 DnsLabel = Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]

@@ -31,6 +31,10 @@ def build(name: str, ctx: Context) -> Component:
     spec = ctx.spec.components[name]
     if ctx.target not in spec.targets:
         return Skipped(name, ctx, f"{'/'.join(spec.targets)} only")
+    if ctx.target == "kubernetes" and spec.chart:
+        from opsctl.components.addons import Addon
+
+        return Addon(name, ctx)  # its upstream chart
     if not spec.available or COMPONENTS[name] is None:
         return Skipped(name, ctx, NOT_YET)
     implementation = _load(COMPONENTS[name])

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 from opsctl.context import Context
 from opsctl.host import system_user
 from opsctl.net import Address
-from opsctl.spec import Component as ComponentSpec
+from opsctl.spec import Component as ComponentSpec, UpstreamChart
 
 
 @dataclass
@@ -152,6 +152,7 @@ class Release:
     chart: str
     values: dict
     secrets: list[str] = field(default_factory=list)
+    upstream: UpstreamChart | None = None  # an add-on's chart, fetched (else manifests/charts/<chart>)
 
 
 def fingerprint(*parts) -> str:

@@ -84,7 +84,7 @@ def main() -> None:
         cluster.stop()
         shutil.rmtree(cluster.path, ignore_errors=True)
     keys = [k for k in rows[0] if k != "replicas"]
-    print("| replicas per Deployment | " + " | ".join(keys) + " |\n|---" * (len(keys) + 1) + "|")
+    print("| replicas per Deployment | " + " | ".join(keys) + " |\n|" + "---|" * (len(keys) + 1))
     for row in rows:
         print(f"| {row['replicas']} | " + " | ".join(
             str(row[k]) if k == "pods" else f"{row[k]:.2f} s" for k in keys) + " |")

@@ -6,7 +6,7 @@ the cluster is read with the kubernetes client. The generated credentials of a r
 in its Secret <release>-credentials, never in a file here and never printed.
 
 A release is upgraded only when what opsctl would apply changed: the fingerprint of the
-chart and its values is kept in the release's own values (opsctl.fingerprint).
+chart and its values is the description of the revision opsctl made (`helm history`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import tempfile
 from functools import cached_property
 from pathlib import Path
 
-from opsctl.components.base import Health, Outcome, Server, fingerprint
+from opsctl.components.base import Health, Outcome, Release, Server, fingerprint
 from opsctl.errors import OpsError, UsageError
 from opsctl.net import Address
 from opsctl.spec import Spec
@@ -29,6 +29,7 @@ CHARTS = Path(__file__).resolve().parents[3] / "manifests" / "charts"
 NOT_YET = "not yet on the kubernetes target"
 RECORDS = "opsctl-live"  # the ConfigMap of opsctl's records: read_record, keep_record
 COLOUR_LABEL = "opsctl.io/colour"
+APPLIED = "opsctl applied "  # + the fingerprint: a revision's description
 
 
 def chart_digest(chart: Path) -> str:
@@ -89,10 +90,20 @@ class KubernetesTarget(Target):
     def where(self) -> str:
         return f"the cluster of context {self.kube_context} ({self.api.configuration.host}, from {self.kubeconfig})"
 
+    @property
+    def cache(self) -> Path:
+        return Path(os.environ.get("OPSCTL_CACHE_DIR") or self.state_dir / "cache")
+
+    def chart(self, release: Release) -> Path:
+        """The project's chart, or an add-on's upstream chart (fetched into the cache once)."""
+        from opsctl.targets.kubernetes import charts
+
+        return charts.fetch(release.upstream, self.cache, self.helm) if release.upstream else CHARTS / release.chart
+
     def helm(self, *args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
         from opsctl.targets.kubernetes import helm
 
-        binary = helm.binary(Path(os.environ.get("OPSCTL_CACHE_DIR") or self.state_dir / "cache"))
+        binary = helm.binary(self.cache)
         try:
             return subprocess.run([str(binary), "--kubeconfig", str(self.kubeconfig), "--kube-context",
                                    self.kube_context, *args], capture_output=True, text=True, timeout=timeout)
@@ -215,19 +226,20 @@ class KubernetesTarget(Target):
     def _applied(self, name: str, namespace: str) -> str | None:
         """The fingerprint the deployed release was applied with; None if there is none."""
         status = self.helm("status", name, "-n", namespace, "-o", "json", timeout=60)
-        if status.returncode != 0 or json.loads(status.stdout).get("info", {}).get("status") != "deployed":
+        info = json.loads(status.stdout).get("info", {}) if status.returncode == 0 else {}
+        if info.get("status") != "deployed":
             return None
-        values = self.helm("get", "values", name, "-n", namespace, "-o", "json", timeout=60)
-        return ((json.loads(values.stdout or "{}") or {}).get("opsctl") or {}).get("fingerprint")
+        return (info.get("description") or "").removeprefix(APPLIED) or None
 
     def apply(self, server: Server) -> Outcome:
         release = server.release()
         if release is None:
             return Outcome("skipped", NOT_YET)
         name, namespace = self._where(server)
-        chart = CHARTS / release.chart
+        chart = self.chart(release)
         platform = server.ctx.spec.platform.name
-        values = {**release.values, "platform": platform}
+        # an upstream chart's values schema may refuse any value it does not know
+        values = release.values if release.upstream else {**release.values, "platform": platform}
         wanted = fingerprint(chart_digest(chart), values, release.secrets)
         applied = self._applied(name, namespace)
         if applied == wanted:
@@ -236,12 +248,14 @@ class KubernetesTarget(Target):
         if server.ctx.dry_run:
             return Outcome("planned", f"{action} release {name} ({release.chart} chart) in {namespace}")
         self._namespace(namespace, platform)
-        self._credentials(name, namespace, release.secrets)
+        if release.secrets:
+            self._credentials(name, namespace, release.secrets)
         spec = server.ctx.spec.kubernetes
         with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="opsctl-values-") as file:
-            json.dump({**values, "opsctl": {"fingerprint": wanted}}, file)
+            json.dump(values, file)
             file.flush()
             done = self.helm("upgrade", "--install", name, str(chart), "-n", namespace, "-f", file.name,
+                             "--description", APPLIED + wanted,
                              "--wait", "--timeout", f"{spec.timeout_seconds}s", "--history-max", str(spec.history_max),
                              "--rollback-on-failure",
                              timeout=2 * spec.timeout_seconds + 60)  # its wait, then its rollback's

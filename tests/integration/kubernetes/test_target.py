@@ -46,14 +46,15 @@ def test_install_reinstall_upgrade_status_down_and_purge(control_plane, work):
     core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
     namespace = work.spec.kubernetes.namespace("redis")
 
-    planned = work.run("install", *kube(control_plane, "--dry-run", "-o", "json"), check_json=True)
+    only = ["--only", ",".join(SERVERS + ("nginx",))]
+    planned = work.run("install", *kube(control_plane, *only, "--dry-run", "-o", "json"), check_json=True)
     assert planned.returncode == 0, planned.stderr
     steps = {s["name"]: s for s in planned.json["steps"]}
     assert {steps[s]["state"] for s in SERVERS} == {"planned"}
     assert steps["nginx"]["state"] == "skipped" and "not yet" in steps["nginx"]["detail"]
     assert namespace not in [n.metadata.name for n in core.list_namespace().items]  # a plan changes nothing
 
-    installed = work.run("install", *kube(control_plane, "-o", "json"), check_json=True)
+    installed = work.run("install", *kube(control_plane, *only, "-o", "json"), check_json=True)
     assert installed.returncode == 0, installed.stderr
     states = {s["name"]: s["state"] for s in installed.json["steps"]}
     assert {states[s] for s in SERVERS} == {"changed"}
@@ -85,7 +86,7 @@ def test_install_reinstall_upgrade_status_down_and_purge(control_plane, work):
     assert core.read_namespace(namespace).metadata.labels["opsctl.io/platform"] == work.spec.platform.name
     assert core.read_namespaced_service_account("redis", namespace).automount_service_account_token is False
 
-    again = work.run("install", *kube(control_plane, "-o", "json"), check_json=True)
+    again = work.run("install", *kube(control_plane, *only, "-o", "json"), check_json=True)
     states = {s["name"]: s["state"] for s in again.json["steps"]}
     assert {states[s] for s in SERVERS} == {"unchanged"}
 
@@ -98,14 +99,16 @@ def test_install_reinstall_upgrade_status_down_and_purge(control_plane, work):
         "redis-credentials", namespace).data["password"]).decode() == password
 
     status = work.run("status", *kube(control_plane, "-o", "json"), check_json=True)
-    assert status.returncode == 0, status.stdout
-    redis = {c["component"]: c for c in status.json["components"]}["redis"]
+    rows = {c["component"]: c for c in status.json["components"]}
+    assert {rows[s]["health"] for s in SERVERS} == {"healthy"}, status.stdout
+    assert status.returncode == 3 and rows["order-creator"]["health"] == "unhealthy"  # not installed here
+    redis = rows["redis"]
     assert (redis["health"], redis["version"]) == ("healthy", "7.0.16")
     assert redis["endpoint"] == f"redis.{namespace}.svc.cluster.local:{work.spec.components['redis'].ports['redis']}"
 
     down = work.run("down", *kube(control_plane, "-o", "json"), check_json=True)
     assert down.returncode == 0
-    assert {*SERVERS, "mesh-config", "order-creator"} <= set(down.json["stopped"])
+    assert set(down.json["stopped"]) == set(SERVERS)
     after = work.run("status", *kube(control_plane, "-o", "json"), check_json=True)
     assert after.returncode == 3
     assert {c["component"]: c for c in after.json["components"]}["redis"]["health"] == "unhealthy"
@@ -185,3 +188,34 @@ def test_the_services_run_in_both_colours_behind_the_live_one_each_with_least_pr
     assert rows["order-creator"]["health"] == "healthy" and rows["mesh-config"]["health"] == "healthy"
     assert rows["order-creator"]["detail"].startswith(f"{2 * work.spec.kubernetes.replicas}/")
     work.run("down", *kube(control_plane))
+
+
+def test_the_add_ons_come_from_their_upstream_charts_or_fail_saying_why(control_plane, work):
+    from kubernetes import client
+
+    api = control_plane.api()
+    planned = work.run("install", *kube(control_plane, "--dry-run", "-o", "json"), check_json=True)
+    assert planned.returncode == 1, planned.stdout
+    steps = {s["name"]: s for s in planned.json["steps"]}
+    assert steps["cert-manager"]["state"] == "planned" and "jetstack/cert-manager v1.16.5" in steps["cert-manager"]["detail"]
+    for addon in ("consul", "prometheus-grafana", "airflow"):
+        assert steps[addon]["state"] == "failed" and "cannot be fetched" in steps[addon]["detail"], steps[addon]
+    assert "Go module proxy has no github.com/hashicorp/consul-k8s/charts@v1.0.12" in steps["consul"]["detail"]
+    assert "grafana" in steps["prometheus-grafana"]["detail"] and "helm pull" in steps["airflow"]["detail"]
+
+    installed = work.run("install", *kube(control_plane, "--only", "cert-manager,consul", "-o", "json"),
+                         check_json=True)
+    states = {s["name"]: s["state"] for s in installed.json["steps"]}
+    assert installed.returncode == 1 and states == {"cert-manager": "changed", "consul": "failed"}, installed.stdout
+    namespace = work.spec.kubernetes.namespace("cert-manager")
+    for deployment in ("cert-manager", "cert-manager-webhook", "cert-manager-cainjector"):
+        assert client.AppsV1Api(api).read_namespaced_deployment(deployment, namespace).status.available_replicas == 1
+    crd = client.ApiextensionsV1Api(api).read_custom_resource_definition("certificates.cert-manager.io")
+    assert crd.metadata.annotations["helm.sh/resource-policy"] == "keep"
+    again = work.run("install", *kube(control_plane, "--only", "cert-manager", "-o", "json"), check_json=True)
+    assert again.returncode == 0 and again.json["steps"][0]["state"] == "unchanged"
+    status = work.run("status", *kube(control_plane, "-o", "json"), check_json=True)
+    rows = {c["component"]: c for c in status.json["components"]}
+    assert rows["cert-manager"]["health"] == "healthy" and rows["consul"]["health"] == "unhealthy"
+    down = work.run("down", *kube(control_plane, "-o", "json"), check_json=True)
+    assert down.returncode == 0 and "cert-manager" in down.json["stopped"]
