@@ -257,8 +257,14 @@ class Services(Component):
         return found
 
     def reconcile(self) -> Outcome:
-        started = self.servers() if self.ctx.target == "kubernetes" else self.started()
-        outcomes = [(server.name, server.reconcile()) for server in started]
+        if self.ctx.target == "kubernetes":  # independent releases, each waited for: all at once
+            from concurrent.futures import ThreadPoolExecutor
+
+            releases = self.servers()
+            with ThreadPoolExecutor(max_workers=len(releases)) as pool:
+                outcomes = list(zip([r.name for r in releases], pool.map(lambda r: r.reconcile(), releases)))
+        else:
+            outcomes = [(server.name, server.reconcile()) for server in self.started()]
         changed = [f"{name} {o.detail}" for name, o in outcomes if o.state in ("changed", "planned")]
         if not changed:
             return Outcome("unchanged", f"{len(outcomes)} services running")
