@@ -31,12 +31,13 @@ from opsctl.spec import IMAGE_REFERENCE
 POLL = 1.0  # seconds between two checks of the watch
 
 
-def _colour_health(ctx: Context, colour: str) -> list:
-    return in_parallel(releases(ctx, colour), lambda s: s.health())
+def _healths(servers: list) -> list:
+    return in_parallel(servers, lambda s: s.health())
 
 
-def _available(ctx: Context, colour: str, name: str) -> Check:
-    healths = _colour_health(ctx, colour)
+def _available(servers: list, colour: str, name: str) -> Check:
+    """`servers`: releases(ctx, colour), made once (the records they are made from are read then)."""
+    healths = _healths(servers)
     bad = [f"{h.component}-{colour} {h.detail}" for h in healths if h.health != "healthy"]
     return Check(name, not bad, "; ".join(bad) or f"the {colour} Deployments of {len(healths)} services "
                                                   f"available, every pod behind its Service")
@@ -47,7 +48,7 @@ def status(ctx: Context) -> Result:
     record, images = live.record(ctx), deployed_images(ctx)
     colours = []
     for colour, datacenter in ctx.spec.mesh.datacenters.items():
-        healths = _colour_health(ctx, colour)
+        healths = _healths(releases(ctx, colour))
         deployed = images.get(colour)
         colours.append({"colour": colour, "datacenter": datacenter, "live": colour == record["colour"],
                         "version": f"{deployed['image']} (deployed)" if deployed else f"{image(ctx)} (as installed)",
@@ -65,14 +66,14 @@ def status(ctx: Context) -> Result:
 
 
 def gate(ctx: Context, colour: str, seconds: float) -> list[Check]:
-    return [_available(ctx, colour, "health")]
+    return [_available(releases(ctx, colour), colour, "health")]
 
 
 def watch(ctx: Context, colour: str, seconds: float) -> Check:
     """The target colour, every POLL seconds for `seconds`: the first failure ends it."""
-    deadline, checks = time.monotonic() + seconds, 0
+    deadline, checks, servers = time.monotonic() + seconds, 0, releases(ctx, colour)
     while True:
-        check = _available(ctx, colour, "post-switch watch")
+        check = _available(servers, colour, "post-switch watch")
         checks += 1
         left = deadline - time.monotonic()
         if not check.ok or left <= 0:
