@@ -43,6 +43,12 @@ def management_token(ctx: Context) -> str:
     return ctx.secret("consul", "management_token", generate=lambda: str(uuid.uuid4()))
 
 
+def chart_values(ctx: Context) -> dict:
+    """The hashicorp/consul chart's values on the kubernetes target: this cluster's datacenter,
+    as the services' CRs name it."""
+    return {"global": {"datacenter": ctx.spec.kubernetes.datacenter}}
+
+
 class ConsulAgent(Server):
     """The server agent of one datacenter, named consul-<datacenter>."""
 

@@ -67,6 +67,38 @@ def edge_url(ctx) -> str:
     return ctx.address("nginx", "http").url()
 
 
+INGRESS_CLASS = "opsctl-edge"  # kubernetes: the IngressClass of the edge (ingress-nginx's chart)
+
+
+def chart_values(ctx) -> dict:
+    """ingress-nginx's chart values on the kubernetes target: the same limits as the local
+    edge (its ConfigMap's keys), and the edge's own IngressClass, which the services'
+    Ingresses name. opsctl writes the only Ingresses, so the chart's admission webhook (and
+    the Jobs that make its certificate) are left out."""
+    config = {
+        "client-header-timeout": HEADER_TIMEOUT, "client-body-timeout": BODY_TIMEOUT,
+        "client-header-buffer-size": HEADER_BUFFER, "large-client-header-buffers": LARGE_HEADER_BUFFERS,
+        "proxy-body-size": f"{MAX_BODY_KIB}k", "client-body-buffer-size": f"{MAX_BODY_KIB}k",
+        "keep-alive": KEEPALIVE_TIMEOUT, "keep-alive-requests": KEEPALIVE_REQUESTS,
+        "upstream-keepalive-connections": UPSTREAM_KEEPALIVE, "upstream-keepalive-timeout": UPSTREAM_IDLE,
+        "proxy-connect-timeout": PROXY_CONNECT_TIMEOUT, "proxy-send-timeout": PROXY_TIMEOUT,
+        "proxy-read-timeout": PROXY_TIMEOUT, "proxy-next-upstream": "off", "max-worker-connections": WORKER_CONNECTIONS,
+    }
+    # Its Service is `nginx` on the edge's port, where the target's address() finds the edge.
+    return {"fullnameOverride": "nginx", "controller": {
+        "name": "", "service": {"ports": {"http": ctx.spec.components["nginx"].ports["http"]}},
+        "ingressClass": INGRESS_CLASS,
+        "ingressClassResource": {"name": INGRESS_CLASS, "controllerValue": f"k8s.io/{INGRESS_CLASS}"},
+        "config": {key: str(value) for key, value in config.items()},
+        "admissionWebhooks": {"enabled": False}, "metrics": {"enabled": True}}}
+
+
+def ingress_paths(routes: list[str]) -> list[dict]:
+    """nginx locations (`= /exact`, `/prefix/`) as an Ingress's paths."""
+    return [{"path": route.removeprefix("=").strip(), "pathType": "Exact" if route.startswith("=") else "Prefix"}
+            for route in routes]
+
+
 def _json_return(status: int, detail: str) -> str:
     body = json.dumps({"detail": detail, "request_id": "${edge_request_id}"})
     return f"return {status} '{body}';"

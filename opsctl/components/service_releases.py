@@ -13,6 +13,7 @@ from __future__ import annotations
 from opsctl.components import live
 from opsctl.components.base import Release, Server
 from opsctl.components.mesh import config_entries, peer_of, per_colour
+from opsctl.components.nginx import INGRESS_CLASS, ingress_paths
 from opsctl.context import Context
 from opsctl.spec import Component as ComponentSpec
 
@@ -136,6 +137,7 @@ class ServiceRelease(Server):
             "live": now, "port": self.service.port or 0, "metricsPort": self.service.metrics_port or 0,
             "env": env, "secretEnv": {"OIDC_CLIENT_SECRET": "client-secret"}, "statePath": STATE_PATH,
             "upstreams": ",".join(f"{callee}:{spec.services[callee].port}" for callee in self.service.calls),
+            "routes": ingress_paths(self.service.routes), "ingressClass": INGRESS_CLASS,
             "allowFrom": sorted(other for other, s in spec.services.items() if name in s.calls),
             "allowNamespaces": sorted(set(namespaces)),
             "consulEntries": [r for r in self.crs if _own(r, name)]},

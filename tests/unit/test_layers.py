@@ -64,11 +64,20 @@ def test_every_package_says_what_it_owns():
 def test_on_the_kubernetes_target_only_servers_with_a_chart_are_steps(tmp_path):
     ctx = Context(spec.load(None), "kubernetes", tmp_path / ".opsctl")
     assert {build(n, ctx).release().chart for n in ("redis", "rabbitmq", "kafka", "vault")} == {"data-service"}
-    for name in ("nginx", "kind", "keycloak-realm"):
+    for name in ("registry", "keycloak-realm"):
         skipped = build(name, ctx)
         assert isinstance(skipped, Skipped) and skipped.reason == "not yet on this target"
     consul = build("consul", ctx).release()  # an add-on: its upstream chart, this cluster's datacenter
     assert consul.upstream.name == "hashicorp/consul" and consul.values["global"]["datacenter"] == "dc1"
+    edge = build("nginx", ctx)  # ingress-nginx, with the local edge's limits
+    config = edge.release().values["controller"]["config"]
+    assert edge.release().upstream.name == "ingress-nginx/ingress-nginx"
+    assert (config["proxy-body-size"], config["proxy-next-upstream"]) == ("64k", "off")
+    assert edge.endpoint() == "nginx.opsctl-edge.svc.cluster.local:8088"
+    (tmp_path / "opsctl.yaml").write_text("components: {nginx: {chart: {values: {controller: "
+                                           "{config: {proxy-body-size: 1m}}}}}}")
+    written = Context(spec.load(tmp_path / "opsctl.yaml"), "kubernetes", tmp_path / ".opsctl")
+    assert build("nginx", written).release().values["controller"]["config"]["proxy-body-size"] == "1m"  # it wins
     assert not isinstance(build("services", ctx), Skipped)  # a release per service
     assert str(ctx.address("redis", "redis")) == "redis.opsctl-data.svc.cluster.local:6379"
     assert str(ctx.address("order-creator")) == "order-creator.opsctl-services.svc.cluster.local:8001"

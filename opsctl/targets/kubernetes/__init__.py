@@ -328,7 +328,7 @@ class KubernetesTarget(Target):
             return report("unhealthy", endpoint=endpoint, detail=f"cannot read it: {e.reason}")
         image = workloads[0].spec.template.spec.containers[0].image
         return report("healthy" if desired and ready >= desired else "unhealthy", endpoint=endpoint,
-                      version=image.rpartition(":")[2], detail=detail)
+                      version=image.partition("@")[0].rpartition(":")[2], detail=detail)
 
     def stop(self, server: Server) -> bool:
         """Uninstall its release (its data volume and credentials stay until a purge)."""

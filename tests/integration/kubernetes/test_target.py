@@ -46,12 +46,12 @@ def test_install_reinstall_upgrade_status_down_and_purge(control_plane, work):
     core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
     namespace = work.spec.kubernetes.namespace("redis")
 
-    only = ["--only", ",".join(SERVERS + ("nginx",))]
+    only = ["--only", ",".join(SERVERS + ("registry",))]
     planned = work.run("install", *kube(control_plane, *only, "--dry-run", "-o", "json"), check_json=True)
     assert planned.returncode == 0, planned.stderr
     steps = {s["name"]: s for s in planned.json["steps"]}
     assert {steps[s]["state"] for s in SERVERS} == {"planned"}
-    assert steps["nginx"]["state"] == "skipped" and "not yet" in steps["nginx"]["detail"]
+    assert steps["registry"]["state"] == "skipped" and "not yet" in steps["registry"]["detail"]
     assert namespace not in [n.metadata.name for n in core.list_namespace().items]  # a plan changes nothing
 
     installed = work.run("install", *kube(control_plane, *only, "-o", "json"), check_json=True)
@@ -155,6 +155,11 @@ def test_the_services_run_in_both_colours_behind_the_live_one_each_with_least_pr
     assert apps.read_namespaced_deployment("regular-consumer", namespace)  # a worker runs once
     policy = client.NetworkingV1Api(api).read_namespaced_network_policy("stock-service", namespace)
     assert policy.spec.ingress[0]._from[0].pod_selector.match_expressions[0].values == ["order-creator"]
+    # the edge's routes, through the Service that sends to the live colour
+    ingress = client.NetworkingV1Api(api).read_namespaced_ingress("order-creator", namespace).spec
+    paths = {p.path: (p.path_type, p.backend.service.name) for p in ingress.rules[0].http.paths}
+    assert ingress.ingress_class_name == "opsctl-edge"
+    assert paths["/order/"] == ("Prefix", "order-creator") and paths["/create"] == ("Exact", "order-creator")
 
     def may(verb: str, resource: str, name: str = "") -> bool:
         review = rbac.create_subject_access_review({"spec": {
@@ -202,11 +207,20 @@ def test_the_add_ons_come_from_their_upstream_charts_or_fail_saying_why(control_
         assert steps[addon]["state"] == "failed" and "cannot be fetched" in steps[addon]["detail"], steps[addon]
     assert "Go module proxy has no github.com/hashicorp/consul-k8s/charts@v1.0.12" in steps["consul"]["detail"]
     assert "grafana" in steps["prometheus-grafana"]["detail"] and "helm pull" in steps["airflow"]["detail"]
+    assert steps["nginx"]["state"] == "planned" and "ingress-nginx/ingress-nginx 4.11.0" in steps["nginx"]["detail"]
 
-    installed = work.run("install", *kube(control_plane, "--only", "cert-manager,consul", "-o", "json"),
+    installed = work.run("install", *kube(control_plane, "--only", "cert-manager,nginx,consul", "-o", "json"),
                          check_json=True)
     states = {s["name"]: s["state"] for s in installed.json["steps"]}
-    assert installed.returncode == 1 and states == {"cert-manager": "changed", "consul": "failed"}, installed.stdout
+    assert installed.returncode == 1, installed.stdout
+    assert states == {"cert-manager": "changed", "nginx": "changed", "consul": "failed"}, installed.stdout
+    edge = work.spec.kubernetes.namespace("nginx")  # the edge: ingress-nginx with the local edge's limits
+    config = client.CoreV1Api(api).read_namespaced_config_map("nginx", edge).data
+    assert (config["proxy-body-size"], config["client-header-timeout"], config["proxy-next-upstream"]) == (
+        "64k", "5", "off")
+    ports = {p.name: p.port for p in client.CoreV1Api(api).read_namespaced_service("nginx", edge).spec.ports}
+    assert ports["http"] == work.spec.components["nginx"].ports["http"]
+    assert client.NetworkingV1Api(api).read_ingress_class("opsctl-edge").spec.controller == "k8s.io/opsctl-edge"
     namespace = work.spec.kubernetes.namespace("cert-manager")
     for deployment in ("cert-manager", "cert-manager-webhook", "cert-manager-cainjector"):
         assert client.AppsV1Api(api).read_namespaced_deployment(deployment, namespace).status.available_replicas == 1
@@ -217,5 +231,7 @@ def test_the_add_ons_come_from_their_upstream_charts_or_fail_saying_why(control_
     status = work.run("status", *kube(control_plane, "-o", "json"), check_json=True)
     rows = {c["component"]: c for c in status.json["components"]}
     assert rows["cert-manager"]["health"] == "healthy" and rows["consul"]["health"] == "unhealthy"
+    assert (rows["nginx"]["health"], rows["nginx"]["endpoint"], rows["nginx"]["version"]) == (
+        "healthy", f"nginx.{edge}.svc.cluster.local:{ports['http']}", "v1.11.0")
     down = work.run("down", *kube(control_plane, "-o", "json"), check_json=True)
-    assert down.returncode == 0 and "cert-manager" in down.json["stopped"]
+    assert down.returncode == 0 and {"cert-manager", "nginx"} <= set(down.json["stopped"])
