@@ -8,8 +8,8 @@ from __future__ import annotations
 
 # spec component -> its implementation (None: nothing runs it on any target yet)
 COMPONENTS = {
-    "kind": None,
-    "metallb": None,
+    "kind": "opsctl.components.kind:Kind",
+    "metallb": "opsctl.components.metallb:Metallb",
     "nginx": "opsctl.components.nginx:Nginx",
     "prometheus-grafana": "opsctl.components.prometheus:Prometheus",
     "rabbitmq": "opsctl.components.rabbitmq:RabbitMQ",

@@ -8,7 +8,7 @@ from typing import Callable
 
 from opsctl.app import Result, in_parallel
 from opsctl.components import all_steps, infrastructure, servers
-from opsctl.components.base import Component
+from opsctl.components.base import Component, Server
 from opsctl.components.services import every_instance
 from opsctl.context import Context
 from opsctl.errors import FAILED, INTERRUPTED, UNHEALTHY, OpsError, UsageError
@@ -94,7 +94,7 @@ def down(ctx: Context, purge: bool) -> Result:
         stopped.update(zip([c.name for c in components], in_parallel(components, lambda c: c.stop())))
         ctx.runtime.shutdown()  # nothing left to run them
         if purge:
-            for component in [*services, *components]:
+            for component in [*services, *reversed(components)]:  # the cluster (kind) last
                 component.purge()
             for entry in ctx.state_dir.iterdir() if ctx.state_dir.exists() else []:
                 if entry.name not in ("cache", "opsctl.lock"):
@@ -106,11 +106,12 @@ def down(ctx: Context, purge: bool) -> Result:
 def fetch(ctx: Context) -> Result:
     """Download and prepare what the servers need; check that the others are installed."""
     rows = []
-    for component in [c for c in infrastructure(ctx) if hasattr(c, "check_installed")]:
+    for component in [c for c in infrastructure(ctx) if isinstance(c, Server) or hasattr(c, "check_installed")]:
         try:
-            component.check_installed()
+            ctx.runtime.prepare(component) if isinstance(component, Server) else component.check_installed()
             rows.append({"component": component.name, "ready": True, "detail": ""})
         except OpsError as e:
-            rows.append({"component": component.name, "ready": False, "detail": e.hint or e.message})
+            rows.append({"component": component.name, "ready": False,
+                         "detail": f"{e.message}; {e.hint}" if e.hint else e.message})
     return Result({"components": rows, "cache": str(ctx.cache_dir)},
                   0 if all(r["ready"] for r in rows) else FAILED)

@@ -47,8 +47,9 @@ def override_file() -> Path | None:
 
 
 def context(target: str | None = None, dry_run: bool = False, kube_context: str | None = None,
-            kubeconfig: str | None = None):
-    """The run context: the spec, the target and the state folder of this working directory."""
+            kubeconfig: str | None = None, reach: bool = True):
+    """The run context: the spec, the target and the state folder of this working directory;
+    `reach`: checked that the target can be used (its cluster answers)."""
     from opsctl.context import Context
     from opsctl.errors import UsageError
 
@@ -60,8 +61,9 @@ def context(target: str | None = None, dry_run: bool = False, kube_context: str 
         raise UsageError("--context and --kubeconfig are for the kubernetes target",
                          "add --target kubernetes, or leave them out")
     ctx = Context(spec, chosen, (Path.cwd() / spec.platform.state_dir).resolve(), dry_run,
-                  {"context": kube_context, "kubeconfig": kubeconfig})
-    ctx.runtime.check_available()
+                  {"context": kube_context, "kubeconfig": kubeconfig, "kind_name": spec.platform.name})
+    if reach:
+        ctx.runtime.check_available()
     return ctx
 
 

@@ -108,13 +108,18 @@ def down(
         ui.info(f"purged {ctx.state_dir} (downloaded artifacts kept)")
 
 
-def fetch(output: OutputOption = ui.Output.text) -> None:
+def fetch(
+    target: TargetOption = None,
+    kube_context: KubeContextOption = None,
+    kubeconfig: KubeconfigOption = None,
+    output: OutputOption = ui.Output.text,
+) -> None:
     """Download and prepare what the local servers need (Keycloak, Kafka, Spark's Kafka source) into the cache,
-    and check that every other server is installed."""
+    and check that every other server is installed; on kubernetes, helm and the add-ons' charts (no cluster needed)."""
     set_output(output)
     from opsctl.app import platform
 
-    ctx = context()
+    ctx = context(target, kube_context=kube_context, kubeconfig=kubeconfig, reach=False)
     result = platform.fetch(ctx)
     rows = result.data["components"]
     ui.render_or_json(output, result.data, lambda: ui.table(

@@ -31,14 +31,15 @@ def build(name: str, ctx: Context) -> Component:
     spec = ctx.spec.components[name]
     if ctx.target not in spec.targets:
         return Skipped(name, ctx, f"{'/'.join(spec.targets)} only")
-    if ctx.target == "kubernetes" and spec.chart:
+    implementation = _load(COMPONENTS[name]) if COMPONENTS[name] else None
+    if ctx.target == "kubernetes" and spec.chart and not getattr(implementation, "owns_chart", False):
         from opsctl.components.addons import Addon
 
         return Addon(name, ctx)  # its upstream chart
-    if not spec.available or COMPONENTS[name] is None:
+    if not spec.available or implementation is None:
         return Skipped(name, ctx, NOT_YET)
-    implementation = _load(COMPONENTS[name])
-    if ctx.target == "kubernetes" and getattr(implementation, "release", Server.release) is Server.release:
+    if (ctx.target == "kubernetes" and issubclass(implementation, Server)
+            and implementation.release is Server.release):
         return Skipped(name, ctx, NOT_YET)  # it has no release() of its own (a chart) yet
     return implementation(name, ctx)
 

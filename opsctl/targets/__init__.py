@@ -52,6 +52,11 @@ class Target:
         """Bring `server` to its desired state (a plan only, in a dry run)."""
         raise NotImplementedError
 
+    def prepare(self, server: Server) -> None:
+        """Fetch or build what `server` needs on this target into the cache, once (opsctl
+        fetch); raise OpsError saying what is missing. Here: its program, as it checks."""
+        server.check_installed()
+
     def health(self, server: Server) -> Health:
         raise NotImplementedError
 

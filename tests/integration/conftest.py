@@ -165,8 +165,9 @@ class Workdir:
             credentials=pika.PlainCredentials("opsctl-admin", self.admin_secret("rabbitmq", "admin_password")),
             **params))
 
-    def run(self, *args: str, timeout: float = 600, check_json: bool = False, stdin: str | None = None):
-        env = {**os.environ, "OPSCTL_CACHE_DIR": cache_dir(), "PYTHONUNBUFFERED": "1"}
+    def run(self, *args: str, timeout: float = 600, check_json: bool = False, stdin: str | None = None,
+            env: dict[str, str] | None = None):
+        env = {**os.environ, "OPSCTL_CACHE_DIR": cache_dir(), "PYTHONUNBUFFERED": "1", **(env or {})}
         for name in ("OPSCTL_CONFIG", "VAULT_TOKEN"):
             env.pop(name, None)
         result = subprocess.run([*OPSCTL, *args], cwd=self.path, env=env, capture_output=True,

@@ -11,9 +11,12 @@ chart and its values is the description of the revision opsctl made (`helm histo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import secrets as pysecrets
+import shutil
 import subprocess
 import tempfile
 from functools import cached_property
@@ -33,7 +36,14 @@ APPLIED = "opsctl applied "  # + the fingerprint: a revision's description
 
 
 def chart_digest(chart: Path) -> str:
-    return fingerprint(*[(str(p.relative_to(chart)), p.read_text()) for p in sorted(chart.rglob("*")) if p.is_file()])
+    def content(path: Path) -> str:  # a packaged subchart (.tgz) by its hash
+        data = path.read_bytes()
+        try:
+            return data.decode()
+        except UnicodeDecodeError:
+            return hashlib.sha256(data).hexdigest()
+
+    return fingerprint(*[(str(p.relative_to(chart)), content(p)) for p in sorted(chart.rglob("*")) if p.is_file()])
 
 
 class KubernetesTarget(Target):
@@ -41,19 +51,44 @@ class KubernetesTarget(Target):
 
     # --- the cluster -------------------------------------------------------------------
     @cached_property
+    def kind_cluster(self) -> str | None:
+        """The kind cluster opsctl makes (step 1) and uses: when neither --context nor
+        --kubeconfig is given and Docker is installed. None: the given (or current) context."""
+        if self.options.get("context") or self.options.get("kubeconfig") or not shutil.which("docker"):
+            return None
+        return re.sub(r"[^a-z0-9.-]+", "-", (self.options.get("kind_name") or "opsctl").lower())  # kind's names
+
+    @property
+    def kind_kubeconfig(self) -> Path:
+        """Where step 1 writes the kind cluster's kubeconfig (private, like all of .opsctl)."""
+        return self.state_dir / "kind" / "kubeconfig"
+
+    def cluster_exists(self) -> bool:
+        """False only for the kind cluster that step 1 has not created yet."""
+        return not self.kind_cluster or self.kind_kubeconfig.is_file()
+
+    @cached_property
     def kubeconfig(self) -> Path:
+        if self.kind_cluster:
+            if not self.kind_kubeconfig.is_file():
+                raise UsageError(f"there is no kind cluster {self.kind_cluster} yet",
+                                 "run `opsctl install --target kubernetes` (its step 1 creates it), "
+                                 "or pass --context NAME for another cluster")
+            return self.kind_kubeconfig
         given = self.options.get("kubeconfig") or os.environ.get("KUBECONFIG", "").split(os.pathsep)[0]
         path = Path(given or Path.home() / ".kube" / "config").expanduser()
         if not path.is_file():
             raise UsageError(f"no kubeconfig at {path}",
                              "pass --kubeconfig FILE (or set KUBECONFIG) for the cluster to install on; "
-                             "creating a kind cluster (step 1) is not in this version yet")
+                             "where Docker runs, leave both out and install makes a kind cluster")
         return path
 
     @cached_property
     def kube_context(self) -> str:
         import yaml
 
+        if self.kind_cluster:
+            return f"kind-{self.kind_cluster}"
         try:
             config = yaml.safe_load(self.kubeconfig.read_text()) or {}
         except (OSError, yaml.YAMLError) as e:
@@ -77,9 +112,12 @@ class KubernetesTarget(Target):
                              "fix the kubeconfig, or pass another --context")
 
     def check_available(self) -> None:
-        """The context exists and its API server answers (5 s)."""
+        """The context exists and its API server answers (5 s); a kind cluster not made
+        yet is step 1's to make."""
         from kubernetes import client
 
+        if not self.cluster_exists():
+            return
         try:
             client.VersionApi(self.api).get_code(_request_timeout=5)
         except Exception as e:
@@ -88,7 +126,18 @@ class KubernetesTarget(Target):
                            "check that it is running and that the kubeconfig's server address is right") from None
 
     def where(self) -> str:
+        if not self.cluster_exists():
+            return f"the kind cluster {self.kind_cluster}, which step 1 makes (Docker is installed, no --context given)"
         return f"the cluster of context {self.kube_context} ({self.api.configuration.host}, from {self.kubeconfig})"
+
+    def is_kind(self) -> bool:
+        """A kind cluster: opsctl's, or one whose nodes kind made (their provider ID)."""
+        from kubernetes import client
+
+        if self.kind_cluster:
+            return True
+        nodes = client.CoreV1Api(self.api).list_node(limit=1, _request_timeout=10).items
+        return bool(nodes) and (nodes[0].spec.provider_id or "").startswith("kind://")
 
     @property
     def cache(self) -> Path:
@@ -98,15 +147,27 @@ class KubernetesTarget(Target):
         """The project's chart, or an add-on's upstream chart (fetched into the cache once)."""
         from opsctl.targets.kubernetes import charts
 
-        return charts.fetch(release.upstream, self.cache, self.helm) if release.upstream else CHARTS / release.chart
+        if not release.upstream:
+            return CHARTS / release.chart
+        return charts.fetch(release.upstream, self.cache, lambda *args, **kw: self.helm(*args, cluster=False, **kw))
 
-    def helm(self, *args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
+    def prepare(self, server: Server) -> None:
+        """helm, and an add-on's upstream chart: into the cache, once (no cluster needed)."""
+        from opsctl.targets.kubernetes import helm
+
+        helm.binary(self.cache)
+        release = server.release()
+        if release is not None:
+            self.chart(release)
+
+    def helm(self, *args: str, timeout: float | None = None, cluster: bool = True) -> subprocess.CompletedProcess:
+        """helm ARGS, on this target's cluster (`cluster`: else on none, as `helm pull`)."""
         from opsctl.targets.kubernetes import helm
 
         binary = helm.binary(self.cache)
+        on = ["--kubeconfig", str(self.kubeconfig), "--kube-context", self.kube_context] if cluster else []
         try:
-            return subprocess.run([str(binary), "--kubeconfig", str(self.kubeconfig), "--kube-context",
-                                   self.kube_context, *args], capture_output=True, text=True, timeout=timeout)
+            return subprocess.run([str(binary), *on, *args], capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             raise OpsError(f"helm {args[0]} did not finish in {timeout:.0f} s",
                            "check the cluster (its events, its nodes), then run again") from None
@@ -241,7 +302,7 @@ class KubernetesTarget(Target):
         # an upstream chart's values schema may refuse any value it does not know
         values = release.values if release.upstream else {**release.values, "platform": platform}
         wanted = fingerprint(chart_digest(chart), values, release.secrets)
-        applied = self._applied(name, namespace)
+        applied = self._applied(name, namespace) if self.cluster_exists() else None
         if applied == wanted:
             return Outcome("unchanged", f"release {name} in {namespace}")
         action = "install" if applied is None and not self.running(server) else "upgrade"
@@ -268,25 +329,38 @@ class KubernetesTarget(Target):
         return Outcome("changed", f"{done_as} release {name} in {namespace}")
 
     def running(self, server: Server) -> bool:
+        if not self.cluster_exists():
+            return False
         name, namespace = self._where(server)
         return self.helm("status", name, "-n", namespace, timeout=60).returncode == 0
 
     def workloads(self, name: str, namespace: str, colour: str | None = None) -> list:
-        """The StatefulSets and Deployments of release `name` (of one colour, if given)."""
+        """The StatefulSets, Deployments and DaemonSets of release `name` (of one colour, if given)."""
         from kubernetes import client
 
         apps = client.AppsV1Api(self.api)
         selector = f"app.kubernetes.io/instance={name}" + (f",{COLOUR_LABEL}={colour}" if colour else "")
         return (apps.list_namespaced_stateful_set(namespace, label_selector=selector).items
-                + apps.list_namespaced_deployment(namespace, label_selector=selector).items)
+                + apps.list_namespaced_deployment(namespace, label_selector=selector).items
+                + ([] if colour else apps.list_namespaced_daemon_set(namespace, label_selector=selector).items))
+
+    @staticmethod
+    def _desired(workload) -> int:
+        from kubernetes.client import V1DaemonSet
+
+        if isinstance(workload, V1DaemonSet):  # a pod per node it fits on
+            return workload.status.desired_number_scheduled or 0
+        return workload.spec.replicas or 0
 
     @staticmethod
     def _ready(workload) -> int:
         """Its pods that are ready on its current template (a Deployment mid-rollout counts
         only its new ones, once they are available)."""
-        from kubernetes.client import V1Deployment
+        from kubernetes.client import V1DaemonSet, V1Deployment
 
         status = workload.status
+        if isinstance(workload, V1DaemonSet):
+            return min(status.number_ready or 0, status.updated_number_scheduled or 0)
         if not isinstance(workload, V1Deployment):
             return status.ready_replicas or 0
         if (status.observed_generation or 0) < (workload.metadata.generation or 0):
@@ -318,7 +392,7 @@ class KubernetesTarget(Target):
                     return report("healthy", endpoint=endpoint, detail=f"release deployed in {namespace}")
                 return report("unhealthy", endpoint=endpoint, detail=f"not installed in {namespace}")
             ready = sum(self._ready(w) for w in workloads)
-            desired = sum(w.spec.replicas or 0 for w in workloads)
+            desired = sum(self._desired(w) for w in workloads)
             detail = f"{ready}/{desired} ready in {namespace}"
             if colour and desired and ready >= desired:
                 answering = self.ready_endpoints(f"{name}-{colour}", namespace)

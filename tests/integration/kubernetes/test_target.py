@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import subprocess
 
@@ -235,3 +236,55 @@ def test_the_add_ons_come_from_their_upstream_charts_or_fail_saying_why(control_
         "healthy", f"nginx.{edge}.svc.cluster.local:{ports['http']}", "v1.11.0")
     down = work.run("down", *kube(control_plane, "-o", "json"), check_json=True)
     assert down.returncode == 0 and {"cert-manager", "nginx"} <= set(down.json["stopped"])
+
+    # fetch: helm and the add-ons' charts, before any cluster exists
+    fetched = work.run("fetch", "--target", "kubernetes", "--kubeconfig", "/nowhere", "-o", "json", check_json=True)
+    rows = {r["component"]: r for r in fetched.json["components"]}
+    assert fetched.returncode == 1 and all(rows[a]["ready"] for a in ("cert-manager", "nginx", "metallb", "redis"))
+    assert not rows["consul"]["ready"] and "HTTP 403" in rows["consul"]["detail"], rows["consul"]
+
+
+def test_metallb_gives_a_kind_cluster_its_address_pool_and_skips_any_other(control_plane, work, tmp_path):
+    from kubernetes import client
+
+    skipped = work.run("install", *kube(control_plane, "--only", "kind,metallb", "-o", "json"), check_json=True)
+    steps = {s["name"]: s for s in skipped.json["steps"]}
+    assert skipped.returncode == 0 and steps["kind"]["state"] == steps["metallb"]["state"] == "skipped"
+    assert "using the cluster of context opsctl-test" in steps["kind"]["detail"]  # says which
+    assert "not a kind cluster" in steps["metallb"]["detail"]
+
+    # A kind cluster, as far as opsctl can tell: a node kind made (its provider ID), and the
+    # docker network kind made. No Docker engine runs here, so a stand-in `docker` answers
+    # `network inspect kind` as Docker does; and no MetalLB webhook server runs on kwok's
+    # nodes, so the API server is told to pass over it (the chart's own switch).
+    core = client.CoreV1Api(control_plane.api())
+    node = "a-kind-worker"  # listed first: opsctl looks at one node
+    core.create_node({"metadata": {"name": node, "annotations": {"kwok.x-k8s.io/node": "fake"}},
+                      "spec": {"providerID": f"kind://docker/opsctl/{node}"}})
+    (tmp_path / "docker").write_text("#!/bin/sh\n[ \"$*\" = 'network inspect kind' ] || exit 1\necho '" + json.dumps(
+        [{"Name": "kind", "IPAM": {"Config": [{"Subnet": "fc00:f853:ccd:e793::/64"}, {"Subnet": "172.18.0.0/16"}]}}])
+        + "'\n")
+    (tmp_path / "docker").chmod(0o755)
+    on_kind = {"PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+    work.write_config({"components": {"metallb": {"chart": {"values": {"crds": {"validationFailurePolicy": "Ignore"}}}}}})
+    try:
+        installed = work.run("install", *kube(control_plane, "--only", "metallb", "-o", "json"), check_json=True,
+                             env=on_kind)
+        assert installed.returncode == 0, installed.stdout + installed.stderr
+        assert "installed release metallb-pool" in installed.json["steps"][0]["detail"]
+        namespace = work.spec.kubernetes.namespace("metallb")
+        pool = client.CustomObjectsApi(control_plane.api()).get_namespaced_custom_object(
+            "metallb.io", "v1beta1", namespace, "ipaddresspools", "metallb-pool")
+        assert pool["spec"]["addresses"] == ["172.18.255.200-172.18.255.250"]  # the top of the IPv4 subnet
+        assert client.AppsV1Api(control_plane.api()).read_namespaced_daemon_set("metallb-speaker", namespace)
+        again = work.run("install", *kube(control_plane, "--only", "metallb", "-o", "json"), check_json=True, env=on_kind)
+        assert again.json["steps"][0]["state"] == "unchanged", again.stdout
+        status = work.run("status", *kube(control_plane, "-o", "json"), check_json=True, env=on_kind)
+        metallb = {c["component"]: c for c in status.json["components"]}["metallb"]
+        assert (metallb["health"], metallb["version"]) == ("healthy", "v0.15.2"), metallb
+        down = work.run("down", *kube(control_plane, "-o", "json"), check_json=True, env=on_kind)
+        assert "metallb" in down.json["stopped"]
+        assert subprocess.run([str(helm()), "--kubeconfig", str(control_plane.kubeconfig), "status", "metallb-pool",
+                               "-n", namespace], capture_output=True).returncode != 0
+    finally:
+        core.delete_node(node)
