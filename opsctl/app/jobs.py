@@ -100,8 +100,14 @@ def evaluate(ctx: Context, file: Path, epochs: int | None, seed: int | None, pro
 
 
 # --- the streaming job ----------------------------------------------------------------------
-def placement(master: str | None, conf: list[str] | None) -> tuple[str, dict[str, str]]:
-    """--master and --conf, checked (a UsageError, exit 2, names the accepted forms)."""
+def placement(master: str | None, conf: list[str] | None, target: str = "local") -> tuple[str | None, dict[str, str]]:
+    """--master and --conf, checked (a UsageError, exit 2, names the accepted forms). On
+    kubernetes the master is the target's cluster unless given, and only a k8s:// one."""
+    if target == "kubernetes":
+        if master and not spark.check_master(master).startswith("k8s://"):
+            raise UsageError(f"--master {master}: the kubernetes target runs the job on a Kubernetes cluster",
+                             "give k8s://https://HOST:PORT, or leave --master out for the target's cluster")
+        return master and spark.check_master(master), spark.check_conf(conf or [])
     return spark.check_master(master or spark.LOCAL_MASTER), spark.check_conf(conf or [])
 
 
@@ -112,7 +118,11 @@ def _stream(ctx: Context, with_secret: bool = False) -> BundledService:
 
 def start_stream(ctx: Context, where: tuple[str, dict[str, str]] | None = None) -> Result:
     """Start (or restart on changed settings) the stream; `where` (master, Spark properties)
-    is kept for later restarts, None keeps the one kept."""
+    is kept for later restarts, None keeps the one kept. On kubernetes: submitted to the cluster."""
+    if ctx.target == "kubernetes":
+        from opsctl.app import jobs_kubernetes
+
+        return jobs_kubernetes.start_stream(ctx, *(where or (None, {})))
     require_model(ctx)
     build("spark", ctx).check_installed()
     if where is not None:
@@ -135,12 +145,20 @@ def restart_stream_if_running(ctx: Context) -> bool:
 
 
 def stop_stream(ctx: Context) -> Result:
+    if ctx.target == "kubernetes":
+        from opsctl.app import jobs_kubernetes
+
+        return jobs_kubernetes.stop_stream(ctx)
     return Result({"job": ctx.spec.stream_job, "stopped": _stream(ctx).stop()})
 
 
 def stream_status(ctx: Context) -> Result:
     from opsctl import httpclient
 
+    if ctx.target == "kubernetes":
+        from opsctl.app import jobs_kubernetes
+
+        return jobs_kubernetes.stream_status(ctx)
     health = _stream(ctx).health()
     counts = {}
     if health.health == "healthy":
@@ -163,6 +181,10 @@ def submit_command(ctx: Context, where: tuple[str, dict[str, str]]) -> Result:
     from opsctl.components.services import environment
 
     master, properties = where
+    if ctx.target == "kubernetes":
+        from opsctl.app import jobs_kubernetes
+
+        return jobs_kubernetes.submit_command(ctx, master, properties)
     build("spark", ctx).check_installed()  # the Kafka source jars, fetched if they are not
     stream = ctx.spec.stream_job
     pyspark, job = importlib.util.find_spec("pyspark"), importlib.util.find_spec(ctx.spec.services[stream].module)
@@ -179,7 +201,8 @@ def submit_command(ctx: Context, where: tuple[str, dict[str, str]]) -> Result:
     argv = [str(Path(list(pyspark.submodule_search_locations)[0], "bin", "spark-submit")), "--master", master,
             "--deploy-mode", "client", "--name", stream, "--jars", ",".join(str(j) for j in spark.job_jars(ctx)),
             *[a for k, v in sorted(properties.items()) for a in ("--conf", f"{k}={v}")], job.origin]
-    return Result({"argv": argv, "env": env, "secret_env": secrets})
+    return Result({"about": "The driver's environment. Also set, from Vault (opsctl never prints secrets):",
+                   "argv": argv, "env": env, "secret_env": secrets})
 
 
 def cluster_conf(ctx: Context) -> Result:

@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from opsctl import ui
-from opsctl.commands.common import OutputOption, context, set_output
+from opsctl.commands.common import (KubeconfigOption, KubeContextOption, OutputOption, TargetOption, context,
+                                   set_output)
 
 app = typer.Typer(help="AI screening: train and evaluate the VAE, score orders, run the streaming job.",
                   no_args_is_help=True)
@@ -97,7 +98,8 @@ def evaluate(
 
 
 @stream_app.command("start")
-def stream_start(master: MasterOption = None, conf: ConfOption = None,
+def stream_start(master: MasterOption = None, conf: ConfOption = None, target: TargetOption = None,
+                 kube_context: KubeContextOption = None, kubeconfig: KubeconfigOption = None,
                  output: OutputOption = ui.Output.text) -> None:
     """Start the streaming job and wait until it runs; a running one given other settings
     restarts with them and goes on from its checkpoint.
@@ -111,12 +113,17 @@ authenticated.
 
     The master and --conf are kept: a restart opsctl makes by itself (jobs train-vae, services \
 start) keeps the job where it runs; a start without --master runs it in local mode again.
+
+    With --target kubernetes the job is submitted to that cluster in cluster mode (its driver a \
+pod in the jobs namespace, on the services' image), the model alongside as a Secret mounted \
+into the driver; a start replaces the driver that runs.
     """
     set_output(output)
     from opsctl.app import jobs
 
-    where = jobs.placement(master, conf)  # a bad --master is refused before anything else
-    result = jobs.start_stream(context(), where)
+    ctx = context(target, kube_context=kube_context, kubeconfig=kubeconfig)
+    where = jobs.placement(master, conf, ctx.target)  # a bad --master is refused before anything else
+    result = jobs.start_stream(ctx, where)
     r = result.data
     ui.render_or_json(output, r, lambda: ui.table(None, ["job", "master", "state", "detail"], [
         [r["job"], r["master"], ui.styled(r["state"]), r["detail"]]]))
@@ -125,27 +132,41 @@ start) keeps the job where it runs; a start without --master runs it in local mo
 
 @stream_app.command("submit-command")
 def stream_submit_command(
-    master: Annotated[str, typer.Option("--master", metavar="URL", help="The cluster: spark://HOST:PORT or k8s://https://HOST:PORT.")],
+    master: Annotated[Optional[str], typer.Option(
+        "--master", metavar="URL", help="The cluster: spark://HOST:PORT or k8s://https://HOST:PORT "
+                                        "(on the kubernetes target: its cluster, unless given).")] = None,
     conf: ConfOption = None,
+    target: TargetOption = None,
+    kube_context: KubeContextOption = None,
+    kubeconfig: KubeconfigOption = None,
     output: OutputOption = ui.Output.text,
 ) -> None:
     """Print the spark-submit command that runs the streaming job on a cluster without opsctl,
-    and the environment its driver needs (client mode: the driver runs where you run it).
+    and the environment it needs.
 
-    Secrets are named, never printed: set OIDC_CLIENT_SECRET to the order-screening client's \
-secret (Vault). Stop `opsctl jobs stream` first: both use the same checkpoint and metrics port.
+    On the local target: client mode, the driver runs where you run it; set OIDC_CLIENT_SECRET \
+to the order-screening client's secret (Vault), and stop `opsctl jobs stream` first: both use \
+the same checkpoint and metrics port. With --target kubernetes: cluster mode, as `jobs stream \
+start --target kubernetes` submits it (the driver reads its secret from a Secret). Secrets are \
+named, never printed.
     """
     set_output(output)
     import shlex
 
     from opsctl.app import jobs
 
-    where = jobs.placement(master, conf)
-    data = jobs.submit_command(context(), where).data
+    ctx = context(target, kube_context=kube_context, kubeconfig=kubeconfig)
+    if master is None and ctx.target != "kubernetes":
+        from opsctl.errors import UsageError
+
+        raise UsageError("Missing option '--master'", "give the cluster's master URL: --master spark://HOST:PORT "
+                                                      "or k8s://https://HOST:PORT")
+    where = jobs.placement(master, conf, ctx.target)
+    data = jobs.submit_command(ctx, where).data
     argv, env, secrets = data["argv"], data["env"], data["secret_env"]
 
     def render() -> None:
-        lines = ["# The driver's environment. Also set, from Vault (opsctl never prints secrets):"]
+        lines = [f"# {data['about']}"]
         lines += [f"#   {name}: {where}" for name, where in secrets.items()]
         lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
         options = [f"{argv[i]} {shlex.quote(argv[i + 1])}" for i in range(1, len(argv) - 1, 2)]
@@ -173,23 +194,26 @@ worker with --properties-file auth.conf (or add the lines to their conf/spark-de
 
 
 @stream_app.command("stop")
-def stream_stop(output: OutputOption = ui.Output.text) -> None:
+def stream_stop(target: TargetOption = None, kube_context: KubeContextOption = None,
+                kubeconfig: KubeconfigOption = None, output: OutputOption = ui.Output.text) -> None:
     """Stop the streaming job after the batch in hand (its checkpoint keeps its place)."""
     set_output(output)
     from opsctl.app import jobs
 
-    r = jobs.stop_stream(context()).data
+    r = jobs.stop_stream(context(target, kube_context=kube_context, kubeconfig=kubeconfig)).data
     ui.render_or_json(output, r, lambda: ui.table(
         None, ["job", "result"], [[r["job"], ui.styled("stopped") if r["stopped"] else "not running"]]))
 
 
 @stream_app.command("status")
-def stream_status(output: OutputOption = ui.Output.text) -> None:
-    """Whether the streaming job runs, and what it has scored, flagged and dead-lettered."""
+def stream_status(target: TargetOption = None, kube_context: KubeContextOption = None,
+                  kubeconfig: KubeconfigOption = None, output: OutputOption = ui.Output.text) -> None:
+    """Whether the streaming job runs, and what it has scored, flagged and dead-lettered (on
+    kubernetes: its driver pod's phase)."""
     set_output(output)
     from opsctl.app import jobs
 
-    result = jobs.stream_status(context())
+    result = jobs.stream_status(context(target, kube_context=kube_context, kubeconfig=kubeconfig))
     r = result.data
     ui.render_or_json(output, r, lambda: ui.table(
         None, ["job", "health", "master", "scored", "flagged", "dead-lettered", "detail"],

@@ -32,14 +32,14 @@ def build(name: str, ctx: Context) -> Component:
     if ctx.target not in spec.targets:
         return Skipped(name, ctx, f"{'/'.join(spec.targets)} only")
     implementation = _load(COMPONENTS[name]) if COMPONENTS[name] else None
-    if ctx.target == "kubernetes" and spec.chart and not getattr(implementation, "owns_chart", False):
+    own = getattr(implementation, "on_kubernetes", False)  # the class itself acts on a cluster
+    if ctx.target == "kubernetes" and spec.chart and not own:
         from opsctl.components.addons import Addon
 
         return Addon(name, ctx)  # its upstream chart
     if not spec.available or implementation is None:
         return Skipped(name, ctx, NOT_YET)
-    if (ctx.target == "kubernetes" and issubclass(implementation, Server)
-            and implementation.release is Server.release):
+    if ctx.target == "kubernetes" and not own and getattr(implementation, "release", Server.release) is Server.release:
         return Skipped(name, ctx, NOT_YET)  # it has no release() of its own (a chart) yet
     return implementation(name, ctx)
 

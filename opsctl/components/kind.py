@@ -32,6 +32,7 @@ def create_args(name: str, kubeconfig: Path) -> list[str]:
 
 
 class Kind(Component):
+    on_kubernetes = True
     def _kind(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         try:
             return subprocess.run([binary(self.ctx.cache_dir), *args], capture_output=True, text=True, timeout=timeout)

@@ -85,7 +85,7 @@ class AddressPool(Server):
 class Metallb(Component):
     """MetalLB's release, then its pool's: reconciled, stopped and reported together."""
 
-    owns_chart = True  # on the kubernetes target it is more than its chart's release
+    on_kubernetes = True  # more than its chart's release there
 
     @cached_property
     def parts(self) -> list[Server]:

@@ -6,14 +6,17 @@ The job's driver is always that local service; with `opsctl jobs stream start --
 spark://…` (or k8s://…) its executors run on a Spark cluster instead of in local mode
 (client mode), and the job ships the model to them itself. The master and the extra Spark
 properties are kept in the service's folder, so that a restart opsctl makes on its own
-(`jobs train-vae`, `services start`) keeps the job where it was started."""
+(`jobs train-vae`, `services start`) keeps the job where it was started.
+
+On the kubernetes target the step is a release (SparkJobRelease), and `jobs stream start
+--target kubernetes` submits the job to that cluster in cluster mode (app/jobs_kubernetes.py)."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from opsctl.components.base import Component, Health, Outcome
+from opsctl.components.base import Component, Health, Outcome, Release, Server
 from opsctl.context import Context
 from opsctl.errors import OpsError, UsageError
 from opsctl.files import read_json, write_json_atomic
@@ -35,7 +38,44 @@ def has_model(ctx: Context) -> bool:
     return (model_dir(ctx) / "model.json").exists()
 
 
+def driver_pod(ctx: Context) -> str:
+    """The streaming job's driver pod on the kubernetes target (one at a time)."""
+    return f"{ctx.spec.stream_job}-driver"
+
+
+class SparkJobRelease(Server):
+    """On the kubernetes target, step spark is the release `spark` of the spark-job chart:
+    the driver's ServiceAccount, the Role to run its executors, and the job's credentials
+    Secret. `opsctl jobs stream start --target kubernetes` submits the job itself."""
+
+    def __init__(self, ctx: Context):
+        super().__init__("spark", ctx)
+
+    def endpoint(self) -> str:
+        return ""
+
+    def release(self) -> Release:
+        return Release("spark-job", {"job": self.ctx.spec.stream_job}, secrets=["client-secret"])
+
+
 class Spark(Component):
+    on_kubernetes = True  # there: SparkJobRelease
+
+    def servers(self) -> list[Server]:
+        return [SparkJobRelease(self.ctx)] if self.ctx.target == "kubernetes" else []
+
+    def stop(self) -> bool:
+        """On kubernetes: the job's driver (its executors go with it), then the release."""
+        if not self.servers():
+            return False
+        driver = self.ctx.runtime.cluster_exists() and self.ctx.runtime.delete_pod(
+            self.ctx.spec.kubernetes.namespace(self.name), driver_pod(self.ctx))
+        return any([driver, *(s.stop() for s in self.servers())])
+
+    def purge(self) -> None:
+        for server in self.servers():
+            server.purge()
+
     def _pyspark_version(self) -> str | None:
         from importlib import metadata
 
@@ -59,6 +99,8 @@ class Spark(Component):
             artifacts.jars([f"{self.spec.artifact}:{self.spec.version}"], kafka_jars(self.ctx).parent)
 
     def reconcile(self) -> Outcome:
+        if self.servers():
+            return self.servers()[0].reconcile()
         fresh = not kafka_jars(self.ctx).exists()
         if self.ctx.dry_run:
             return Outcome("planned" if fresh else "unchanged", "fetch the Kafka source jars" if fresh else "")
@@ -73,6 +115,8 @@ class Spark(Component):
 
     def health(self) -> Health:
         """Reads only: a status never downloads."""
+        if self.servers():
+            return self.servers()[0].health()
         try:
             self._check_runtime()
         except OpsError as e:

@@ -71,8 +71,8 @@ def _certificates(folder: Path, host: str) -> None:
 
     now = datetime.datetime.now(datetime.timezone.utc)
 
-    def key_pem(key) -> bytes:
-        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+    def key_pem(key) -> bytes:  # "EC PRIVATE KEY", as kubeadm and k3s write it (Spark's client reads no other EC form)
+        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
                                  serialization.NoEncryption())
 
     def issue(subject: x509.Name, key, issuer_key, issuer: x509.Name, ca: bool = False, sans=None):

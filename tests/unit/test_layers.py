@@ -79,6 +79,7 @@ def test_on_the_kubernetes_target_only_servers_with_a_chart_are_steps(tmp_path):
     written = Context(spec.load(tmp_path / "opsctl.yaml"), "kubernetes", tmp_path / ".opsctl")
     assert build("nginx", written).release().values["controller"]["config"]["proxy-body-size"] == "1m"  # it wins
     assert not isinstance(build("services", ctx), Skipped)  # a release per service
+    assert build("spark", ctx).servers()[0].release().chart == "spark-job"  # the driver's account; jobs stream submits
     assert str(ctx.address("redis", "redis")) == "redis.opsctl-data.svc.cluster.local:6379"
     assert str(ctx.address("order-creator")) == "order-creator.opsctl-services.svc.cluster.local:8001"
     assert str(ctx.address("mesh", "order-creator/upstream/stock-service")) == "127.0.0.1:8002"

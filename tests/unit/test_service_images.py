@@ -75,3 +75,20 @@ def test_the_screening_image_carries_the_kafka_source_of_the_spark_version_in_th
     text = dockerfile(BUNDLED[spec.load(None).stream_job].image)
     version = spec.load(None).components["spark"].version
     assert f"spark-sql-kafka-0-10_2.13-{version}.jar" in image_settings(text)["SPARK_JARS"]
+
+
+def test_the_kubernetes_image_runs_every_service_and_the_spark_job_as_spark_starts_it():
+    from opsctl.app.jobs_kubernetes import JOB_FILE, MODEL_MOUNT, STATE_MOUNT
+
+    text = dockerfile("order-services")
+    settings = image_settings(text)
+    version = spec.load(None).components["spark"].version
+    assert f"spark-sql-kafka-0-10_2.13-{version}.jar" in settings["SPARK_JARS"]
+    assert (settings["MODEL_DIR"], settings["STATE_DIR"]) == (MODEL_MOUNT, STATE_MOUNT)
+    copied = instructions(text, "COPY")
+    assert any(JOB_FILE.removeprefix("local://").rpartition("/")[0] in c and "stream_job.py" in c for c in copied)
+    assert instructions(text, "USER")[-1] not in {"root", "0"}
+    entrypoint = (SERVICES / "images" / "order-services" / "spark-entrypoint").read_text()
+    assert "driver)" in entrypoint and "KubernetesExecutorBackend" in entrypoint and 'exec "$@"' in entrypoint
+    job = (SERVICES / "images" / "order-services" / "stream_job.py").read_text()
+    assert f"from {BUNDLED[spec.load(None).stream_job].module} import main" in job

@@ -247,6 +247,50 @@ class KubernetesTarget(Target):
             raise
         return (found.spec.selector or {}).get(COLOUR_LABEL)
 
+    # --- objects of a job (the streaming job's model and driver) -----------------------------
+    def keep_files(self, namespace: str, name: str, files: dict[str, bytes], platform: str) -> None:
+        """Secret `name` holds exactly these files (created, else replaced)."""
+        import base64
+
+        from kubernetes import client
+        from kubernetes.client.rest import ApiException
+
+        core = client.CoreV1Api(self.api)
+        self._namespace(namespace, platform)
+        body = {"metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "opsctl"}},
+                "data": {key: base64.b64encode(data).decode() for key, data in files.items()}}
+        try:
+            core.replace_namespaced_secret(name, namespace, body)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+            core.create_namespaced_secret(namespace, body)
+
+    def pod(self, namespace: str, name: str):
+        """Pod `name`, None if there is none."""
+        from kubernetes import client
+        from kubernetes.client.rest import ApiException
+
+        try:
+            return client.CoreV1Api(self.api).read_namespaced_pod(name, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def delete_pod(self, namespace: str, name: str) -> bool:
+        """Delete pod `name` (what it owns goes with it); False if there was none."""
+        from kubernetes import client
+        from kubernetes.client.rest import ApiException
+
+        try:
+            client.CoreV1Api(self.api).delete_namespaced_pod(name, namespace, propagation_policy="Background")
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+        return True
+
     # --- releases ------------------------------------------------------------------------
     def _namespace(self, namespace: str, platform: str) -> None:
         from kubernetes import client

@@ -11,7 +11,7 @@ through spark-submit, as `opsctl jobs stream submit-command --master URL` prints
       <site-packages>/order_services/screening/stream.py
 with the environment below (SPARK_MASTER and SPARK_JARS unset). The executors' Python must
 import order_services (the services with their screening extra on every worker; on
-Kubernetes the order-screening image). The model directory is shipped to the executors by
+Kubernetes the order-services image, services/images/order-services). The model directory is shipped to the executors by
 the job itself (a zip through SparkContext.addArchive, unpacked there as
 SparkFiles.get(<directory name>)), so it and STATE_DIR only have to exist where the driver
 runs. Both ways run against a standalone cluster in tests/integration/test_screening.py.
