@@ -9,7 +9,7 @@ import typer
 
 from opsctl import __version__
 from opsctl.commands import (bluegreen as bluegreen_cmd, completion as completion_cmd, config as config_cmd, consul as consul_cmd,
-                             jobs as jobs_cmd, keycloak as keycloak_cmd, orders as orders_cmd,
+                             images as images_cmd, jobs as jobs_cmd, keycloak as keycloak_cmd, orders as orders_cmd,
                              platform as platform_cmd, postman as postman_cmd, queues as queues_cmd,
                              services as services_cmd, token as token_cmd, vault as vault_cmd)
 
@@ -71,6 +71,7 @@ app.add_typer(consul_cmd.app, name="consul", rich_help_panel="Mesh")
 app.add_typer(bluegreen_cmd.app, name="bluegreen", rich_help_panel="Mesh")
 
 app.add_typer(jobs_cmd.app, name="jobs", rich_help_panel="AI screening")
+app.add_typer(images_cmd.app, name="images", rich_help_panel="Configuration")
 app.add_typer(config_cmd.app, name="config", rich_help_panel="Configuration")
 app.command(rich_help_panel="Configuration")(completion_cmd.completion)
 

@@ -12,6 +12,21 @@ from pathlib import Path
 from opsctl.errors import OpsError
 
 
+def docker_engine() -> str | None:
+    """The docker program when its engine answers; None without one (a docker CLI alone
+    builds and runs nothing)."""
+    import subprocess
+
+    found = shutil.which("docker")
+    if not found:
+        return None
+    try:
+        answer = subprocess.run([found, "version", "--format", "{{.Server.Version}}"], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return found if answer.returncode == 0 else None
+
+
 def port_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

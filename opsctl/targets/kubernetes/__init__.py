@@ -16,7 +16,6 @@ import json
 import os
 import re
 import secrets as pysecrets
-import shutil
 import subprocess
 import tempfile
 from functools import cached_property
@@ -53,8 +52,10 @@ class KubernetesTarget(Target):
     @cached_property
     def kind_cluster(self) -> str | None:
         """The kind cluster opsctl makes (step 1) and uses: when neither --context nor
-        --kubeconfig is given and Docker is installed. None: the given (or current) context."""
-        if self.options.get("context") or self.options.get("kubeconfig") or not shutil.which("docker"):
+        --kubeconfig is given and a Docker engine runs. None: the given (or current) context."""
+        from opsctl.host import docker_engine
+
+        if self.options.get("context") or self.options.get("kubeconfig") or not docker_engine():
             return None
         return re.sub(r"[^a-z0-9.-]+", "-", (self.options.get("kind_name") or "opsctl").lower())  # kind's names
 
