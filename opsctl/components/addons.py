@@ -16,6 +16,8 @@ from opsctl.spec import deep_merge
 DERIVED = {
     "consul": "opsctl.components.consul:chart_values",
     "nginx": "opsctl.components.nginx:chart_values",
+    "prometheus-grafana": "opsctl.components.prometheus:chart_values",
+    "airflow": "opsctl.components.airflow:chart_values",
 }
 
 

@@ -91,6 +91,9 @@ class Metallb(Component):
     def parts(self) -> list[Server]:
         return [Addon(self.name, self.ctx), AddressPool(self.ctx)]
 
+    def servers(self) -> list[Server]:
+        return self.parts
+
     def check_installed(self) -> None:
         self.ctx.runtime.prepare(self.parts[0])  # its chart
 

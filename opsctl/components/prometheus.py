@@ -3,11 +3,16 @@ evaluates the platform's alerting rules (rules.yml; GET /api/v1/alerts shows the
 
 from __future__ import annotations
 
+import string
+from pathlib import Path
+
 import yaml
 
 from opsctl import httpclient
 from opsctl.components.base import Server
 from opsctl.host import require_binary
+
+DASHBOARDS = Path(__file__).resolve().parents[2] / "manifests" / "grafana"  # JSON, ${names} filled in from the spec
 
 
 INGRESS_JOB = "ingress"
@@ -17,6 +22,47 @@ SCRAPE = {
     # Envoy's own metrics, every 2 s: a blue/green analysis of 20 s sees ten samples.
     INGRESS_JOB: {"metrics_path": "/stats/prometheus", "scrape_interval": "2s"},
 }
+
+
+def rules(ctx) -> dict:
+    """The alerting rules: a dead-lettered order waits for a person (RabbitMQ's per-queue
+    metric, prometheus.return_per_object_metrics in components/rabbitmq.py)."""
+    queue = ctx.spec.names.queues.dead_letter
+    return {"groups": [{"name": "order-flow", "rules": [{
+        "alert": "OrdersDeadLettered",
+        "expr": f'sum by (queue) (rabbitmq_queue_messages{{queue="{queue}"}}) > 0',
+        "labels": {"severity": "warning"},
+        "annotations": {
+            "summary": f"{{{{ $value }}}} order(s) in {queue}: a consumer could never store them",
+            "description": "See why and redrive or drop them: opsctl orders dead-letters list",
+        },
+    }]}]}
+
+
+def chart_values(ctx) -> dict:
+    """kube-prometheus-stack's values on the kubernetes target: the same alerting rules as
+    locally, the services' pods and RabbitMQ scraped, and the project's Grafana dashboards
+    as ConfigMaps its Grafana loads (the sidecar's grafana_dashboard label)."""
+    spec = ctx.spec
+    names = {"dead_letter_queue": spec.names.queues.dead_letter}
+    dashboards = [{"apiVersion": "v1", "kind": "ConfigMap",
+                   "metadata": {"name": f"dashboard-{path.stem}", "labels": {"grafana_dashboard": "1"}},
+                   "data": {path.name: string.Template(path.read_text()).substitute(names)}}
+                  for path in sorted(DASHBOARDS.glob("*.json"))]
+    services = {  # every bundled service's pod, on its port named http (HTTP services) or metrics (workers)
+        "job_name": "order-services",
+        "kubernetes_sd_configs": [{"role": "pod", "namespaces": {"names": [spec.kubernetes.namespace("services")]}}],
+        "relabel_configs": [
+            {"source_labels": ["__meta_kubernetes_pod_label_app_kubernetes_io_part_of"], "regex": spec.platform.name,
+             "action": "keep"},
+            {"source_labels": ["__meta_kubernetes_pod_container_port_name"], "regex": "http|metrics", "action": "keep"},
+            {"source_labels": ["__meta_kubernetes_pod_label_app_kubernetes_io_name"], "target_label": "job"},
+            {"source_labels": ["__meta_kubernetes_pod_label_opsctl_io_colour"], "target_label": "colour"}]}
+    rabbitmq = {"job_name": "rabbitmq", "scrape_interval": SCRAPE["rabbitmq"]["scrape_interval"],
+                "static_configs": [{"targets": [str(ctx.address("rabbitmq", "prometheus"))]}]}
+    return {"additionalPrometheusRulesMap": {"order-flow": rules(ctx)},
+            "prometheus": {"prometheusSpec": {"additionalScrapeConfigs": [services, rabbitmq]}},
+            "extraManifests": dashboards}
 
 
 class Prometheus(Server):
@@ -43,18 +89,7 @@ class Prometheus(Server):
         return configs
 
     def rules(self) -> dict:
-        """The alerting rules: a dead-lettered order waits for a person (RabbitMQ's per-queue
-        metric, prometheus.return_per_object_metrics in components/rabbitmq.py)."""
-        queue = self.ctx.spec.names.queues.dead_letter
-        return {"groups": [{"name": "order-flow", "rules": [{
-            "alert": "OrdersDeadLettered",
-            "expr": f'sum by (queue) (rabbitmq_queue_messages{{queue="{queue}"}}) > 0',
-            "labels": {"severity": "warning"},
-            "annotations": {
-                "summary": f"{{{{ $value }}}} order(s) in {queue}: a consumer could never store them",
-                "description": "See why and redrive or drop them: opsctl orders dead-letters list",
-            },
-        }]}]}
+        return rules(self.ctx)
 
     def config_files(self) -> dict[str, str]:
         config = {

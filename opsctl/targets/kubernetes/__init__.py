@@ -337,15 +337,20 @@ class KubernetesTarget(Target):
             return None
         return (info.get("description") or "").removeprefix(APPLIED) or None
 
+    def rendering(self, server: Server) -> tuple[str, str, Path, dict]:
+        """What helm is given for `server`: its release's name, namespace, chart and values."""
+        release = server.release()
+        name, namespace = self._where(server)
+        # an upstream chart's values schema may refuse any value it does not know
+        values = release.values if release.upstream else {**release.values, "platform": server.ctx.spec.platform.name}
+        return name, namespace, self.chart(release), values
+
     def apply(self, server: Server) -> Outcome:
         release = server.release()
         if release is None:
             return Outcome("skipped", NOT_YET)
-        name, namespace = self._where(server)
-        chart = self.chart(release)
+        name, namespace, chart, values = self.rendering(server)
         platform = server.ctx.spec.platform.name
-        # an upstream chart's values schema may refuse any value it does not know
-        values = release.values if release.upstream else {**release.values, "platform": platform}
         wanted = fingerprint(chart_digest(chart), values, release.secrets)
         applied = self._applied(name, namespace) if self.cluster_exists() else None
         if applied == wanted:
