@@ -10,6 +10,7 @@ its executors go with it.
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 from pathlib import Path
 
@@ -66,8 +67,12 @@ def submit_command(ctx: Context, master_url: str | None, properties: dict[str, s
         "spark.kubernetes.submission.waitAppCompletion": "false",  # submit, then watch the driver's pod
         **{f"spark.kubernetes.{role}.label.{k}": v for role in ("driver", "executor") for k, v in labels.items()},
         **{f"spark.kubernetes.driverEnv.{k}": v for k, v in env.items()},
-        **properties,
     }
+    taken = sorted(set(properties) & set(conf))
+    if taken:  # stop and status find the driver by these, and the stores admit it by them
+        raise UsageError(f"--conf {', '.join(taken)}: set by opsctl on the kubernetes target",
+                         "leave it out; change its source in platform.yaml instead")
+    conf.update(properties)
     argv = [str(Path(list(found.submodule_search_locations)[0], "bin", "spark-submit")),
             "--master", master_url or master(ctx), "--deploy-mode", "cluster", "--name", job,
             *[a for k, v in sorted(conf.items()) for a in ("--conf", f"{k}={v}")], JOB_FILE]
@@ -113,8 +118,7 @@ def start_stream(ctx: Context, master_url: str | None, properties: dict[str, str
 
 
 def _submit_env() -> dict[str, str]:
-    import os
-
+    """This environment, less what would point spark-submit at another Spark than pyspark's."""
     return {k: v for k, v in os.environ.items() if k not in ("SPARK_HOME", "PYSPARK_SUBMIT_ARGS")}
 
 

@@ -16,7 +16,7 @@ def chart_values(ctx) -> dict:
     """The DAGs as a ConfigMap of the release, mounted read-only into every Airflow pod. The
     chart passes extraConfigMaps through its templating: a DAG's own `{{` is escaped."""
     files = {p.name: p.read_text().replace("{{", '{{ "{{" }}') for p in sorted(DAGS.glob("*.py"))}
-    name = f"{ctx.spec.platform.name}-dags"
+    name = "airflow-dags"  # of the release airflow
     return {"extraConfigMaps": {name: {"data": "\n".join(
                 f"{file}: |\n" + "".join(f"  {line}\n" for line in text.splitlines()) for file, text in files.items())}},
             "volumes": [{"name": "dags", "configMap": {"name": name}}],

@@ -128,7 +128,7 @@ class KubernetesTarget(Target):
 
     def where(self) -> str:
         if not self.cluster_exists():
-            return f"the kind cluster {self.kind_cluster}, which step 1 makes (Docker is installed, no --context given)"
+            return f"the kind cluster {self.kind_cluster}, which step 1 makes (a Docker engine runs, no --context given)"
         return f"the cluster of context {self.kube_context} ({self.api.configuration.host}, from {self.kubeconfig})"
 
     def is_kind(self) -> bool:

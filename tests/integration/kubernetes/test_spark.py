@@ -57,6 +57,8 @@ def test_the_stream_is_submitted_to_the_cluster_with_its_model_alongside(control
     assert trained.returncode == 0, trained.stderr
     wrong = work.run(*stream, "start", *kube(control_plane, "--master", "spark://127.0.0.1:7077"))
     assert wrong.returncode == 2 and "k8s://" in wrong.stderr
+    taken = work.run(*stream, "start", *kube(control_plane, "--conf", "spark.kubernetes.driver.pod.name=other"))
+    assert taken.returncode == 2 and "set by opsctl" in taken.stderr, taken.stderr
 
     started = work.run(*stream, "start", *kube(control_plane, "--conf", "spark.executor.instances=2", "-o", "json"),
                        check_json=True)

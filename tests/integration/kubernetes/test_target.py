@@ -107,6 +107,21 @@ def test_install_reinstall_upgrade_status_down_and_purge(control_plane, work):
     assert (redis["health"], redis["version"]) == ("healthy", "7.0.16")
     assert redis["endpoint"] == f"redis.{namespace}.svc.cluster.local:{work.spec.components['redis'].ports['redis']}"
 
+    # An upgrade whose pod never becomes ready (no node takes it) is rolled back by itself.
+    full = {"key": "opsctl.test/full", "effect": "NoSchedule"}
+    nodes = core.list_node().items
+    for node in nodes:
+        core.patch_node(node.metadata.name, {"spec": {"taints": [*(node.spec.taints or []), full]}})
+    try:
+        work.write_config({"components": {"redis": {"image": "redis:7.0.17"}}, "kubernetes": {"timeout_seconds": 10}})
+        refused = work.run("install", *kube(control_plane, "--only", "redis", "-o", "json"), check_json=True)
+        assert refused.returncode == 1 and "rolled back to the last good revision" in refused.json["steps"][0]["detail"]
+        image = apps.read_namespaced_stateful_set("redis", namespace).spec.template.spec.containers[0].image
+        assert image == "redis:7.0.16"  # the last good revision's
+    finally:
+        for node in nodes:
+            core.patch_node(node.metadata.name, {"spec": {"taints": node.spec.taints or None}})
+
     down = work.run("down", *kube(control_plane, "-o", "json"), check_json=True)
     assert down.returncode == 0
     assert set(down.json["stopped"]) == set(SERVERS)
