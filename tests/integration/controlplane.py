@@ -3,7 +3,9 @@ benchmarks: etcd, kube-apiserver, kube-controller-manager and kube-scheduler bui
 Go modules (opsctl/builds/kubernetes, etcd), with nodes and pods played by kwok
 (opsctl/builds/kwok). The API server, admission, RBAC, the controllers, the scheduler and
 helm are real; no container runs: a pod scheduled on a kwok node is reported Running and
-Ready without one.
+Ready without one. kwok also serves the nodes' kubelet API, so a port-forward to a pod
+through the API server reaches whatever server a PortForward object (kwok's CRD) names for
+that pod's port: a real server on this machine can stand behind a simulated pod.
 
     python -m tests.integration.controlplane build   # the binaries and helm, once, into the cache (scripts/test)
 """
@@ -30,6 +32,7 @@ PROGRAMS = {  # build: ({name: package}, version, link-time stamp)
 }
 KWOK_STAGES = ["node/fast/node-initialize.yaml", "node/heartbeat-with-lease/node-heartbeat-with-lease.yaml",
                "pod/fast/pod-ready.yaml", "pod/fast/pod-complete.yaml", "pod/fast/pod-delete.yaml"]
+PORT_FORWARD_CRD = ["kwok.x-k8s.io_portforwards.yaml"]
 SERVICE_RANGE = "10.96.0.0/16"  # the cluster's virtual Service addresses: never routed on this machine
 
 
@@ -48,15 +51,20 @@ def build() -> dict[str, Path]:
             for name, (programs, version, stamp) in PROGRAMS.items()}
 
 
-def kwok_stages() -> str:
-    """kwok's own stage files (node initialise and heartbeat, pod ready, complete and
-    delete), read from its module in the Go module cache: without stages kwok does nothing."""
+def _kwok_module() -> str:
+    """kwok's module folder in the Go module cache."""
     from opsctl import artifacts
 
     found = subprocess.run(["go", "list", "-m", "-f", "{{.Dir}}", "sigs.k8s.io/kwok"], cwd=artifacts.BUILDS / "kwok",
                            env={**os.environ, "GOFLAGS": "-mod=readonly", "GOTOOLCHAIN": "local"},
                            capture_output=True, text=True, check=True)
-    stage = Path(found.stdout.strip()) / "kustomize" / "stage"
+    return found.stdout.strip()
+
+
+def kwok_stages() -> str:
+    """kwok's own stage files (node initialise and heartbeat, pod ready, complete and
+    delete), read from its module in the Go module cache: without stages kwok does nothing."""
+    stage = Path(_kwok_module()) / "kustomize" / "stage"
     return "\n---\n".join((stage / name).read_text() for name in KWOK_STAGES)
 
 
@@ -168,7 +176,7 @@ class ControlPlane:
         self.path.chmod(0o700)
         bins = build()
         began = time.monotonic()
-        etcd_client, etcd_peer, api = free_ports(3)
+        etcd_client, etcd_peer, api, kubelet = free_ports(4)
         _certificates(self.path, self.host)
         server = f"https://{self.host}:{api}"
         _kubeconfig(self.path, server)
@@ -189,7 +197,8 @@ class ControlPlane:
             f"--tls-cert-file={f / 'apiserver.crt'}", f"--tls-private-key-file={f / 'apiserver.key'}",
             f"--service-account-key-file={f / 'sa.pub'}", f"--service-account-signing-key-file={f / 'sa.key'}",
             "--service-account-issuer=https://kubernetes.default.svc", f"--service-cluster-ip-range={SERVICE_RANGE}",
-            "--allow-privileged=true", f"--cert-dir={f / 'certs'}", "--v=1"])
+            "--allow-privileged=true", f"--cert-dir={f / 'certs'}", "--v=1",
+            "--kubelet-preferred-address-types=InternalIP"])  # kwok's server: the nodes' kubelet API
         self._wait("its API server ready", lambda: self._ready(server))
         self.api_ready_seconds = time.monotonic() - began  # for scripts/bench/kube_target.py
         # The client limits kwokctl lifts too (its --disable-qps-limits): at the default 20/s the
@@ -202,12 +211,28 @@ class ControlPlane:
             f"--cluster-signing-cert-file={f / 'ca.crt'}", f"--cluster-signing-key-file={f / 'ca.key'}"])
         self._start("kube-scheduler", [str(k8s / "kube-scheduler"), *common])
         (f / "kwok-stages.yaml").write_text(kwok_stages())
+        self._install_crds(PORT_FORWARD_CRD)
+        # kwok also serves the nodes' kubelet API (port-forward through the API server): a
+        # PortForward object names where a pod's port really answers on this machine.
         self._start("kwok", [str(bins["kwok"] / "kwok"), f"--kubeconfig={self.kubeconfig}", "--manage-all-nodes=true",
                              "--node-lease-duration-seconds=40",  # the heartbeat the node controller reads
-                             f"--config={f / 'kwok-stages.yaml'}", "--server-address=", "--v=1"])
+                             f"--config={f / 'kwok-stages.yaml'}", "--v=1", "--enable-crds=PortForward",
+                             f"--server-address={self.host}:{kubelet}", f"--node-ip={self.host}",
+                             f"--node-port={kubelet}", f"--tls-cert-file={f / 'apiserver.crt'}",
+                             f"--tls-private-key-file={f / 'apiserver.key'}"])
         self.add_nodes(self.nodes)
         self.add_volumes(self.volumes)
         return self
+
+    def _install_crds(self, names: list[str]) -> None:
+        """kwok's own CRDs (from its module) that its --enable-crds watch."""
+        import yaml
+        from kubernetes import client
+
+        folder = Path(_kwok_module()) / "kustomize" / "crd" / "bases"
+        extensions = client.ApiextensionsV1Api(self.api())
+        for name in names:
+            extensions.create_custom_resource_definition(yaml.safe_load((folder / name).read_text()))
 
     def _ready(self, server: str) -> bool:
         import ssl

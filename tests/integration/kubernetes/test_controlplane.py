@@ -96,3 +96,60 @@ def test_a_server_side_dry_run_validates_and_stores_nothing(control_plane, names
     with pytest.raises(ApiException) as refused:
         core.create_namespaced_config_map(namespace, {"metadata": {"name": "Not_A_Name"}}, dry_run="All")
     assert refused.value.status == 422
+
+
+def test_a_pods_port_forwarded_through_the_api_server_reaches_the_server_kwok_names(control_plane, namespace):
+    """kwok serves the nodes' kubelet API: a port-forward to a pod (through the API server,
+    as kubectl and the kubernetes client make it) reaches the real server that a PortForward
+    object names for that pod's port, here an HTTP server of this test."""
+    import http.server
+    import threading
+
+    from kubernetes import client
+    from kubernetes.stream import portforward
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"answered behind the pod")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    api = control_plane.api()
+    core = client.CoreV1Api(api)
+    try:
+        core.create_namespaced_pod(namespace, {"metadata": {"name": "web"}, "spec": {"containers": [
+            {"name": "web", "image": "nginx:1.27", "ports": [{"containerPort": 8080}]}]}})
+        client.CustomObjectsApi(api).create_namespaced_custom_object(
+            "kwok.x-k8s.io", "v1alpha1", namespace, "portforwards", {
+                "apiVersion": "kwok.x-k8s.io/v1alpha1", "kind": "PortForward",
+                "metadata": {"name": "web", "namespace": namespace},
+                "spec": {"forwards": [{"ports": [8080], "target": {"port": server.server_address[1],
+                                                                    "address": "127.0.0.1"}}]}})
+        deadline = time.monotonic() + 30
+        while core.read_namespaced_pod("web", namespace).status.phase != "Running":
+            assert time.monotonic() < deadline, "the pod never ran on a kwok node"
+            time.sleep(0.2)
+        answer = b""
+        while b"answered behind the pod" not in answer and time.monotonic() < deadline:
+            forward = portforward(core.connect_get_namespaced_pod_portforward, "web", namespace, ports="8080")
+            tunnel = forward.socket(8080)
+            tunnel.settimeout(5)
+            tunnel.sendall(b"GET / HTTP/1.0\r\nHost: web\r\n\r\n")
+            try:
+                while b"answered behind the pod" not in answer:
+                    chunk = tunnel.recv(4096)
+                    if not chunk:
+                        break
+                    answer += chunk
+            except OSError:
+                time.sleep(0.5)  # kwok had not read the PortForward yet
+            finally:
+                forward.close()
+        assert answer.startswith(b"HTTP/1.0 200") and answer.endswith(b"answered behind the pod"), answer
+    finally:
+        server.shutdown()
