@@ -33,6 +33,7 @@ def create_args(name: str, kubeconfig: Path) -> list[str]:
 
 class Kind(Component):
     on_kubernetes = True
+
     def _kind(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         try:
             return subprocess.run([binary(self.ctx.cache_dir), *args], capture_output=True, text=True, timeout=timeout)
@@ -63,15 +64,18 @@ class Kind(Component):
             return Outcome("planned", f"create kind cluster {name} (1 control plane, 3 workers)")
         kubeconfig = runtime.kind_kubeconfig
         kubeconfig.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if self._exists(name):  # made by kind, its kubeconfig lost: write it again
+        existed = self._exists(name)
+        if existed:  # made by kind, its kubeconfig lost: write it again
             done = self._kind("export", "kubeconfig", "--name", name, "--kubeconfig", str(kubeconfig))
         else:
             done = self._kind(*create_args(name, kubeconfig), timeout=CREATE_TIMEOUT)
         if done.returncode != 0:
-            raise OpsError(f"kind could not create the cluster {name}: {done.stderr.strip()[-400:]}",
+            raise OpsError(f"kind could not {'export' if existed else 'create'} the cluster {name}: "
+                           f"{done.stderr.strip()[-400:]}",
                            f"see `docker ps -a`; `kind delete cluster --name {name}` and run install again")
         kubeconfig.chmod(0o600)
-        return Outcome("changed", f"created kind cluster {name} (context kind-{name}, kubeconfig {kubeconfig})")
+        done_what = "wrote the kubeconfig of" if existed else "created"
+        return Outcome("changed", f"{done_what} kind cluster {name} (context kind-{name}, kubeconfig {kubeconfig})")
 
     def health(self):
         runtime = self.ctx.runtime
