@@ -104,10 +104,11 @@ def placement(master: str | None, conf: list[str] | None, target: str = "local")
     """--master and --conf, checked (a UsageError, exit 2, names the accepted forms). On
     kubernetes the master is the target's cluster unless given, and only a k8s:// one."""
     if target == "kubernetes":
-        if master and not spark.check_master(master).startswith("k8s://"):
+        checked = spark.check_master(master) if master else None
+        if checked and not checked.startswith("k8s://"):
             raise UsageError(f"--master {master}: the kubernetes target runs the job on a Kubernetes cluster",
                              "give k8s://https://HOST:PORT, or leave --master out for the target's cluster")
-        return master and spark.check_master(master), spark.check_conf(conf or [])
+        return checked, spark.check_conf(conf or [])
     return spark.check_master(master or spark.LOCAL_MASTER), spark.check_conf(conf or [])
 
 

@@ -69,10 +69,13 @@ class Component:
         raise NotImplementedError
 
     def stop(self) -> bool:
-        return False
+        """Stop its servers, the last one first; True if one was running."""
+        return any([server.stop() for server in reversed(self.servers())])
 
     def purge(self) -> None:
-        """Delete what this component keeps outside the state folder (most keep nothing)."""
+        """Delete what its servers keep outside the state folder (most keep nothing)."""
+        for server in self.servers():
+            server.purge()
 
     def servers(self) -> list["Server"]:
         """The servers the target runs for it: none, itself, or several (Consul's agents)."""

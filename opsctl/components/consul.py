@@ -237,10 +237,3 @@ class Consul(Component):
         return self._health("healthy" if set(states.values()) == {"ACTIVE"} else "unhealthy",
                             endpoint=endpoint, version=healths[0].version, restarts=restarts,
                             last_error=last_error, detail=detail)
-
-    def stop(self) -> bool:
-        return any([server.stop() for server in reversed(self.servers())])
-
-    def purge(self) -> None:
-        for server in self.servers():
-            server.purge()

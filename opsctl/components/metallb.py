@@ -116,9 +116,8 @@ class Metallb(Component):
         return next((r for r in reports if not r.ok), reports[0])
 
     def stop(self) -> bool:
-        return self._on_kind() and any([part.stop() for part in reversed(self.parts)])
+        return self._on_kind() and super().stop()
 
     def purge(self) -> None:
         if self._on_kind():
-            for part in self.parts:
-                part.purge()
+            super().purge()

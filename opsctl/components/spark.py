@@ -70,11 +70,7 @@ class Spark(Component):
             return False
         driver = self.ctx.runtime.cluster_exists() and self.ctx.runtime.delete_pod(
             self.ctx.spec.kubernetes.namespace(self.name), driver_pod(self.ctx))
-        return any([driver, *(s.stop() for s in self.servers())])
-
-    def purge(self) -> None:
-        for server in self.servers():
-            server.purge()
+        return super().stop() or bool(driver)
 
     def _pyspark_version(self) -> str | None:
         from importlib import metadata

@@ -53,7 +53,7 @@ class LocalTarget(Target):
                     f"stop that process, or pick another port in opsctl.yaml:\n  {server.port_setting(key)}")
 
     def apply(self, server: Server) -> Outcome:
-        server.check_installed()
+        self.prepare(server)
         process = self.process(server)
         running = process.running()
         wanted = server.fingerprint()
