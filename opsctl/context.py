@@ -48,11 +48,22 @@ class Context:
         in `colour` for what runs in each, as the target says: the one way to learn it."""
         return self.runtime.address(self.spec, name, port, colour)
 
+    def reach(self, name: str, port: str = "") -> Address:
+        """Where opsctl itself reaches `name` on its port `port` to configure it: its address,
+        or (on a cluster) a local port-forward to it."""
+        return self.runtime.reach(self.spec, name, port)
+
     @property
     def cache_dir(self) -> Path:
         """Downloaded artifacts (Maven); shared between working directories via $OPSCTL_CACHE_DIR."""
         env = os.environ.get("OPSCTL_CACHE_DIR")
         return Path(env).resolve() if env else self.state_dir / "cache"
+
+    @property
+    def target_dir(self) -> Path:
+        """Where opsctl keeps what it holds of the platform on its target (Vault's init record,
+        its admin token): the state folder, or a folder per cluster."""
+        return self.runtime.private_dir()
 
     def local_dir(self, component: str) -> Path:
         return self.state_dir / "local" / component
@@ -62,7 +73,11 @@ class Context:
         return self.state_dir / "secrets.json"
 
     def secret(self, component: str, key: str, generate=lambda: pysecrets.token_urlsafe(24)) -> str:
-        """A generated credential, kept in a 0600 file until Vault holds the services' ones."""
+        """A generated credential: the target's own (a release's Secret on a cluster), else
+        kept in a 0600 file until Vault holds the services' ones."""
+        held = self.runtime.credential(self.spec, component, key)
+        if held is not None:
+            return held
         with self._secrets_lock:
             data = read_json(self.secrets_file, default={}) or {}
             value = data.get(component, {}).get(key)

@@ -174,6 +174,7 @@ class Server(Component):
     stop_group = True  # the stop signal goes to every process of the server, not only its leader
     reload_signal: int | None = None  # rereads its files on this signal: a change to them only is no restart
     run_as: str | None = None  # system user for servers that refuse to run as root
+    converges_on_cluster = False  # converge() runs on the kubernetes target too, through a port-forward
     stopped_health = "stopped"          # what a server stopped on purpose counts as (exit 3)
     never_started_health = "unhealthy"  # and one never installed here
 

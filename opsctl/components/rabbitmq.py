@@ -120,14 +120,14 @@ class RabbitMQ(Server):
 
     def api(self, path: str, method: str = "GET", body=None, timeout: float = 1):
         """The management API as opsctl's admin user (httpclient's errors)."""
-        return httpclient.request(method, self.address("management").url(f"/api/{path}"), body,
+        return httpclient.request(method, self.ctx.reach(self.name, "management").url(f"/api/{path}"), body,
                                   auth=self.credentials(), timeout=timeout)[2]
 
     def connection_parameters(self, **options):
         """pika's parameters for an admin connection to the broker."""
         import pika
 
-        where = self.address("amqp")
+        where = self.ctx.reach(self.name, "amqp")
         return pika.ConnectionParameters(host=where.host, port=where.port,
                                          credentials=pika.PlainCredentials(*self.credentials()),
                                          **options)

@@ -72,6 +72,7 @@ def desired(spec) -> tuple[list[Exchange], list[Queue], list[Binding]]:
 
 class RabbitMQTopology(ConfigStep):
     after = ("rabbitmq",)
+    on_kubernetes = True  # through a port-forward to the broker's pod (ctx.reach)
 
     def __init__(self, name, ctx, recreate: bool = False, force: bool = False):
         super().__init__(name, ctx)

@@ -38,15 +38,22 @@ _renewed: set[str] = set()  # tokens renewed by this process already
 
 
 def address(ctx) -> str:
+    """Where the platform's services reach Vault."""
     return ctx.address("vault", "http").url()
 
 
+def reached(ctx) -> str:
+    """Where opsctl reaches Vault to initialise, unseal and configure it (on a cluster: a
+    port-forward)."""
+    return ctx.reach("vault", "http").url()
+
+
 def init_file(ctx) -> Path:
-    return ctx.state_dir / "vault-init.json"
+    return ctx.target_dir / "vault-init.json"
 
 
 def admin_file(ctx) -> Path:
-    return ctx.state_dir / "vault-admin.json"
+    return ctx.target_dir / "vault-admin.json"
 
 
 def socket_path(ctx) -> Path:
@@ -75,11 +82,11 @@ def admin(ctx):
     The admin token is renewed (once per run), or made again when it has expired."""
     import hvac
 
-    client = hvac.Client(url=address(ctx), timeout=10)
+    client = hvac.Client(url=reached(ctx), timeout=10)
     try:
         sealed = client.sys.is_sealed()
     except Exception:
-        raise OpsError(f"Vault is not reachable at {address(ctx)}", "run: opsctl install --only vault")
+        raise OpsError(f"Vault is not reachable at {reached(ctx)}", "run: opsctl install --only vault")
     if sealed:
         raise OpsError("Vault is sealed", "run: opsctl vault unseal")
     if not os.environ.get("VAULT_TOKEN"):
@@ -90,7 +97,7 @@ def admin(ctx):
 
 def _api(ctx, method: str, path: str, body=None, token: str | None = None, timeout: float = 10):
     headers = {"X-Vault-Token": token} if token else None
-    return httpclient.request(method, f"{address(ctx)}/v1/{path}", body=body, headers=headers,
+    return httpclient.request(method, f"{reached(ctx)}/v1/{path}", body=body, headers=headers,
                               timeout=timeout)[2]
 
 
@@ -157,7 +164,7 @@ def _wait_active(ctx, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            httpclient.request("GET", f"{address(ctx)}/v1/sys/health", timeout=5)
+            httpclient.request("GET", f"{reached(ctx)}/v1/sys/health", timeout=5)
             return
         except httpclient.HTTPError as e:
             if e.status not in (429, 500, 503) or time.monotonic() > deadline:
@@ -308,6 +315,7 @@ def _wait_until_kv_upgraded(client, mount: str, timeout: float = 30) -> None:
 
 
 class Vault(Server):
+    converges_on_cluster = True  # initialised and unsealed by opsctl on a cluster too
     @property
     def binary(self) -> str:
         try:
@@ -388,7 +396,7 @@ listener "unix" {{
         return self.addr
 
     def _api(self, method: str, path: str, body=None, timeout: float = 5):
-        return httpclient.request(method, f"{self.addr}/v1/{path}", body=body, timeout=timeout)[2]
+        return httpclient.request(method, f"{reached(self.ctx)}/v1/{path}", body=body, timeout=timeout)[2]
 
     def seal_status(self) -> dict:
         return self._api("GET", "sys/seal-status")

@@ -48,6 +48,20 @@ class Target:
         colour's mesh, name "mesh") in `colour`."""
         raise NotImplementedError
 
+    def reach(self, spec: Spec, name: str, port: str = "") -> Address:
+        """Where opsctl, on this machine, reaches `name` on its port `port` (to configure it):
+        where it answers, unless the target's network is not this machine's."""
+        return self.address(spec, name, port)
+
+    def credential(self, spec: Spec, component: str, key: str) -> str | None:
+        """A generated credential that the target itself keeps (the kubernetes target: in the
+        release's Secret); None: it keeps none, opsctl's own file does."""
+        return None
+
+    def private_dir(self) -> Path:
+        """Where opsctl keeps what it holds of this target's platform (owner-only)."""
+        return self.state_dir
+
     def apply(self, server: Server) -> Outcome:
         """Bring `server` to its desired state (a plan only, in a dry run)."""
         raise NotImplementedError

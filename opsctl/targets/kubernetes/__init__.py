@@ -26,12 +26,12 @@ from opsctl.errors import OpsError, UsageError
 from opsctl.net import Address
 from opsctl.spec import Spec
 from opsctl.targets import Target
+from opsctl.targets.kubernetes.objects import COLOUR_LABEL, ClusterObjects
 
 CHARTS = Path(__file__).resolve().parents[3] / "manifests" / "charts"
 NOT_YET = "not yet on the kubernetes target"
-RECORDS = "opsctl-live"  # the ConfigMap of opsctl's records: read_record, keep_record
-COLOUR_LABEL = "opsctl.io/colour"
 APPLIED = "opsctl applied "  # + the fingerprint: a revision's description
+CREDENTIAL_KEYS = {"admin_password": "password"}  # opsctl's name of a credential -> its key in a release's Secret
 
 
 def chart_digest(chart: Path) -> str:
@@ -45,7 +45,7 @@ def chart_digest(chart: Path) -> str:
     return fingerprint(*[(str(p.relative_to(chart)), content(p)) for p in sorted(chart.rglob("*")) if p.is_file()])
 
 
-class KubernetesTarget(Target):
+class KubernetesTarget(ClusterObjects, Target):
     name = "kubernetes"
 
     # --- the cluster -------------------------------------------------------------------
@@ -131,6 +131,13 @@ class KubernetesTarget(Target):
             return f"the kind cluster {self.kind_cluster}, which step 1 makes (a Docker engine runs, no --context given)"
         return f"the cluster of context {self.kube_context} ({self.api.configuration.host}, from {self.kubeconfig})"
 
+    def private_dir(self) -> Path:
+        """A folder per context (0700): what opsctl holds of one cluster's platform."""
+        folder = self.state_dir / "kubernetes" / re.sub(r"[^A-Za-z0-9._-]+", "_", self.kube_context)
+        for made in (folder.parent, folder):
+            made.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return folder
+
     def is_kind(self) -> bool:
         """A kind cluster: opsctl's, or one whose nodes kind made (their provider ID)."""
         from kubernetes import client
@@ -197,100 +204,50 @@ class KubernetesTarget(Target):
         number = entry.ports[port] if port else next(iter(entry.ports.values()))
         return Address(f"{name}.{spec.kubernetes.namespace(name)}.svc.cluster.local", number)
 
-    def _where(self, server: Server) -> tuple[str, str]:
-        """Its release's name and namespace: its own, or the step's it belongs to (placed_with)."""
-        placed = getattr(server, "placed_with", None) or server.name
-        return server.name, server.ctx.spec.kubernetes.namespace(placed)
+    @cached_property
+    def tunnels(self):
+        from kubernetes import config
 
-    # --- opsctl's records on the cluster (the live colour, each colour's image) ----------
-    def read_record(self, spec: Spec, key: str) -> dict | None:
-        from kubernetes import client
-        from kubernetes.client.rest import ApiException
+        from opsctl.targets.kubernetes.tunnel import Tunnels
 
-        try:
-            kept = client.CoreV1Api(self.api).read_namespaced_config_map(RECORDS, spec.kubernetes.namespace("services"))
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise OpsError(f"cannot read opsctl's records (ConfigMap {RECORDS}): {e.reason}", "check the cluster")
-        try:
-            found = json.loads((kept.data or {}).get(key, ""))
-        except ValueError:
-            return None
-        return found if isinstance(found, dict) else None
+        return Tunnels(lambda: config.new_client_from_config(config_file=str(self.kubeconfig), context=self.kube_context))
 
-    def keep_record(self, spec: Spec, key: str, record: dict) -> None:
-        """Replace one record (one key of the ConfigMap); the others stay."""
-        from kubernetes import client
-        from kubernetes.client.rest import ApiException
+    def reach(self, spec: Spec, name: str, port: str = "") -> Address:
+        """A port-forward from this machine to a ready pod behind `name`'s Service."""
+        inside = self.address(spec, name, port)
+        service, _, rest = inside.host.partition(".")
+        namespace, _, domain = rest.partition(".")
+        if domain != "svc.cluster.local":
+            raise UsageError(f"opsctl cannot reach {name} {port} on the kubernetes target", "use --target local")
+        return self.tunnels.reach(service, namespace, inside.port)
 
-        namespace, core = spec.kubernetes.namespace("services"), client.CoreV1Api(self.api)
-        self._namespace(namespace, spec.platform.name)
-        data = {key: json.dumps(record)}
-        try:
-            core.patch_namespaced_config_map(RECORDS, namespace, {"data": data})
-        except ApiException as e:
-            if e.status != 404:
-                raise
-            core.create_namespaced_config_map(namespace, {"metadata": {
-                "name": RECORDS, "labels": {"app.kubernetes.io/managed-by": "opsctl"}}, "data": data})
-
-    def selected_colour(self, spec: Spec, service: str) -> str | None:
-        """The colour Service `service` sends to (its selector), None if it has none."""
-        from kubernetes import client
-        from kubernetes.client.rest import ApiException
-
-        try:
-            found = client.CoreV1Api(self.api).read_namespaced_service(service, spec.kubernetes.namespace("services"))
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
-        return (found.spec.selector or {}).get(COLOUR_LABEL)
-
-    # --- objects of a job (the streaming job's model and driver) -----------------------------
-    def keep_files(self, namespace: str, name: str, files: dict[str, bytes], platform: str) -> None:
-        """Secret `name` holds exactly these files (created, else replaced)."""
+    def credential(self, spec: Spec, component: str, key: str) -> str:
+        """From the Secret <component>-credentials of its release, where the charts call a
+        server's one admin password `password`."""
         import base64
 
         from kubernetes import client
         from kubernetes.client.rest import ApiException
 
-        core = client.CoreV1Api(self.api)
-        self._namespace(namespace, platform)
-        body = {"metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "opsctl"}},
-                "data": {key: base64.b64encode(data).decode() for key, data in files.items()}}
+        namespace, name = spec.kubernetes.namespace(component), f"{component}-credentials"
+        field = CREDENTIAL_KEYS.get(key, key)
         try:
-            core.replace_namespaced_secret(name, namespace, body)
+            held = client.CoreV1Api(self.api).read_namespaced_secret(name, namespace).data or {}
         except ApiException as e:
             if e.status != 404:
-                raise
-            core.create_namespaced_secret(namespace, body)
+                raise OpsError(f"cannot read Secret {name} in {namespace}: {e.reason}", "check the cluster") from None
+            held = {}
+        if field in held:
+            return base64.b64decode(held[field]).decode()
+        if self.options.get("dry_run"):
+            return "(to be generated)"
+        raise OpsError(f"Secret {name} in {namespace} holds no {field} (generated when {component} is installed)",
+                       f"install it first: opsctl install --target kubernetes --only {component}")
 
-    def pod(self, namespace: str, name: str):
-        """Pod `name`, None if there is none."""
-        from kubernetes import client
-        from kubernetes.client.rest import ApiException
-
-        try:
-            return client.CoreV1Api(self.api).read_namespaced_pod(name, namespace)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
-
-    def delete_pod(self, namespace: str, name: str) -> bool:
-        """Delete pod `name` (what it owns goes with it); False if there was none."""
-        from kubernetes import client
-        from kubernetes.client.rest import ApiException
-
-        try:
-            client.CoreV1Api(self.api).delete_namespaced_pod(name, namespace, propagation_policy="Background")
-        except ApiException as e:
-            if e.status == 404:
-                return False
-            raise
-        return True
+    def _where(self, server: Server) -> tuple[str, str]:
+        """Its release's name and namespace: its own, or the step's it belongs to (placed_with)."""
+        placed = getattr(server, "placed_with", None) or server.name
+        return server.name, server.ctx.spec.kubernetes.namespace(placed)
 
     # --- releases ------------------------------------------------------------------------
     def _namespace(self, namespace: str, platform: str) -> None:
@@ -354,7 +311,7 @@ class KubernetesTarget(Target):
         wanted = fingerprint(chart_digest(chart), values, release.secrets)
         applied = self._applied(name, namespace) if self.cluster_exists() else None
         if applied == wanted:
-            return Outcome("unchanged", f"release {name} in {namespace}")
+            return self._converged(server, Outcome("unchanged", f"release {name} in {namespace}"))
         action = "install" if applied is None and not self.running(server) else "upgrade"
         if server.ctx.dry_run:
             return Outcome("planned", f"{action} release {name} ({release.chart} chart) in {namespace}")
@@ -376,7 +333,16 @@ class KubernetesTarget(Target):
                            f"revision): {tail}",
                            f"see `helm history {name} -n {namespace}` and the events of namespace {namespace}")
         done_as = "installed" if action == "install" else "upgraded"
-        return Outcome("changed", f"{done_as} release {name} in {namespace}")
+        return self._converged(server, Outcome("changed", f"{done_as} release {name} in {namespace}"))
+
+    @staticmethod
+    def _converged(server: Server, applied: Outcome) -> Outcome:
+        """Its ready pod brought to the state opsctl keeps it in (Vault unsealed), through a
+        port-forward, for a server that converges on a cluster too."""
+        done = server.converge() if server.converges_on_cluster and not server.ctx.dry_run else None
+        if not done:
+            return applied
+        return Outcome("changed", f"{applied.detail}, {done}" if applied.state == "changed" else done)
 
     def running(self, server: Server) -> bool:
         if not self.cluster_exists():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import LIVE_WORKDIRS
+from tests.integration.conftest import LIVE_WORKDIRS, Workdir, reachable_dir
 
 
 @pytest.fixture(scope="package")
@@ -41,3 +41,19 @@ def namespace(control_plane, request):
     core.create_namespace({"metadata": {"name": name}})
     yield name
     core.delete_namespace(name)
+
+
+def kube(control_plane, *args: str) -> list[str]:
+    """opsctl's options for the kubernetes target on this control plane, then ARGS."""
+    return ["--target", "kubernetes", "--kubeconfig", str(control_plane.kubeconfig), *args]
+
+
+@pytest.fixture
+def work(control_plane):
+    """A working directory for opsctl on the control plane; what it installed there is
+    uninstalled and purged after the test."""
+    work = Workdir(reachable_dir("opsctl-kube-work-"), {})
+    yield work
+    work.run("down", *kube(control_plane, "--purge", "--yes"), timeout=300)
+    LIVE_WORKDIRS.remove(work)
+    shutil.rmtree(work.path, ignore_errors=True)

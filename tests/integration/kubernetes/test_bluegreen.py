@@ -6,28 +6,17 @@ new colour degrades during the watch."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import threading
 import time
 
 import pytest
 
-from tests.integration.conftest import LIVE_WORKDIRS, Workdir, reachable_dir
 from tests.integration.controlplane import helm
 
 pytestmark = pytest.mark.integration
 
 NEW_IMAGE = "registry.example.org/order-services:2.0.0"
-
-
-@pytest.fixture
-def work(control_plane):
-    work = Workdir(reachable_dir("opsctl-kube-bg-"), {})
-    yield work
-    work.run("down", "--target", "kubernetes", "--kubeconfig", str(control_plane.kubeconfig))
-    LIVE_WORKDIRS.remove(work)
-    shutil.rmtree(work.path, ignore_errors=True)
 
 
 def eventually(check, what: str, timeout: float = 60) -> None:

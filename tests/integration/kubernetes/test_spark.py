@@ -8,23 +8,12 @@ from __future__ import annotations
 
 import base64
 import importlib.metadata
-import shutil
 
 import pytest
 
-from tests.integration.conftest import LIVE_WORKDIRS, Workdir, reachable_dir
-from tests.integration.kubernetes.test_target import kube
+from tests.integration.kubernetes.conftest import kube
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def work(control_plane):
-    work = Workdir(reachable_dir("opsctl-kube-spark-"), {})
-    yield work
-    work.run("down", *kube(control_plane, "--purge", "--yes"))
-    LIVE_WORKDIRS.remove(work)
-    shutil.rmtree(work.path, ignore_errors=True)
 
 
 def test_the_stream_is_submitted_to_the_cluster_with_its_model_alongside(control_plane, work):

@@ -12,31 +12,18 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import subprocess
 
 import pytest
 import yaml
 
 from opsctl.targets.kubernetes import CHARTS
-from tests.integration.conftest import LIVE_WORKDIRS, Workdir, reachable_dir
 from tests.integration.controlplane import helm
+from tests.integration.kubernetes.conftest import kube
 
 pytestmark = pytest.mark.integration
 
 SERVERS = ("rabbitmq", "mongodb", "postgres", "vault", "redis", "kafka", "keycloak")  # those with a chart
-
-
-@pytest.fixture
-def work(control_plane):
-    work = Workdir(reachable_dir("opsctl-kube-work-"), {})
-    yield work
-    LIVE_WORKDIRS.remove(work)
-    shutil.rmtree(work.path, ignore_errors=True)
-
-
-def kube(control_plane, *args: str) -> list[str]:
-    return ["--target", "kubernetes", "--kubeconfig", str(control_plane.kubeconfig), *args]
 
 
 def test_install_reinstall_upgrade_status_down_and_purge(control_plane, work):
