@@ -20,6 +20,7 @@ def username(service: str) -> str:
 
 class ServiceCredentials(ConfigStep):
     after = ("vault", "rabbitmq", "postgres", "redis", "mongodb")
+    on_kubernetes = True  # through port-forwards to the servers' pods (ctx.reach)
 
     def plan(self) -> Iterator[Change]:
         client = vault.admin(self.ctx)

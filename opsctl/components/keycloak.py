@@ -18,6 +18,7 @@ from opsctl import artifacts
 from opsctl.host import require_binary
 
 # Build-time options: baked into the distribution by `kc.sh build`.
+ADMIN_USER = "opsctl-admin"  # opsctl's admin of the master realm
 BUILD_OPTIONS = ["--db=dev-file", "--health-enabled=true", "--metrics-enabled=true"]
 
 
@@ -55,13 +56,13 @@ class Keycloak(Server):
         return {"JAVA_OPTS_KC_HEAP": f"-Xms64m -Xmx{heap}"}
 
     def admin_credentials(self) -> tuple[str, str]:
-        return "opsctl-admin", self.ctx.secret("keycloak", "admin_password")
+        return ADMIN_USER, self.ctx.secret("keycloak", "admin_password")
 
     def release(self) -> Release:
         """On the kubernetes target: the official image on its platform.yaml ports, opsctl's
         admin user made on first boot with a password generated into the release's Secret;
         reachable from every bundled service (their tokens) and the edge (people's tokens)."""
-        user, _ = self.admin_credentials()
+        user = ADMIN_USER
         http, management = self.port("http"), self.port("management")
         return Release("data-service", {
             "image": self.spec.image, "ports": {"http": http, "management": management},

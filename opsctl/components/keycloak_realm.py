@@ -21,6 +21,7 @@ from typing import Iterator
 
 from opsctl.components import vault
 from opsctl.components.base import Change, ConfigStep
+from opsctl.components.keycloak import ADMIN_USER
 from opsctl.errors import OpsError
 
 ACCESS_TOKEN_LIFESPAN = 300  # seconds
@@ -135,6 +136,7 @@ def load_signing_key(key_file: str, cert_file: str) -> dict:
 
 class KeycloakRealm(ConfigStep):
     after = ("keycloak", "vault")
+    on_kubernetes = True  # through port-forwards to Keycloak's and Vault's pods (ctx.reach)
 
     def __init__(self, name, ctx, signing_key: dict | None = None):
         super().__init__(name, ctx)
@@ -152,13 +154,14 @@ class KeycloakRealm(ConfigStep):
             from keycloak.exceptions import KeycloakError
 
             password = self.ctx.secret("keycloak", "admin_password")
+            url = self.ctx.reach("keycloak", "http").url()  # opsctl's way in, not the issuer's name
             try:
-                self._admin = KeycloakAdmin(server_url=server_url(self.ctx), username="opsctl-admin",
+                self._admin = KeycloakAdmin(server_url=url, username=ADMIN_USER,
                                             password=password, realm_name="master",
                                             user_realm_name="master", timeout=10)
                 self._admin.get_realms()
             except (KeycloakError, OSError) as e:
-                raise OpsError(f"cannot log in to Keycloak at {server_url(self.ctx)}: {e}",
+                raise OpsError(f"cannot log in to Keycloak at {url}: {e}",
                                "run: opsctl install --only keycloak")
         return self._admin
 

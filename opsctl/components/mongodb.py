@@ -28,9 +28,11 @@ ROLES = {
     "reader": ("order-reader", ["find", "changeStream", "killCursors"]),
 }
 RECENT_ORDERS_INDEX = "customer_recent_orders"
+NOT_YET_INITIALIZED = 94  # mongod's error code: started with --replSet, never initiated
 
 
 class MongoDB(Server):
+    converges_on_cluster = True  # on a cluster too: the set initiated, the index made
     def check_installed(self) -> None:
         try:
             import secantus  # noqa: F401  (only checks that it is there)
@@ -78,7 +80,10 @@ class MongoDB(Server):
             user, password, source = ADMIN_USER, self.ctx.secret("mongodb", "admin_password"), "admin"
         else:
             source = names.database
-        return MongoClient(f"{self.endpoint()}/?replicaSet={names.replica_set}", username=user,
+        where = self.ctx.reach(self.name, "mongo").url(scheme="mongodb")
+        # Direct: the set's one member, even where it names itself by a name only the
+        # cluster resolves (opsctl reaches it through a port-forward there).
+        return MongoClient(f"{where}/?replicaSet={names.replica_set}", directConnection=True, username=user,
                            password=password, authSource=source,
                            serverSelectionTimeoutMS=1500, connectTimeoutMS=1000)
 
@@ -118,14 +123,41 @@ class MongoDB(Server):
             db.command(verb, user, pwd=password, roles=[{"role": role, "db": database}])
 
     def converge(self) -> str | None:
-        """The index the screening job reads by: a customer's recent orders, in time."""
-        names = self.ctx.spec.names.mongodb
+        """The replica set initiated (a new mongod on a cluster; SecantusDB is one from the
+        start), and the index the screening job reads by: a customer's recent orders, in time."""
+        names, done = self.ctx.spec.names.mongodb, []
         with self.client() as client:
+            if self._initiate(client):
+                done.append(f"replica set {names.replica_set} initiated")
             orders = client[names.database][names.orders]
-            if RECENT_ORDERS_INDEX in orders.index_information():
-                return None
-            orders.create_index([("customer.id", 1), ("created_at", 1)], name=RECENT_ORDERS_INDEX)
-        return f"index {RECENT_ORDERS_INDEX} created"
+            if RECENT_ORDERS_INDEX not in orders.index_information():
+                orders.create_index([("customer.id", 1), ("created_at", 1)], name=RECENT_ORDERS_INDEX)
+                done.append(f"index {RECENT_ORDERS_INDEX} created")
+        return ", ".join(done) or None
+
+    def _initiate(self, client, timeout: float = 60) -> bool:
+        """Initiate the set with this server as its one member, named as the services reach
+        it, and wait until it is primary; False if it is a set already."""
+        import time
+
+        from pymongo.errors import OperationFailure
+
+        try:
+            client.admin.command("replSetGetStatus")
+            return False
+        except OperationFailure as e:
+            if e.code != NOT_YET_INITIALIZED:
+                raise
+        member = str(self.ctx.address(self.name, "mongo"))
+        client.admin.command("replSetInitiate", {"_id": self.ctx.spec.names.mongodb.replica_set,
+                                                 "members": [{"_id": 0, "host": member}]})
+        deadline = time.monotonic() + timeout
+        while not client.admin.command("hello").get("isWritablePrimary"):
+            if time.monotonic() > deadline:
+                raise OpsError(f"MongoDB did not become the primary of its replica set in {timeout:.0f} s",
+                               "see its pod's log, then run install again")
+            time.sleep(0.5)
+        return True
 
     def probe(self) -> bool:
         if not port_open(self.address("mongo")):

@@ -123,7 +123,7 @@ class Postgres(Server):
                 autocommit: bool = False):
         import psycopg
 
-        where = self.address("postgres")
+        where = self.ctx.reach(self.name, "postgres")
         return psycopg.connect(host=where.host, port=where.port, user=user,
                                password=password or self.ctx.secret("postgres", "password"),
                                dbname=dbname, connect_timeout=2, autocommit=autocommit)

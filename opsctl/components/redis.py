@@ -52,7 +52,7 @@ class Redis(Server):
     def _client(self, user: str | None = None, password: str | None = None):
         import redis
 
-        where = self.address("redis")
+        where = self.ctx.reach(self.name, "redis")
         return redis.Redis(host=where.host, port=where.port, username=user,
                            password=password or self.ctx.secret("redis", "password"),
                            socket_timeout=1, socket_connect_timeout=1)

@@ -21,6 +21,7 @@ TABLE = """CREATE TABLE IF NOT EXISTS stock (
 
 class StockCatalogue(ConfigStep):
     after = ("postgres", "service-credentials")
+    on_kubernetes = True  # through a port-forward to PostgreSQL's pod (ctx.reach)
 
     def plan(self) -> Iterator[Change]:
         from psycopg import sql

@@ -17,12 +17,11 @@ CHUNK = 65536
 
 class Tunnels:
     def __init__(self, make_api):
-        # A client of its own: the kubernetes client's stream module swaps a method of the
-        # client it opens a stream on, which must not happen under another thread's request.
         self._make_api = make_api
         self._open: dict[tuple[str, str, int], Address] = {}
         self._lock = threading.Lock()
         self._opening = threading.Lock()
+        self._streams = None
 
     def reach(self, service: str, namespace: str, port: int) -> Address:
         """A local address that reaches port `port` of Service `service`, opened once."""
@@ -33,19 +32,12 @@ class Tunnels:
                 self._open[key] = self._listen(namespace, pod, pod_port)
             return self._open[key]
 
-    def _core(self):
-        from kubernetes import client
-
-        with self._opening:
-            if not hasattr(self, "_api"):
-                self._api = self._make_api()
-        return client.CoreV1Api(self._api)
-
     def _backend(self, service: str, namespace: str, port: int) -> tuple[str, int]:
         """A ready pod behind the Service, and its port that the Service's `port` sends to."""
+        from kubernetes import client
         from kubernetes.client.rest import ApiException
 
-        core = self._core()
+        core = client.CoreV1Api(self._make_api())
         try:
             found = core.read_namespaced_service(service, namespace)
         except ApiException as e:
@@ -86,12 +78,17 @@ class Tunnels:
 
     def _carry(self, local: socket.socket, namespace: str, pod: str, port: int) -> None:
         """One connection: its own port-forward, bytes both ways until either side ends."""
+        from kubernetes import client
         from kubernetes.stream import portforward
 
-        core = self._core()
         try:
+            # One client for every stream, one stream opened at a time: the kubernetes client
+            # swaps a method of the client it opens a stream on, for the time it takes.
             with self._opening:
-                forward = portforward(core.connect_get_namespaced_pod_portforward, pod, namespace, ports=str(port))
+                if self._streams is None:
+                    self._streams = client.CoreV1Api(self._make_api())
+                forward = portforward(self._streams.connect_get_namespaced_pod_portforward, pod, namespace,
+                                      ports=str(port))
         except Exception:  # the client sees its connection closed; the step says what failed
             local.close()
             return

@@ -1,8 +1,10 @@
 """The configuration steps on the kubernetes target reach the servers on the cluster the way
 `kubectl port-forward service/NAME` does: through the API server to a ready pod behind the
 Service. kwok plays the pods, and a PortForward object (kwok's CRD) sends a pod's port to a
-real server on this machine; so here the queues are really declared on a real RabbitMQ, as
-the cluster's pod rabbitmq-0, with the credential the release's Secret holds."""
+real server on this machine (conftest's stand_ins); so here the queues, the realm, the
+services' users and the catalogue are really made on real servers, as the cluster's pods,
+with the credentials the releases' Secrets hold, and a real OpenBao is initialised and
+unsealed as the pod vault-0."""
 
 from __future__ import annotations
 
@@ -10,73 +12,32 @@ import json
 
 import pytest
 
-from tests.integration.conftest import Workdir, port_override, reachable_dir
 from tests.integration.kubernetes.conftest import kube
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def local_rabbitmq():
-    """A real RabbitMQ on this machine (the local target), to play the cluster's pod."""
-    work = Workdir(reachable_dir("opsctl-kube-rabbitmq-"), port_override(["rabbitmq"]))
-    code, steps = work.steps("--only", "rabbitmq")
-    assert code == 0, steps
-    yield work
-    work.remove()
-
-
-def play_the_pod(control_plane, namespace: str, pod: str, ports: dict[int, int]) -> None:
-    """Port `p` of pod `pod` is, for a port-forward, port ports[p] on this machine."""
-    from kubernetes import client
-    from kubernetes.client.rest import ApiException
-
-    api = control_plane.api()
-    try:
-        client.CoreV1Api(api).create_namespace({"metadata": {"name": namespace}})
-    except ApiException as e:
-        assert e.status == 409
-    client.CustomObjectsApi(api).create_namespaced_custom_object(
-        "kwok.x-k8s.io", "v1alpha1", namespace, "portforwards", {
-            "apiVersion": "kwok.x-k8s.io/v1alpha1", "kind": "PortForward",
-            "metadata": {"name": pod, "namespace": namespace},
-            "spec": {"forwards": [{"ports": [inside], "target": {"port": outside, "address": "127.0.0.1"}}
-                                  for inside, outside in ports.items()]}})
-
-
-def test_the_queues_are_declared_on_the_clusters_broker_through_a_port_forward(control_plane, work, local_rabbitmq):
-    from kubernetes import client
-
+def test_the_queues_are_declared_on_the_clusters_broker_through_a_port_forward(control_plane, work, stand_ins):
     from opsctl.components.rabbitmq_topology import desired
 
-    namespace = work.spec.kubernetes.namespace("rabbitmq")
-    inside = work.spec.components["rabbitmq"].ports
-    play_the_pod(control_plane, namespace, "rabbitmq-0", {
-        inside[key]: local_rabbitmq.port("rabbitmq", key) for key in ("amqp", "management")})
     steps = "rabbitmq,rabbitmq-topology"
-
     planned = work.run("install", *kube(control_plane, "--only", steps, "--dry-run", "-o", "json"), check_json=True)
     states = {s["name"]: s for s in planned.json["steps"]}
     assert planned.returncode == 0, planned.stdout + planned.stderr
     assert states["rabbitmq-topology"]["state"] == "planned" and "after rabbitmq" in states["rabbitmq-topology"]["detail"]
-
     alone = work.run("install", *kube(control_plane, "--only", "rabbitmq-topology"))
     assert alone.returncode == 1 and "Traceback" not in alone.stderr
     assert "install it first: opsctl install --target kubernetes --only rabbitmq" in alone.stdout + alone.stderr
 
-    # The release keeps a credential it finds: the one of the server that plays its pod.
-    password = local_rabbitmq.admin_secret("rabbitmq", "admin_password")
-    client.CoreV1Api(control_plane.api()).create_namespaced_secret(namespace, {
-        "metadata": {"name": "rabbitmq-credentials"}, "stringData": {"password": password}})
-
+    local = stand_ins(work, "rabbitmq")
     installed = work.run("install", *kube(control_plane, "--only", steps, "-o", "json"), check_json=True)
     assert installed.returncode == 0, installed.stdout + installed.stderr
     topology = {s["name"]: s for s in installed.json["steps"]}["rabbitmq-topology"]
     assert topology["state"] == "changed", topology
-    assert password not in installed.stdout + installed.stderr
+    assert local.admin_secret("rabbitmq", "admin_password") not in installed.stdout + installed.stderr
 
     exchanges, queues, _ = desired(work.spec)
-    with local_rabbitmq.amqp() as connection:  # declared on the real server, behind the pod
+    with local.amqp() as connection:  # declared on the real server, behind the pod
         channel = connection.channel()
         for queue in queues:
             channel.queue_declare(queue.name, passive=True)
@@ -88,7 +49,7 @@ def test_the_queues_are_declared_on_the_clusters_broker_through_a_port_forward(c
     assert again.returncode == 0, again.stdout + again.stderr
     topology = {s["name"]: s for s in again.json["steps"]}["rabbitmq-topology"]
     assert topology["state"] == "changed" and f"create queue {queues[0].name}" in topology["detail"], topology
-    with local_rabbitmq.amqp() as connection:
+    with local.amqp() as connection:
         connection.channel().queue_declare(queues[0].name, passive=True)
     settled = work.run("install", *kube(control_plane, "--only", steps, "-o", "json"), check_json=True)
     assert {s["name"]: s["state"] for s in settled.json["steps"]} == {"rabbitmq": "unchanged",
@@ -163,9 +124,9 @@ def openbao(tmp_path):
     LIVE_WORKDIRS.remove(server)
 
 
-def test_vault_on_the_cluster_is_initialised_and_unsealed_by_install(control_plane, work, openbao):
+def test_vault_on_the_cluster_is_initialised_and_unsealed_by_install(control_plane, work, openbao, play_the_pod):
     namespace = work.spec.kubernetes.namespace("vault")
-    play_the_pod(control_plane, namespace, "vault-0", {work.spec.components["vault"].ports["http"]: openbao.port})
+    play_the_pod(namespace, "vault-0", {work.spec.components["vault"].ports["http"]: openbao.port})
 
     installed = work.run("install", *kube(control_plane, "--only", "vault", "-o", "json"), check_json=True)
     assert installed.returncode == 0, installed.stdout + installed.stderr
@@ -191,3 +152,41 @@ def test_vault_on_the_cluster_is_initialised_and_unsealed_by_install(control_pla
     assert not openbao.seal_status()["sealed"]
     settled = work.run("install", *kube(control_plane, "--only", "vault", "-o", "json"), check_json=True)
     assert settled.json["steps"][0]["state"] == "unchanged", settled.stdout
+
+
+STORES = ("vault", "keycloak", "postgres", "redis", "mongodb", "rabbitmq")
+
+
+def test_the_realm_the_service_credentials_and_the_catalogue_are_configured_on_the_cluster(control_plane, work,
+                                                                                          stand_ins):
+    """Install on the cluster configures Keycloak's realm, each service's credentials (in Vault
+    and as users of the stores) and the stock catalogue, through the pods' port-forwards.
+    Then the stand-ins' own CLI gets a token from the realm the cluster's install made, and
+    each service logs in to each store."""
+    from opsctl.components import build, vault
+    from tests.integration.conftest import workdir_context
+
+    local = stand_ins(work, *STORES)
+    configured = ("keycloak-realm", "service-credentials", "stock-catalogue")
+    only = ["--only", ",".join(STORES + configured)]
+    installed = work.run("install", *kube(control_plane, *only, "-o", "json"), check_json=True)
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    states = {s["name"]: s for s in installed.json["steps"]}
+    assert {states[s]["state"] for s in configured} == {"changed"}, states
+
+    token = local.run("token", "--decode")  # from the realm that the cluster's install made
+    assert token.returncode == 0 and work.spec.names.realm in token.stdout, token.stderr
+    ctx = workdir_context(local)
+    secrets = vault.admin(ctx)
+    for service, spec in work.spec.services.items():
+        stored = vault.kv_read(ctx, secrets, service)
+        for kind in spec.credentials:
+            assert build(kind, ctx).service_user_ok(stored[f"{kind}_username"], stored[f"{kind}_password"],
+                                                    service), (service, kind)
+    with build("postgres", ctx).connect(work.spec.names.postgres.database) as conn:
+        products = conn.execute("SELECT count(*) FROM stock").fetchone()[0]
+    assert products == sum(len(p) for p in work.spec.catalogue.products.values())
+
+    again = work.run("install", *kube(control_plane, *only, "-o", "json"), check_json=True)
+    states = {s["name"]: s["state"] for s in again.json["steps"]}
+    assert {states[s] for s in STORES + configured} == {"unchanged"}, again.stdout
