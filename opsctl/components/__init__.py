@@ -26,7 +26,7 @@ def build(name: str, ctx: Context) -> Component:
     if name in CONFIGURATION:
         step = _load(CONFIGURATION[name])
         if ctx.target == "kubernetes" and not getattr(step, "on_kubernetes", False):
-            return Skipped(name, ctx, NOT_YET)  # it configures servers the kubernetes target does not run yet
+            return Skipped(name, ctx, getattr(step, "on_a_cluster_instead", NOT_YET))
         return step(name, ctx)
     spec = ctx.spec.components[name]
     if ctx.target not in spec.targets:

@@ -109,6 +109,15 @@ def generate_signing_key(realm: str) -> dict:
     }
 
 
+def public_key(certificate: str) -> str:
+    """The PEM public key of the realm's certificate (what checks its tokens' signatures)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    key = x509.load_pem_x509_certificate(certificate.encode()).public_key()
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
 def _pem_body(pem: str) -> str:
     """Keycloak stores key material as the base64 body of the PEM, without armour."""
     return "".join(line for line in pem.strip().splitlines() if not line.startswith("-----"))

@@ -360,6 +360,7 @@ class MeshConfig(ConfigStep):
     opsctl wrote once and the spec no longer has deleted."""
 
     after = ("consul",)
+    on_a_cluster_instead = "on a cluster, step services applies these entries as Consul CRs (release mesh-config)"
 
     def plan(self) -> Iterator[Change]:
         for colour in self.ctx.spec.mesh.datacenters:

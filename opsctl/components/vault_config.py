@@ -1,7 +1,8 @@
 """Vault's side of identity: the KV v2 engine, JWT login with Keycloak tokens, and the
 policy that lets each service read its own secrets only.
 
-- JWT auth at `jwt_path`, trusting the realm through OIDC discovery, with a bound issuer;
+- JWT auth at `jwt_path`, trusting the realm (through OIDC discovery; on a cluster, its
+  signing key), with a bound issuer;
 - policy `reader_policy`: read on <kv_mount>/<name of the login's entity alias>; the JWT
   roles take that name from the token's `azp` (the service's client id), so one policy
   gives every service its own path and nothing else;
@@ -15,6 +16,12 @@ from typing import Iterator
 
 from opsctl.components import keycloak_realm, vault
 from opsctl.components.base import Change, ConfigStep
+from opsctl.errors import OpsError
+
+
+def _plain(value):
+    """A value as Vault gives it back: its keys' PEM without the surrounding blank lines."""
+    return [str(v).strip() for v in value] if isinstance(value, list) else value
 
 
 def seconds(duration: str) -> int:
@@ -23,6 +30,7 @@ def seconds(duration: str) -> int:
 
 class VaultAuth(ConfigStep):
     after = ("vault", "keycloak-realm")
+    on_kubernetes = True  # through a port-forward to Vault's pod (ctx.reach)
 
     @property
     def issuer(self) -> str:
@@ -49,6 +57,21 @@ class VaultAuth(ConfigStep):
             "token_type": "service",
         }
 
+    def jwt_config(self, client) -> dict:
+        """How Vault checks a service's token. Locally through the realm's OIDC discovery,
+        which follows a new signing key by itself. On a cluster against the realm's own key
+        (kept in Vault by keycloak-realm): the NetworkPolicies give Vault no way to Keycloak
+        there, and a new key goes through install, which runs this step after the realm's."""
+        if self.ctx.target != "kubernetes":
+            return {"oidc_discovery_url": self.issuer, "bound_issuer": self.issuer}
+        path = self.ctx.spec.names.vault.signing_key_path
+        stored = vault.kv_read(self.ctx, client, path)
+        if not stored:
+            raise OpsError(f"the realm's signing key is not in Vault ({path}) yet",
+                           "configure the realm first: opsctl install --target kubernetes --only keycloak-realm")
+        return {"jwt_validation_pubkeys": [keycloak_realm.public_key(stored["certificate"])],
+                "bound_issuer": self.issuer}
+
     def plan(self) -> Iterator[Change]:
         client = vault.admin(self.ctx)
         names = self.ctx.spec.names.vault
@@ -62,9 +85,9 @@ class VaultAuth(ConfigStep):
         if f"{path}/" not in auths:
             yield Change("create", f"JWT auth method at {path}/",
                          apply=lambda: client.sys.enable_auth_method("jwt", path=path))
-        config = {"oidc_discovery_url": self.issuer, "bound_issuer": self.issuer}
+        config = self.jwt_config(client)
         current = (client.read(f"auth/{path}/config") or {}).get("data", {}) if f"{path}/" in auths else {}
-        if any(current.get(k) != v for k, v in config.items()):
+        if any(_plain(current.get(k)) != _plain(v) for k, v in config.items()):
             yield Change("update", f"JWT auth {path}/ config", f"trusts {self.issuer}",
                          apply=lambda: client.write_data(f"auth/{path}/config", data=config))
 

@@ -64,9 +64,9 @@ def test_every_package_says_what_it_owns():
 def test_on_the_kubernetes_target_only_servers_with_a_chart_are_steps(tmp_path):
     ctx = Context(spec.load(None), "kubernetes", tmp_path / ".opsctl")
     assert {build(n, ctx).release().chart for n in ("redis", "rabbitmq", "kafka", "vault")} == {"data-service"}
-    for name in ("registry", "vault-auth"):
-        skipped = build(name, ctx)
-        assert isinstance(skipped, Skipped) and skipped.reason == "not yet on this target"
+    registry, mesh = build("registry", ctx), build("consul-config", ctx)
+    assert isinstance(registry, Skipped) and registry.reason == "not yet on this target"
+    assert isinstance(mesh, Skipped) and "Consul CRs" in mesh.reason
     consul = build("consul", ctx).release()  # an add-on: its upstream chart, this cluster's datacenter
     assert consul.upstream.name == "hashicorp/consul" and consul.values["global"]["datacenter"] == "dc1"
     edge = build("nginx", ctx)  # ingress-nginx, with the local edge's limits

@@ -163,11 +163,17 @@ def test_the_realm_the_service_credentials_and_the_catalogue_are_configured_on_t
     and as users of the stores) and the stock catalogue, through the pods' port-forwards.
     Then the stand-ins' own CLI gets a token from the realm the cluster's install made, and
     each service logs in to each store."""
-    from opsctl.components import build, vault
+    import time
+
+    import hvac
+    import jwt
+
+    from opsctl.components import build, keycloak_realm, vault
+    from opsctl.context import Context
     from tests.integration.conftest import workdir_context
 
     local = stand_ins(work, *STORES)
-    configured = ("keycloak-realm", "service-credentials", "stock-catalogue")
+    configured = ("keycloak-realm", "vault-auth", "service-credentials", "stock-catalogue")
     only = ["--only", ",".join(STORES + configured)]
     installed = work.run("install", *kube(control_plane, *only, "-o", "json"), check_json=True)
     assert installed.returncode == 0, installed.stdout + installed.stderr
@@ -186,6 +192,24 @@ def test_the_realm_the_service_credentials_and_the_catalogue_are_configured_on_t
     with build("postgres", ctx).connect(work.spec.names.postgres.database) as conn:
         products = conn.execute("SELECT count(*) FROM stock").fetchone()[0]
     assert products == sum(len(p) for p in work.spec.catalogue.products.values())
+
+    # A service's token as the realm signs it in the cluster (its issuer the cluster's name
+    # of Keycloak) logs in to Vault, which checks it against the realm's key, not Keycloak.
+    service = "order-creator"
+    issuer = keycloak_realm.issuer(Context(work.spec, "kubernetes", work.path / ".opsctl"))
+    signing = vault.kv_read(ctx, secrets, work.spec.names.vault.signing_key_path)
+    names = work.spec.names
+    claims = {"iss": issuer, "aud": names.keycloak.vault_audience, "azp": service, "sub": "service-account",
+              "iat": int(time.time()), "exp": int(time.time()) + 60,
+              "resource_access": {service: {"roles": [names.keycloak.service_role]}}}
+    login = hvac.Client(url=vault.address(ctx))
+    login.auth.jwt.jwt_login(service, jwt.encode(claims, signing["private_key"], "RS256"), path=names.vault.jwt_path)
+    own = login.secrets.kv.v2.read_secret_version(service, mount_point=names.vault.kv_mount, raise_on_deleted_version=True)
+    assert own["data"]["data"] == vault.kv_read(ctx, secrets, service)
+    stranger = keycloak_realm.generate_signing_key("elsewhere")["private_key"]
+    with pytest.raises(hvac.exceptions.InvalidRequest):
+        hvac.Client(url=vault.address(ctx)).auth.jwt.jwt_login(
+            service, jwt.encode(claims, stranger, "RS256"), path=names.vault.jwt_path)
 
     again = work.run("install", *kube(control_plane, *only, "-o", "json"), check_json=True)
     states = {s["name"]: s["state"] for s in again.json["steps"]}
