@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import LIVE_WORKDIRS, Workdir, port_override, reachable_dir
+from tests.integration.conftest import LIVE_WORKDIRS, Workdir, reachable_dir
 
 
 @pytest.fixture(scope="package")
@@ -62,63 +62,27 @@ def work(control_plane):
 @pytest.fixture
 def play_the_pod(control_plane):
     """play(namespace, pod, ports): port p of the pod is, for a port-forward, port ports[p] on
-    this machine (a PortForward object of kwok's). The objects go after the test."""
-    from kubernetes import client
-    from kubernetes.client.rest import ApiException
+    this machine (stand_ins.play). The PortForward objects go after the test."""
+    from tests.integration.kubernetes import stand_ins
 
-    api = control_plane.api()
-    objects, played = client.CustomObjectsApi(api), []
+    api, played = control_plane.api(), []
 
     def play(namespace: str, pod: str, ports: dict[int, int]) -> None:
-        try:
-            client.CoreV1Api(api).create_namespace({"metadata": {"name": namespace}})
-        except ApiException as e:
-            assert e.status == 409
-        objects.create_namespaced_custom_object("kwok.x-k8s.io", "v1alpha1", namespace, "portforwards", {
-            "apiVersion": "kwok.x-k8s.io/v1alpha1", "kind": "PortForward",
-            "metadata": {"name": pod, "namespace": namespace},
-            "spec": {"forwards": [{"ports": [inside], "target": {"port": outside, "address": "127.0.0.1"}}
-                                  for inside, outside in ports.items()]}})
+        stand_ins.play(api, namespace, pod, ports)
         played.append((namespace, pod))
 
     yield play
     for namespace, pod in played:
-        objects.delete_namespaced_custom_object("kwok.x-k8s.io", "v1alpha1", namespace, "portforwards", pod)
-
-
-ADMIN_PASSWORDS = {"keycloak": "admin_password", "postgres": "password", "redis": "password",
-                   "mongodb": "admin_password", "rabbitmq": "admin_password"}  # opsctl's names of them
+        stand_ins.unplay(api, namespace, pod)
 
 
 @pytest.fixture
-def stand_ins(control_plane, play_the_pod):
-    """stand_ins(work, *servers): real servers on this machine (the local target, installed
-    and configured as opsctl does there) that play those servers' pods on the cluster, each
-    with its admin password in its release's Secret, which the release keeps; with Vault,
-    its admin token as the operator of `work` holds it. Returns their working directory."""
-    from kubernetes import client
+def stand_ins(control_plane):
+    """stand_ins(work, *servers): real servers on this machine playing those servers' pods
+    (stand_ins.start); stopped, and their PortForward objects deleted, after the test."""
+    import contextlib
 
-    made = []
+    from tests.integration.kubernetes.stand_ins import standing_in
 
-    def stand_in(work: Workdir, *servers: str) -> Workdir:
-        local = Workdir(reachable_dir("opsctl-kube-stand-ins-"), port_override(list(servers)))
-        made.append(local)
-        code, steps = local.steps("--only", ",".join(servers))
-        assert code == 0, steps
-        core = client.CoreV1Api(control_plane.api())
-        for server in servers:
-            namespace = work.spec.kubernetes.namespace(server)
-            play_the_pod(namespace, f"{server}-0", {
-                port: local.port(server, key) for key, port in work.spec.components[server].ports.items()})
-            if server in ADMIN_PASSWORDS:
-                core.create_namespaced_secret(namespace, {"metadata": {"name": f"{server}-credentials"}, "stringData": {
-                    "password": local.admin_secret(server, ADMIN_PASSWORDS[server])}})
-        if "vault" in servers:
-            kept = work.path / ".opsctl" / "kubernetes" / "opsctl-test"
-            kept.mkdir(parents=True, mode=0o700, exist_ok=True)
-            shutil.copy(local.path / ".opsctl" / "vault-admin.json", kept / "vault-admin.json")
-        return local
-
-    yield stand_in
-    for local in made:
-        local.remove()
+    with contextlib.ExitStack() as stack:
+        yield lambda work, *servers: stack.enter_context(standing_in(control_plane.api(), work, servers))

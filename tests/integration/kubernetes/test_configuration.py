@@ -13,6 +13,7 @@ import json
 import pytest
 
 from tests.integration.kubernetes.conftest import kube
+from tests.integration.kubernetes.stand_ins import SERVERS
 
 pytestmark = pytest.mark.integration
 
@@ -154,9 +155,6 @@ def test_vault_on_the_cluster_is_initialised_and_unsealed_by_install(control_pla
     assert settled.json["steps"][0]["state"] == "unchanged", settled.stdout
 
 
-STORES = ("vault", "keycloak", "postgres", "redis", "mongodb", "rabbitmq")
-
-
 def test_the_realm_the_service_credentials_and_the_catalogue_are_configured_on_the_cluster(control_plane, work,
                                                                                           stand_ins):
     """Install on the cluster configures Keycloak's realm, each service's credentials (in Vault
@@ -172,9 +170,9 @@ def test_the_realm_the_service_credentials_and_the_catalogue_are_configured_on_t
     from opsctl.context import Context
     from tests.integration.conftest import workdir_context
 
-    local = stand_ins(work, *STORES)
+    local = stand_ins(work, *SERVERS)
     configured = ("keycloak-realm", "vault-auth", "service-credentials", "stock-catalogue")
-    only = ["--only", ",".join(STORES + configured)]
+    only = ["--only", ",".join(SERVERS + configured)]
     installed = work.run("install", *kube(control_plane, *only, "-o", "json"), check_json=True)
     assert installed.returncode == 0, installed.stdout + installed.stderr
     states = {s["name"]: s for s in installed.json["steps"]}
@@ -213,4 +211,4 @@ def test_the_realm_the_service_credentials_and_the_catalogue_are_configured_on_t
 
     again = work.run("install", *kube(control_plane, *only, "-o", "json"), check_json=True)
     states = {s["name"]: s["state"] for s in again.json["steps"]}
-    assert {states[s] for s in STORES + configured} == {"unchanged"}, again.stdout
+    assert {states[s] for s in SERVERS + configured} == {"unchanged"}, again.stdout
