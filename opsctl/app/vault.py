@@ -18,7 +18,8 @@ Prompt = Callable[[str], str]  # asks for one share, hidden
 def server(ctx: Context):
     found = build("vault", ctx)
     if not found.probe():
-        raise OpsError(f"Vault is not running at {found.addr}", "run: opsctl install --only vault")
+        on = " --target kubernetes" if ctx.target == "kubernetes" else ""
+        raise OpsError(f"Vault is not running at {found.addr}", f"run: opsctl install{on} --only vault")
     return found
 
 

@@ -9,7 +9,8 @@ import typer
 
 from opsctl import ui
 from opsctl.commands import reconcile
-from opsctl.commands.common import OutputOption, context, set_output
+from opsctl.commands.common import (KubeconfigOption, KubeContextOption, OutputOption, TargetOption, context,
+                                   set_output)
 from opsctl.errors import UsageError
 
 app = typer.Typer(help="Vault: init, unseal, status, and its JWT auth and service secrets.",
@@ -26,13 +27,17 @@ def init(
         metavar="FILE", help="Encrypt share i to the i-th PGP public key (one per share).")] = None,
     show: Annotated[bool, typer.Option(
         "--show", help="Also print the shares and the root token.")] = False,
+    target: TargetOption = None,
+    kube_context: KubeContextOption = None,
+    kubeconfig: KubeconfigOption = None,
     output: OutputOption = ui.Output.text,
 ) -> None:
     """Initialise Vault, like `vault operator init`. Refused if already initialised."""
     set_output(output)
     from opsctl.app import vault
 
-    result = vault.init(context(), key_shares, key_threshold, pgp_key or [], show)
+    ctx = context(target, False, kube_context, kubeconfig)
+    result = vault.init(ctx, key_shares, key_threshold, pgp_key or [], show)
     summary = result.data
     if output == ui.Output.json:
         ui.print_json(summary)
@@ -53,6 +58,9 @@ def init(
 def unseal(
     source: Annotated[str, typer.Option(
         "--from", help="file (the init file), stdin (one share a line) or prompt.")] = "file",
+    target: TargetOption = None,
+    kube_context: KubeContextOption = None,
+    kubeconfig: KubeconfigOption = None,
     output: OutputOption = ui.Output.text,
 ) -> None:
     """Unseal Vault with key shares from the init file, stdin or a hidden prompt."""
@@ -62,7 +70,7 @@ def unseal(
     from opsctl.app import vault
 
     vault.check_source(source, sys.stdin.isatty())
-    result = vault.unseal(context(), source, sys.stdin, getpass.getpass)
+    result = vault.unseal(context(target, False, kube_context, kubeconfig), source, sys.stdin, getpass.getpass)
     admin = result.data["admin_token"]
     ui.render_or_json(output, result.data, lambda: ui.info(
         "Vault is unsealed." + (f" ({admin})" if admin != "unchanged" else "")))
@@ -76,6 +84,9 @@ def root_token(
         "--from", help="file (the init file), stdin (one share a line) or prompt.")] = "file",
     pgp_key: Annotated[Optional[str], typer.Option(
         metavar="FILE", help="Encrypt the new root token to this PGP public key.")] = None,
+    target: TargetOption = None,
+    kube_context: KubeContextOption = None,
+    kubeconfig: KubeconfigOption = None,
     output: OutputOption = ui.Output.text,
 ) -> None:
     """A root token, for when one is truly needed: made from the unseal key shares
@@ -92,7 +103,8 @@ def root_token(
     from opsctl.app import vault
 
     vault.check_source(source, sys.stdin.isatty())
-    data = vault.root_token(context(), source, pgp_key, sys.stdin, getpass.getpass).data
+    ctx = context(target, False, kube_context, kubeconfig)
+    data = vault.root_token(ctx, source, pgp_key, sys.stdin, getpass.getpass).data
     if output == ui.Output.json:
         ui.print_json(data)
         return
@@ -105,12 +117,13 @@ def root_token(
 
 
 @app.command()
-def status(output: OutputOption = ui.Output.text) -> None:
+def status(target: TargetOption = None, kube_context: KubeContextOption = None, kubeconfig: KubeconfigOption = None,
+           output: OutputOption = ui.Output.text) -> None:
     """Seal status: initialised, sealed, shares and threshold, version. Exits 3 if sealed."""
     set_output(output)
     from opsctl.app import vault
 
-    result = vault.status(context())
+    result = vault.status(context(target, False, kube_context, kubeconfig))
     status = result.data
     ui.render_or_json(output, status, lambda: ui.table(None, ["field", "value"], [
         ["initialised", str(status["initialized"]).lower()],
@@ -126,20 +139,26 @@ def status(output: OutputOption = ui.Output.text) -> None:
 @app.command()
 def apply(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the changes; make none.")] = False,
+    target: TargetOption = None,
+    kube_context: KubeContextOption = None,
+    kubeconfig: KubeconfigOption = None,
     output: OutputOption = ui.Output.text,
 ) -> None:
     """Configure JWT auth, the reader policy, the service roles and the services' credentials."""
     set_output(output)
     from opsctl.app import config
 
-    reconcile.render(config.apply(config.vault_steps(context(dry_run=dry_run)), dry_run), output, "vault")
+    steps = config.vault_steps(context(target, dry_run, kube_context, kubeconfig))
+    reconcile.render(config.apply(steps, dry_run), output, "vault")
 
 
 @app.command()
-def diff(output: OutputOption = ui.Output.text) -> None:
+def diff(target: TargetOption = None, kube_context: KubeContextOption = None, kubeconfig: KubeconfigOption = None,
+         output: OutputOption = ui.Output.text) -> None:
     """Drift between the spec and Vault (and the service users it holds). Exits 0 in sync,
     1 on drift, 2 on an error."""
     set_output(output)
     from opsctl.app import config
 
-    reconcile.render(config.diff(lambda: config.vault_steps(context(dry_run=True))), output, "vault")
+    steps = lambda: config.vault_steps(context(target, True, kube_context, kubeconfig))  # noqa: E731
+    reconcile.render(config.diff(steps), output, "vault")

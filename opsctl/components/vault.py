@@ -234,6 +234,11 @@ def _errors(e: httpclient.HTTPError) -> str:
 def generate_root(ctx, shares: list[str], pgp_key: str | None = None) -> str:
     """A new root token from unseal key shares (Vault's generate-root): the token itself
     (decoded with the one-time password), or with `pgp_key` the base64 of it encrypted."""
+    if ctx.target == "kubernetes":
+        namespace = ctx.spec.kubernetes.namespace("vault")
+        raise OpsError("OpenBao serves generate-root only on a unix socket, which on a cluster is inside its pod",
+                       f"make a root token there: kubectl exec -it -n {namespace} vault-0 -- bao operator "
+                       "generate-root -init (then -decode), and give it to opsctl as VAULT_TOKEN")
     if len(str(socket_path(ctx))) > SOCKET_MAX:
         raise OpsError(f"the path of Vault's local socket is too long ({socket_path(ctx)})",
                        "use a shorter working directory")

@@ -29,6 +29,13 @@ class Tunnels:
         with self._lock:
             if key not in self._open:
                 pod, pod_port = self._backend(service, namespace, port)
+                try:  # once, to say why it cannot be, rather than closing each connection
+                    self._forward(namespace, pod, pod_port).close()
+                except Exception as e:
+                    reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+                    raise OpsError(f"cannot port-forward to pod {pod} in {namespace}: {reason}",
+                                   "check that you may: kubectl auth can-i create pods/portforward "
+                                   f"-n {namespace}") from None
                 self._open[key] = self._listen(namespace, pod, pod_port)
             return self._open[key]
 
@@ -76,20 +83,23 @@ class Tunnels:
             local, _ = listener.accept()
             threading.Thread(target=self._carry, args=(local, namespace, pod, port), daemon=True).start()
 
-    def _carry(self, local: socket.socket, namespace: str, pod: str, port: int) -> None:
-        """One connection: its own port-forward, bytes both ways until either side ends."""
+    def _forward(self, namespace: str, pod: str, port: int):
+        """A port-forward to the pod's port (the kubernetes client's PortForward)."""
         from kubernetes import client
         from kubernetes.stream import portforward
 
+        # One client for every stream, one stream opened at a time: the kubernetes client
+        # swaps a method of the client it opens a stream on, for the time it takes.
+        with self._opening:
+            if self._streams is None:
+                self._streams = client.CoreV1Api(self._make_api())
+            return portforward(self._streams.connect_get_namespaced_pod_portforward, pod, namespace, ports=str(port))
+
+    def _carry(self, local: socket.socket, namespace: str, pod: str, port: int) -> None:
+        """One connection: its own port-forward, bytes both ways until either side ends."""
         try:
-            # One client for every stream, one stream opened at a time: the kubernetes client
-            # swaps a method of the client it opens a stream on, for the time it takes.
-            with self._opening:
-                if self._streams is None:
-                    self._streams = client.CoreV1Api(self._make_api())
-                forward = portforward(self._streams.connect_get_namespaced_pod_portforward, pod, namespace,
-                                      ports=str(port))
-        except Exception:  # the client sees its connection closed; the step says what failed
+            forward = self._forward(namespace, pod, port)
+        except Exception:  # checked when the tunnel opened: the client sees its connection closed
             local.close()
             return
         remote = forward.socket(port)

@@ -56,6 +56,38 @@ def test_the_queues_are_declared_on_the_clusters_broker_through_a_port_forward(c
     assert {s["name"]: s["state"] for s in settled.json["steps"]} == {"rabbitmq": "unchanged",
                                                                        "rabbitmq-topology": "unchanged"}
 
+    # An operator who may read the broker's Service, pods and Secret but not port-forward to
+    # its pods is told so, and what to check.
+    refused = work.run("install", "--target", "kubernetes", "--kubeconfig",
+                       str(limited_kubeconfig(control_plane, work.spec.kubernetes.namespace("rabbitmq"))),
+                       "--only", "rabbitmq-topology")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "cannot port-forward to pod rabbitmq-0" in refused.stdout + refused.stderr
+    assert "kubectl auth can-i create pods/portforward" in refused.stdout + refused.stderr
+
+
+def limited_kubeconfig(control_plane, namespace: str):
+    """A kubeconfig of a ServiceAccount that may read Services, pods and Secrets in
+    `namespace`, and nothing else (no pods/portforward)."""
+    import yaml
+    from kubernetes import client
+
+    api = control_plane.api()
+    core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+    core.create_namespaced_service_account(namespace, {"metadata": {"name": "looker"}})
+    rbac.create_namespaced_role(namespace, {"metadata": {"name": "looker"}, "rules": [
+        {"apiGroups": [""], "resources": ["services", "pods", "secrets"], "verbs": ["get", "list"]}]})
+    rbac.create_namespaced_role_binding(namespace, {"metadata": {"name": "looker"}, "roleRef": {
+        "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "looker"},
+        "subjects": [{"kind": "ServiceAccount", "name": "looker", "namespace": namespace}]})
+    token = core.create_namespaced_service_account_token("looker", namespace, {"spec": {}}).status.token
+    config = yaml.safe_load(control_plane.kubeconfig.read_text())
+    config["users"] = [{"name": "looker", "user": {"token": token}}]
+    config["contexts"][0]["context"]["user"] = "looker"
+    path = control_plane.path / f"looker-{namespace}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
 
 class OpenBao:
     """A real OpenBao server on this machine, never initialised, to play the pod vault-0."""
@@ -146,7 +178,16 @@ def test_vault_on_the_cluster_is_initialised_and_unsealed_by_install(control_pla
 
     openbao.stop()  # the pod restarts: sealed again
     openbao.start()
-    assert openbao.seal_status()["sealed"]
+    sealed = work.run("vault", "status", *kube(control_plane, "-o", "json"), check_json=True)
+    assert sealed.returncode == 3 and sealed.json["sealed"] is True
+    unsealed = work.run("vault", "unseal", *kube(control_plane))
+    assert unsealed.returncode == 0 and "Vault is unsealed" in unsealed.stderr + unsealed.stdout, unsealed.stderr
+    assert work.run("vault", "status", *kube(control_plane)).returncode == 0
+    root = work.run("vault", "root-token", "--generate", *kube(control_plane))
+    assert root.returncode == 1 and "inside its pod" in root.stderr and "kubectl exec" in root.stderr, root.stderr
+
+    openbao.stop()  # and again: install unseals it too
+    openbao.start()
     again = work.run("install", *kube(control_plane, "--only", "vault", "-o", "json"), check_json=True)
     assert again.returncode == 0, again.stdout + again.stderr
     assert again.json["steps"][0]["state"] == "changed" and again.json["steps"][0]["detail"] == "unsealed"
