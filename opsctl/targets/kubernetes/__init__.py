@@ -417,7 +417,14 @@ class KubernetesTarget(ClusterObjects, Target):
         except ApiException as e:
             return report("unhealthy", endpoint=endpoint, detail=f"cannot read it: {e.reason}")
         image = workloads[0].spec.template.spec.containers[0].image
-        return report("healthy" if desired and ready >= desired else "unhealthy", endpoint=endpoint,
+        healthy = bool(desired) and ready >= desired
+        if healthy and server.converges_on_cluster:  # in the state opsctl keeps it in (Vault unsealed)?
+            try:
+                healthy, inside = server.health_detail()
+            except Exception as e:  # a health check says what it saw, whatever failed
+                healthy, inside = False, f"cannot reach it: {(str(e).splitlines() or [type(e).__name__])[0][:200]}"
+            detail += f", {inside}"
+        return report("healthy" if healthy else "unhealthy", endpoint=endpoint,
                       version=image.partition("@")[0].rpartition(":")[2], detail=detail)
 
     def stop(self, server: Server) -> bool:

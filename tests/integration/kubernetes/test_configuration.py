@@ -180,9 +180,15 @@ def test_vault_on_the_cluster_is_initialised_and_unsealed_by_install(control_pla
     openbao.start()
     sealed = work.run("vault", "status", *kube(control_plane, "-o", "json"), check_json=True)
     assert sealed.returncode == 3 and sealed.json["sealed"] is True
+    status = work.run("status", *kube(control_plane, "-o", "json"), check_json=True)
+    row = {c["component"]: c for c in status.json["components"]}["vault"]
+    assert status.returncode == 3 and row["health"] == "unhealthy" and "sealed (0/" in row["detail"], row
     unsealed = work.run("vault", "unseal", *kube(control_plane))
     assert unsealed.returncode == 0 and "Vault is unsealed" in unsealed.stderr + unsealed.stdout, unsealed.stderr
     assert work.run("vault", "status", *kube(control_plane)).returncode == 0
+    status = work.run("status", *kube(control_plane, "-o", "json"), check_json=True)
+    row = {c["component"]: c for c in status.json["components"]}["vault"]
+    assert row["health"] == "healthy" and row["detail"].endswith("initialised, unsealed"), row
     root = work.run("vault", "root-token", "--generate", *kube(control_plane))
     assert root.returncode == 1 and "inside its pod" in root.stderr and "kubectl exec" in root.stderr, root.stderr
 
