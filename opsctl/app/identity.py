@@ -25,6 +25,11 @@ def decode(token: str) -> dict:
 def token(ctx: Context, client: str | None, postman_env: str | None = None) -> Result:
     """An access token of `client` (default: the people's client); with `postman_env`, a
     Postman environment holding it, the token endpoint and the edge's URL is written too."""
+    if postman_env and ctx.target == "kubernetes":
+        raise UsageError("--postman-env is for the local target: on a cluster, the edge's and Keycloak's "
+                         "addresses in it would be names only the cluster resolves",
+                         "take the token alone (opsctl token --target kubernetes) and reach the edge with "
+                         f"kubectl port-forward -n {ctx.spec.kubernetes.namespace('nginx')} service/nginx")
     client = client or ctx.spec.names.keycloak.client
     secret = keycloak_realm.client_secret(ctx, client)
     answer = keycloak_realm.client_credentials(ctx, client, secret)

@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from opsctl import ui
-from opsctl.commands.common import OutputOption, context, set_output
+from opsctl.commands.common import (KubeconfigOption, KubeContextOption, OutputOption, TargetOption, context,
+                                   set_output)
 
 
 def token(
@@ -19,13 +20,16 @@ def token(
         "--postman-env", metavar="FILE",
         help="Create or update this Postman environment (mode 0600) with the token "
              "and base_url, the edge.")] = None,
+    target: TargetOption = None,
+    kube_context: KubeContextOption = None,
+    kubeconfig: KubeconfigOption = None,
     output: OutputOption = ui.Output.text,
 ) -> None:
     """Get an access token by the client-credentials grant; the client secret comes from Vault."""
     set_output(output)
     from opsctl.app import identity
 
-    result = identity.token(context(), client, postman_env).data
+    result = identity.token(context(target, False, kube_context, kubeconfig), client, postman_env).data
     if postman_env:
         ui.info(f"Postman environment written: {postman_env}")
     access = result["access_token"]

@@ -62,15 +62,16 @@ class Keycloak(Server):
         """On the kubernetes target: the official image on its platform.yaml ports, opsctl's
         admin user made on first boot with a password generated into the release's Secret;
         reachable from every bundled service (their tokens) and the edge (people's tokens)."""
-        user = ADMIN_USER
         http, management = self.port("http"), self.port("management")
         return Release("data-service", {
             "image": self.spec.image, "ports": {"http": http, "management": management},
             "dataPath": "/opt/keycloak/data",
+            # As here, a fixed hostname: one issuer for the services, Vault and people alike
+            # (the edge passes people's Host header on, which must not name the issuer).
             "args": ["start", "--http-enabled=true", f"--http-port={http}", f"--http-management-port={management}",
-                     "--hostname-strict=false", "--health-enabled=true", "--metrics-enabled=true", "--cache=local",
-                     "--db=dev-file"],
-            "env": {"KC_BOOTSTRAP_ADMIN_USERNAME": user},
+                     f"--hostname={self.endpoint()}", "--health-enabled=true", "--metrics-enabled=true",
+                     "--cache=local", "--db=dev-file"],
+            "env": {"KC_BOOTSTRAP_ADMIN_USERNAME": ADMIN_USER},
             "secretEnv": {"KC_BOOTSTRAP_ADMIN_PASSWORD": "password"},
             "podSecurityContext": {"fsGroup": 1000},
             "allowFrom": sorted(self.ctx.spec.services),

@@ -58,7 +58,9 @@ def client_credentials(ctx, client_id: str, secret: str) -> dict:
 
     from opsctl import httpclient
 
-    url = token_url(ctx)
+    # Asked through opsctl's way in (a port-forward on a cluster); the token's issuer is the
+    # same whichever way, Keycloak's hostname being fixed on both targets.
+    url = ctx.reach("keycloak", "http").url(urllib.parse.urlsplit(token_url(ctx)).path)
     form = urllib.parse.urlencode({"grant_type": "client_credentials", "client_id": client_id,
                                    "client_secret": secret})
     try:

@@ -227,6 +227,10 @@ def test_the_realm_the_service_credentials_and_the_catalogue_are_configured_on_t
 
     token = local.run("token", "--decode")  # from the realm that the cluster's install made
     assert token.returncode == 0 and work.spec.names.realm in token.stdout, token.stderr
+    people = work.run("token", *kube(control_plane, "-o", "json"), check_json=True)  # through port-forwards
+    assert people.returncode == 0 and people.json["token_type"] == "Bearer", people.stderr
+    postman = work.run("token", *kube(control_plane, "--postman-env", str(work.path / "env.json")))
+    assert postman.returncode == 2 and "kubectl port-forward" in postman.stderr and not (work.path / "env.json").exists()
     ctx = workdir_context(local)
     secrets = vault.admin(ctx)
     for service, spec in work.spec.services.items():

@@ -66,6 +66,9 @@ def test_install_reinstall_upgrade_status_down_and_purge(control_plane, work, st
     assert keycloak.spec.ingress[0]._from[1].namespace_selector.match_labels == {"kubernetes.io/metadata.name": edge}
     mongodb = apps.read_namespaced_stateful_set("mongodb", work.spec.kubernetes.namespace("mongodb")).spec.template.spec
     assert mongodb.volumes[0].secret.default_mode == 0o400 and "--keyFile" in mongodb.containers[0].args
+    keycloak = apps.read_namespaced_stateful_set("keycloak", work.spec.kubernetes.namespace("keycloak"))
+    issuer = f"--hostname=http://keycloak.{work.spec.kubernetes.namespace('keycloak')}.svc.cluster.local:"
+    assert any(a.startswith(issuer) for a in keycloak.spec.template.spec.containers[0].args)  # one issuer
     kafka = apps.read_namespaced_stateful_set("kafka", work.spec.kubernetes.namespace("kafka")).spec.template.spec
     env = {e.name: e.value for e in kafka.containers[0].env}
     assert f"PLAINTEXT://kafka.{work.spec.kubernetes.namespace('kafka')}.svc.cluster.local:" in env[
