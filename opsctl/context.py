@@ -53,6 +53,10 @@ class Context:
         or (on a cluster) a local port-forward to it."""
         return self.runtime.reach(self.spec, name, port)
 
+    def opsctl(self, command: str) -> str:
+        """`opsctl COMMAND` as a hint to run on this run's target."""
+        return f"opsctl {command}" + ("" if self.target == "local" else f" --target {self.target}")
+
     @property
     def cache_dir(self) -> Path:
         """Downloaded artifacts (Maven); shared between working directories via $OPSCTL_CACHE_DIR."""

@@ -18,8 +18,7 @@ Prompt = Callable[[str], str]  # asks for one share, hidden
 def server(ctx: Context):
     found = build("vault", ctx)
     if not found.probe():
-        on = " --target kubernetes" if ctx.target == "kubernetes" else ""
-        raise OpsError(f"Vault is not running at {found.addr}", f"run: opsctl install{on} --only vault")
+        raise OpsError(f"Vault is not running at {found.addr}", f"run: {ctx.opsctl('install --only vault')}")
     return found
 
 
@@ -92,7 +91,7 @@ def unseal(ctx: Context, source: str, stdin: Iterable[str], prompt: Prompt) -> R
     vault_server = server(ctx)
     status = vault_server.seal_status()
     if not status["initialized"]:
-        raise OpsError("Vault is not initialised", "run: opsctl vault init")
+        raise OpsError("Vault is not initialised", f"run: {ctx.opsctl('vault init')}")
     given = _shares(source, vault_server, stdin)
     shares, used = iter(given), []
     while status["sealed"]:
@@ -117,7 +116,7 @@ def root_token(ctx: Context, source: str, key_file: str | None, stdin: Iterable[
     vault_server = server(ctx)
     status = vault_server.seal_status()
     if not status["initialized"] or status["sealed"]:
-        raise OpsError("Vault is sealed or not initialised", "run: opsctl vault unseal")
+        raise OpsError("Vault is sealed or not initialised", f"run: {ctx.opsctl('vault unseal')}")
     shares = _shares(source, vault_server, stdin)
     if source == "prompt":
         shares = [prompt(f"Unseal key share {i + 1}/{status['t']}: ") for i in range(status["t"])]

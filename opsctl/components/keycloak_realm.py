@@ -76,7 +76,7 @@ def client_credentials(ctx, client_id: str, secret: str) -> dict:
                        "run opsctl keycloak diff to see whether the realm drifted")
     except OSError as e:
         raise OpsError(f"Keycloak is not reachable at {url}: {e}",
-                       "run: opsctl install --only keycloak")
+                       f"run: {ctx.opsctl('install --only keycloak')}")
 
 
 @dataclass
@@ -173,7 +173,7 @@ class KeycloakRealm(ConfigStep):
                 self._admin.get_realms()
             except (KeycloakError, OSError) as e:
                 raise OpsError(f"cannot log in to Keycloak at {url}: {e}",
-                               "run: opsctl install --only keycloak")
+                               f"run: {self.ctx.opsctl('install --only keycloak')}")
         return self._admin
 
     @property

@@ -91,7 +91,7 @@ class RabbitMQTopology(ConfigStep):
             raise
         except OSError as e:
             raise OpsError(f"RabbitMQ's management API is not reachable: {e}",
-                           "run: opsctl install --only rabbitmq")
+                           f"run: {self.ctx.opsctl('install --only rabbitmq')}")
 
     @staticmethod
     def q(name: str) -> str:

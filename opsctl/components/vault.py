@@ -86,9 +86,9 @@ def admin(ctx):
     try:
         sealed = client.sys.is_sealed()
     except Exception:
-        raise OpsError(f"Vault is not reachable at {reached(ctx)}", "run: opsctl install --only vault")
+        raise OpsError(f"Vault is not reachable at {reached(ctx)}", f"run: {ctx.opsctl('install --only vault')}")
     if sealed:
-        raise OpsError("Vault is sealed", "run: opsctl vault unseal")
+        raise OpsError("Vault is sealed", f"run: {ctx.opsctl('vault unseal')}")
     if not os.environ.get("VAULT_TOKEN"):
         ensure_admin_token(ctx)
     client.token = admin_token(ctx)
@@ -321,6 +321,7 @@ def _wait_until_kv_upgraded(client, mount: str, timeout: float = 30) -> None:
 
 class Vault(Server):
     converges_on_cluster = True  # initialised and unsealed by opsctl on a cluster too
+
     @property
     def binary(self) -> str:
         try:
@@ -420,7 +421,7 @@ listener "unix" {{
             settings = self.ctx.spec.vault
             if not settings.auto_init:
                 raise OpsError("Vault is running but not initialised (vault.auto_init is off)",
-                               "run: opsctl vault init")
+                               f"run: {self.ctx.opsctl('vault init')}")
             self.initialise_vault(settings.key_shares, settings.key_threshold)
             done.append(f"initialised ({settings.key_shares} shares, threshold {settings.key_threshold})")
             status = self.seal_status()

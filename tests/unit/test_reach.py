@@ -38,6 +38,10 @@ def test_opsctl_gets_in_through_a_port_forward_the_services_by_the_cluster_name(
     assert keycloak_realm.issuer(cluster).startswith("http://keycloak.")  # what Vault and the services trust
 
 
+def test_hints_name_the_target_they_are_for(cluster):
+    assert cluster.opsctl("vault unseal") == "opsctl vault unseal --target kubernetes"
+
+
 def test_what_has_no_service_on_the_cluster_cannot_be_reached(cluster):
     from opsctl.errors import UsageError
 
