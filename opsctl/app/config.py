@@ -11,14 +11,16 @@ from opsctl.components.base import ConfigStep
 from opsctl.context import Context
 from opsctl.errors import FAILED, USAGE, OpsError, UsageError
 
-def realm(ctx: Context, key: str | None = None, cert: str | None = None) -> ConfigStep:
-    """The realm step, with the user's own signing key and certificate if given."""
+def realm_steps(ctx: Context, key: str | None = None, cert: str | None = None) -> list[ConfigStep]:
+    """The realm step, with the user's own signing key and certificate if given; on a
+    cluster, Vault's JWT auth after it, which trusts the realm's signing key there."""
     from opsctl.components.keycloak_realm import KeycloakRealm, load_signing_key
 
     if bool(key) != bool(cert):
         raise UsageError("--signing-key and --signing-cert go together",
                          "give both files (PEM), or neither to let opsctl generate them")
-    return KeycloakRealm("keycloak-realm", ctx, load_signing_key(key, cert) if key else None)
+    realm = KeycloakRealm("keycloak-realm", ctx, load_signing_key(key, cert) if key else None)
+    return [realm] + ([build("vault-auth", ctx)] if ctx.target == "kubernetes" else [])
 
 
 def topology(ctx: Context, recreate: bool = False, force: bool = False) -> ConfigStep:

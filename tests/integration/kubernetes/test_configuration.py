@@ -55,6 +55,9 @@ def test_the_queues_are_declared_on_the_clusters_broker_through_a_port_forward(c
     settled = work.run("install", *kube(control_plane, "--only", steps, "-o", "json"), check_json=True)
     assert {s["name"]: s["state"] for s in settled.json["steps"]} == {"rabbitmq": "unchanged",
                                                                        "rabbitmq-topology": "unchanged"}
+    assert work.run("queues", "diff", *kube(control_plane)).returncode == 0  # the day-2 commands, on the cluster
+    queues_now = work.run("queues", "status", *kube(control_plane, "-o", "json"), check_json=True)
+    assert queues_now.returncode == 0 and all(q["exists"] for q in queues_now.json["queues"]), queues_now.stdout
 
     # An operator who may read the broker's Service, pods and Secret but not port-forward to
     # its pods is told so, and what to check.
@@ -263,3 +266,5 @@ def test_the_realm_the_service_credentials_and_the_catalogue_are_configured_on_t
     again = work.run("install", *kube(control_plane, *only, "-o", "json"), check_json=True)
     states = {s["name"]: s["state"] for s in again.json["steps"]}
     assert {states[s] for s in SERVERS + configured} == {"unchanged"}, again.stdout
+    in_sync = work.run("keycloak", "diff", *kube(control_plane, "-o", "json"), check_json=True)
+    assert in_sync.returncode == 0 and in_sync.json["in_sync"], in_sync.stdout  # the realm, and Vault's trust in it
