@@ -79,7 +79,7 @@ class Context:
     def secret(self, component: str, key: str, generate=lambda: pysecrets.token_urlsafe(24)) -> str:
         """A generated credential: the target's own (a release's Secret on a cluster), else
         kept in a 0600 file until Vault holds the services' ones."""
-        held = self.runtime.credential(self.spec, component, key)
+        held = self.runtime.credential(self.spec, component, key, self.dry_run)
         if held is not None:
             return held
         with self._secrets_lock:

@@ -18,6 +18,11 @@ class OpsError(Exception):
         self.code = code
 
 
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an error from a library, short enough for a one-line reason."""
+    return (str(error).splitlines() or [type(error).__name__])[0][:limit]
+
+
 class UsageError(OpsError):
     """Bad input from the user: a flag, a file, a name."""
 

@@ -61,8 +61,7 @@ def context(target: str | None = None, dry_run: bool = False, kube_context: str 
         raise UsageError("--context and --kubeconfig are for the kubernetes target",
                          "add --target kubernetes, or leave them out")
     ctx = Context(spec, chosen, (Path.cwd() / spec.platform.state_dir).resolve(), dry_run,
-                  {"context": kube_context, "kubeconfig": kubeconfig, "kind_name": spec.platform.name,
-                   "dry_run": dry_run})
+                  {"context": kube_context, "kubeconfig": kubeconfig, "kind_name": spec.platform.name})
     if reach:
         ctx.runtime.check_available()
     return ctx

@@ -402,7 +402,7 @@ listener "unix" {{
         return self.addr
 
     def _api(self, method: str, path: str, body=None, timeout: float = 5):
-        return httpclient.request(method, f"{reached(self.ctx)}/v1/{path}", body=body, timeout=timeout)[2]
+        return _api(self.ctx, method, path, body, timeout=timeout)
 
     def seal_status(self) -> dict:
         return self._api("GET", "sys/seal-status")

@@ -53,9 +53,10 @@ class Target:
         where it answers, unless the target's network is not this machine's."""
         return self.address(spec, name, port)
 
-    def credential(self, spec: Spec, component: str, key: str) -> str | None:
+    def credential(self, spec: Spec, component: str, key: str, dry_run: bool = False) -> str | None:
         """A generated credential that the target itself keeps (the kubernetes target: in the
-        release's Secret); None: it keeps none, opsctl's own file does."""
+        release's Secret; in a plan, one not made yet is "(to be generated)"); None: it keeps
+        none, opsctl's own file does."""
         return None
 
     def private_dir(self) -> Path:

@@ -22,7 +22,7 @@ from functools import cached_property
 from pathlib import Path
 
 from opsctl.components.base import Health, Outcome, Release, Server, fingerprint
-from opsctl.errors import OpsError, UsageError
+from opsctl.errors import OpsError, UsageError, first_line
 from opsctl.net import Address
 from opsctl.spec import Spec
 from opsctl.targets import Target
@@ -104,6 +104,10 @@ class KubernetesTarget(ClusterObjects, Target):
 
     @cached_property
     def api(self):
+        return self.new_api()
+
+    def new_api(self):
+        """An API client of the context (the tunnels have one of their own)."""
         from kubernetes import config
 
         try:
@@ -122,8 +126,7 @@ class KubernetesTarget(ClusterObjects, Target):
         try:
             client.VersionApi(self.api).get_code(_request_timeout=5)
         except Exception as e:
-            reason = str(e).splitlines()[0][:200]
-            raise OpsError(f"the cluster of context {self.kube_context} does not answer: {reason}",
+            raise OpsError(f"the cluster of context {self.kube_context} does not answer: {first_line(e)}",
                            "check that it is running and that the kubeconfig's server address is right") from None
 
     def where(self) -> str:
@@ -206,11 +209,9 @@ class KubernetesTarget(ClusterObjects, Target):
 
     @cached_property
     def tunnels(self):
-        from kubernetes import config
-
         from opsctl.targets.kubernetes.tunnel import Tunnels
 
-        return Tunnels(lambda: config.new_client_from_config(config_file=str(self.kubeconfig), context=self.kube_context))
+        return Tunnels(self.new_api)
 
     def reach(self, spec: Spec, name: str, port: str = "") -> Address:
         """A port-forward from this machine to a ready pod behind `name`'s Service."""
@@ -221,7 +222,7 @@ class KubernetesTarget(ClusterObjects, Target):
             raise UsageError(f"opsctl cannot reach {name} {port} on the kubernetes target", "use --target local")
         return self.tunnels.reach(service, namespace, inside.port)
 
-    def credential(self, spec: Spec, component: str, key: str) -> str:
+    def credential(self, spec: Spec, component: str, key: str, dry_run: bool = False) -> str:
         """From the Secret <component>-credentials of its release, where the charts call a
         server's one admin password `password`."""
         import base64
@@ -239,7 +240,7 @@ class KubernetesTarget(ClusterObjects, Target):
             held = {}
         if field in held:
             return base64.b64decode(held[field]).decode()
-        if self.options.get("dry_run"):
+        if dry_run:
             return "(to be generated)"
         raise OpsError(f"Secret {name} in {namespace} holds no {field} (generated when {component} is installed)",
                        f"install it first: opsctl install --target kubernetes --only {component}")
@@ -422,7 +423,7 @@ class KubernetesTarget(ClusterObjects, Target):
             try:
                 healthy, inside = server.health_detail()
             except Exception as e:  # a health check says what it saw, whatever failed
-                healthy, inside = False, f"cannot reach it: {(str(e).splitlines() or [type(e).__name__])[0][:200]}"
+                healthy, inside = False, f"cannot reach it: {first_line(e)}"
             detail += f", {inside}"
         return report("healthy" if healthy else "unhealthy", endpoint=endpoint,
                       version=image.partition("@")[0].rpartition(":")[2], detail=detail)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import socket
 import threading
 
-from opsctl.errors import OpsError
+from opsctl.errors import OpsError, first_line
 from opsctl.net import Address
 
 CHUNK = 65536
@@ -32,8 +32,7 @@ class Tunnels:
                 try:  # once, to say why it cannot be, rather than closing each connection
                     self._forward(namespace, pod, pod_port).close()
                 except Exception as e:
-                    reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
-                    raise OpsError(f"cannot port-forward to pod {pod} in {namespace}: {reason}",
+                    raise OpsError(f"cannot port-forward to pod {pod} in {namespace}: {first_line(e)}",
                                    "check that you may: kubectl auth can-i create pods/portforward "
                                    f"-n {namespace}") from None
                 self._open[key] = self._listen(namespace, pod, pod_port)
